@@ -1,0 +1,1 @@
+"""Ferry's wire contract: versioned messages and the names of subjects and buckets."""

@@ -1,0 +1,39 @@
+"""What hosts and their workers say about themselves on the bus."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.v1.base import Message
+
+WorkerRole = Literal["source", "transfer", "destination", "cleanup"]
+WORKER_ROLES: tuple[WorkerRole, ...] = ("source", "transfer", "destination", "cleanup")
+
+
+class WorkerStatus(Message):
+    """One supervised worker as its host agent sees it."""
+
+    role: WorkerRole
+    pid: int | None = None
+    restarts: int = Field(default=0, ge=0)
+
+
+class HostHeartbeat(Message):
+    """Published by a host's agent every second; the key expires when the agent stops."""
+
+    host: str
+    address: str
+    agent_pid: int
+    workers: tuple[WorkerStatus, ...] = ()
+    sent_at: float
+
+
+class WorkerHeartbeat(Message):
+    """Published by each worker once it is subscribed, then every second."""
+
+    host: str
+    role: WorkerRole
+    pid: int
+    sent_at: float

@@ -1,0 +1,162 @@
+"""The NATS edge: connections, the bus topology, typed request/reply, trace headers.
+
+Everything that speaks NATS goes through here, so no handler has to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from opentelemetry import propagate
+from pydantic import BaseModel, ValidationError
+
+from schemas import subjects
+from schemas.v1.base import ErrorReply, Message
+from services.errors import FerryError, InvalidInput, RuntimeFailure, Unavailable, from_detail
+
+ReplyT = TypeVar("ReplyT", bound=BaseModel)
+RequestT = TypeVar("RequestT", bound=Message)
+
+# Buckets: name -> (history, ttl seconds or 0 for none).
+BUCKETS: dict[str, tuple[int, float]] = {
+    subjects.HOSTS_BUCKET: (1, subjects.HEARTBEAT_TTL_S),
+    subjects.PLACEMENT_BUCKET: (5, 0),
+    subjects.IPAM_BUCKET: (1, 0),
+}
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
+    """Connect, and keep reconnecting forever: a worker outlives a restarting server."""
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+        )
+    except (OSError, NatsTimeout, nats.errors.NoServersError) as exc:
+        raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
+
+
+async def ensure_topology(js: JetStreamContext) -> None:
+    """Create the buckets and stores Ferry needs; existing ones are left as they are."""
+    for bucket, (history, ttl) in BUCKETS.items():
+        try:
+            await js.key_value(bucket)
+        except BucketNotFoundError:
+            config = KeyValueConfig(
+                bucket=bucket, history=history, ttl=ttl or None, storage=StorageType.FILE
+            )
+            await js.create_key_value(config=config)
+    try:
+        await js.object_store(subjects.LAYERS_STORE)
+    except (BucketNotFoundError, NotFoundError):
+        await js.create_object_store(subjects.LAYERS_STORE)
+
+
+async def bucket(js: JetStreamContext, name: str) -> KeyValue:
+    return await js.key_value(name)
+
+
+async def layers(js: JetStreamContext) -> ObjectStore:
+    return await js.object_store(subjects.LAYERS_STORE)
+
+
+def trace_headers() -> dict[str, str]:
+    """W3C trace context of the current span, to travel in NATS headers."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
+
+
+async def request(
+    nc: NATS,
+    subject: str,
+    message: Message,
+    reply_model: type[ReplyT],
+    *,
+    timeout: float,
+    what: str,
+) -> ReplyT:
+    """Send a request and return the typed reply; remote errors come back typed."""
+    try:
+        msg = await nc.request(
+            subject, message.to_bytes(), timeout=timeout, headers=trace_headers()
+        )
+    except NoRespondersError as exc:
+        raise Unavailable(f"{what}: nobody is serving {subject} (is the host up?)") from exc
+    except NatsTimeout as exc:
+        raise Unavailable(f"{what}: no answer on {subject} within {timeout:.0f}s") from exc
+    return parse_reply(msg.data, reply_model, what=what)
+
+
+def parse_reply(data: bytes, reply_model: type[ReplyT], *, what: str) -> ReplyT:
+    try:
+        return reply_model.model_validate_json(data)
+    except ValidationError:
+        pass
+    try:
+        detail = ErrorReply.model_validate_json(data).error
+    except ValidationError as exc:
+        raise RuntimeFailure(f"{what}: unreadable reply {data[:200]!r}") from exc
+    raise from_detail(detail)
+
+
+def error_reply(error: FerryError) -> bytes:
+    return ErrorReply(error=error.detail()).model_dump_json().encode()
+
+
+def validation_error(exc: ValidationError) -> InvalidInput:
+    """The first problem pydantic found, as field + reason."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    return InvalidInput(first["msg"], field=field)
+
+
+Handler = Callable[[RequestT], Awaitable[BaseModel]]
+
+
+async def serve(
+    nc: NATS,
+    subject: str,
+    request_model: type[RequestT],
+    handler: Handler[RequestT],
+    *,
+    queue: str = "",
+    on_error: Callable[[str, FerryError], None] | None = None,
+) -> Any:
+    """Answer requests on `subject`: parse, call the handler, reply with its result or error."""
+
+    async def respond(msg: Msg) -> None:
+        try:
+            try:
+                parsed = request_model.model_validate_json(msg.data)
+            except ValidationError as exc:
+                raise validation_error(exc) from exc
+            reply = (await handler(parsed)).model_dump_json().encode()
+        except FerryError as exc:
+            if on_error is not None:
+                on_error(subject, exc)
+            reply = error_reply(exc)
+        except Exception as exc:  # a bug must still answer, or the caller waits in vain
+            failure = RuntimeFailure(f"internal error: {type(exc).__name__}: {exc}")
+            if on_error is not None:
+                on_error(subject, failure)
+            reply = error_reply(failure)
+        if msg.reply:
+            await msg.respond(reply)
+
+    return await nc.subscribe(subject, queue=queue, cb=respond)

@@ -1,0 +1,77 @@
+"""Ferry's error hierarchy. Every error says whether trying again could help."""
+
+from __future__ import annotations
+
+from schemas.v1.base import ErrorDetail
+
+
+class FerryError(Exception):
+    """Base class; `retryable` tells callers whether the same call may succeed later."""
+
+    kind = "failed"
+    retryable = False
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(
+            field=self.field,
+            reason=self.reason,
+            kind=self.kind,
+            retryable=self.retryable,
+        )
+
+
+class InvalidInput(FerryError):
+    """The request is wrong; repeating it cannot help."""
+
+    kind = "invalid"
+
+
+class NotFound(FerryError):
+    """A named container, host or migration does not exist."""
+
+    kind = "not_found"
+
+
+class Conflict(FerryError):
+    """The request collides with existing state (a duplicate name, a concurrent change)."""
+
+    kind = "conflict"
+
+
+class Unavailable(FerryError):
+    """A host or the bus did not answer in time; a retry may succeed."""
+
+    kind = "unavailable"
+    retryable = True
+
+
+class RuntimeFailure(FerryError):
+    """A host-side operation (runc, CRIU, ip, mount) failed."""
+
+    kind = "failed"
+
+    def __init__(
+        self, reason: str, *, field: str | None = None, retryable: bool = False, log_tail: str = ""
+    ) -> None:
+        super().__init__(reason, field=field)
+        self.retryable = retryable
+        self.log_tail = log_tail
+
+
+def from_detail(detail: ErrorDetail) -> FerryError:
+    """Rebuild a typed error from the detail a remote worker replied with."""
+    classes: dict[str, type[FerryError]] = {
+        "invalid": InvalidInput,
+        "not_found": NotFound,
+        "conflict": Conflict,
+        "unavailable": Unavailable,
+    }
+    cls = classes.get(detail.kind)
+    if cls is None:
+        return RuntimeFailure(detail.reason, field=detail.field, retryable=detail.retryable)
+    return cls(detail.reason, field=detail.field)

@@ -1,0 +1,98 @@
+"""The shared-state protocols of services.stores, backed by NATS JetStream KV and Object Store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
+from nats.js.kv import KeyValue
+
+from schemas import subjects
+from schemas.v1.containers import Placement
+from services.errors import Conflict, NotFound, Unavailable
+
+
+class KvPlacementStore:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, name: str) -> tuple[Placement, int] | None:
+        try:
+            entry = await self.kv.get(name)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return Placement.from_bytes(entry.value), int(entry.revision or 0)
+
+    async def claim(self, placement: Placement) -> int:
+        try:
+            return int(await self.kv.create(placement.name, placement.to_bytes()))
+        except KeyWrongLastSequenceError as exc:
+            current = await self.get(placement.name)
+            where = f" on {current[0].host}" if current else ""
+            raise Conflict(
+                f"a container named {placement.name!r} already exists{where}", field="name"
+            ) from exc
+
+    async def update(self, placement: Placement, revision: int) -> int:
+        try:
+            return int(await self.kv.update(placement.name, placement.to_bytes(), last=revision))
+        except KeyWrongLastSequenceError as exc:
+            raise Conflict(
+                f"placement of {placement.name!r} changed concurrently"
+                f" (expected revision {revision})"
+            ) from exc
+
+    async def remove(self, name: str) -> None:
+        await self.kv.delete(name)
+
+    async def all(self) -> list[Placement]:
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # nats-py raises NoKeysError for an empty bucket
+            return []
+        found = []
+        for key in keys:
+            got = await self.get(key)
+            if got is not None:
+                found.append(got[0])
+        return found
+
+
+class KvAddressPool:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def allocate(self, owner: str, candidates: list[str]) -> str:
+        for ip in candidates:
+            try:
+                await self.kv.create(subjects.ip_key(ip), owner.encode())
+            except KeyWrongLastSequenceError:
+                continue
+            return ip
+        raise Unavailable(f"no free address left in the pool ({len(candidates)} in all)")
+
+    async def release(self, ip: str, owner: str) -> None:
+        key = subjects.ip_key(ip)
+        try:
+            entry = await self.kv.get(key)
+        except KeyNotFoundError:
+            return
+        if entry.value == owner.encode():
+            await self.kv.delete(key, last=entry.revision)
+
+
+class ObjectStoreLayers:
+    def __init__(self, js: JetStreamContext) -> None:
+        self.js = js
+
+    async def fetch(self, digest: str, into: Path) -> None:
+        store = await self.js.object_store(subjects.LAYERS_STORE)
+        try:
+            with into.open("wb") as f:
+                # writeinto streams chunks to disk; without it nats-py's get is quadratic.
+                await store.get(digest, writeinto=f)
+        except ObjectNotFoundError as exc:
+            raise NotFound(f"layer {digest[:12]} is not in the layer store", field="layer") from exc

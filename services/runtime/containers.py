@@ -1,0 +1,205 @@
+"""Container lifecycle on one host: create, list, remove — nothing left behind on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.v1.containers import (
+    ContainerCreated,
+    ContainerList,
+    ContainerRemoved,
+    CreateContainer,
+    Placement,
+    RemoveContainer,
+    RuntimeContainer,
+)
+from services.config import HostConfig
+from services.errors import Conflict, NotFound, RuntimeFailure
+from services.runtime import bundle, layers, netns
+from services.runtime.runc import Runc
+from services.stores import AddressPool, LayerSource, PlacementStore
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    """Where a container's pieces live on its host."""
+
+    root: Path
+    netns: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+
+class HostContainers:
+    """The containers of the host this process runs on."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        placements: PlacementStore,
+        addresses: AddressPool,
+        layer_source: LayerSource,
+    ) -> None:
+        self.config = config
+        self.runc = Runc(config.runc_root)
+        self.placements = placements
+        self.addresses = addresses
+        self.layer_source = layer_source
+        self._layer_locks: dict[str, asyncio.Lock] = {}
+
+    def paths(self, name: str) -> ContainerPaths:
+        return ContainerPaths(
+            root=self.config.containers_dir / name, netns=self.config.netns_dir / name
+        )
+
+    async def create(self, cmd: CreateContainer) -> ContainerCreated:
+        """Claim the name and an address fleet-wide, then build and start the container.
+
+        Every step pushes its undo; a failure runs them in reverse, so a failed create
+        leaves neither a record, an address, nor anything on disk or in the kernel.
+        """
+        existing = await self.placements.get(cmd.name)
+        if existing is not None:
+            raise Conflict(
+                f"a container named {cmd.name!r} already exists on {existing[0].host}",
+                field="name",
+            )
+        undo: list[Callable[[], Awaitable[None]]] = []
+        try:
+            ip = await self.addresses.allocate(cmd.name, self.config.pool_addresses())
+            undo.append(lambda: self.addresses.release(ip, cmd.name))
+            placement = Placement(
+                name=cmd.name,
+                host=self.config.host,
+                ip=ip,
+                mac=netns.mac_for(ip),
+                layer=cmd.layer,
+                args=cmd.args,
+                memory_mib=cmd.memory_mib,
+            )
+            revision = await self.placements.claim(placement)
+            undo.append(lambda: self.placements.remove(cmd.name))
+            undo.append(lambda: self._discard_local(cmd.name))
+            lower = await self.ensure_layer(cmd.layer)
+            pid = await self._build_and_start(cmd, placement, lower)
+            await self.placements.update(
+                placement.model_copy(update={"state": "running"}), revision
+            )
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    await step()
+                except Exception:
+                    log.exception("undo step failed while rolling back create of %s", cmd.name)
+            raise
+        log.info("container %s runs with pid %d at %s", cmd.name, pid, ip)
+        return ContainerCreated(
+            name=cmd.name, host=self.config.host, ip=ip, mac=placement.mac, pid=pid
+        )
+
+    async def ensure_layer(self, digest: str) -> Path:
+        """The unpacked layer, fetched over the bus the first time this host needs it."""
+        lock = self._layer_locks.setdefault(digest, asyncio.Lock())
+        async with lock:
+            final = self.config.layers_dir / digest
+            if final.is_dir():
+                return final
+            self.config.layers_dir.mkdir(parents=True, exist_ok=True)
+            tar_path = self.config.layers_dir / f".{digest}.tar"
+            try:
+                await self.layer_source.fetch(digest, tar_path)
+                return await asyncio.to_thread(
+                    layers.unpack_layer, tar_path, digest, self.config.layers_dir
+                )
+            finally:
+                tar_path.unlink(missing_ok=True)
+
+    async def _build_and_start(
+        self, cmd: CreateContainer, placement: Placement, lower: Path
+    ) -> int:
+        paths = self.paths(cmd.name)
+        await layers.mount_overlay(lower, paths.upper, paths.work, paths.rootfs)
+        network = netns.ContainerNetwork(
+            netns_path=paths.netns,
+            host_veth=netns.host_veth_name(cmd.name),
+            ip=placement.ip,
+            prefix_len=self.config.subnet.prefixlen,
+            gateway=self.config.gateway,
+            mac=placement.mac,
+        )
+        await netns.create(network, self.config.bridge)
+        config = bundle.oci_config(
+            hostname=cmd.name,
+            args=cmd.args,
+            env=cmd.env,
+            netns_path=paths.netns,
+            cgroups_path=f"{self.config.cgroup_parent}/{cmd.name}",
+            memory_mib=cmd.memory_mib,
+        )
+        bundle.write_config(paths.bundle, config)
+        await self.runc.run_detached(
+            cmd.name, paths.bundle, paths.root / "runc.log", timeout=START_TIMEOUT_S
+        )
+        state = await self.runc.state(cmd.name)
+        if state is None or state.status != "running" or state.pid is None:
+            status = state.status if state else "unknown to runc"
+            raise RuntimeFailure(f"container {cmd.name} did not stay running (it is {status})")
+        return state.pid
+
+    async def _discard_local(self, name: str) -> None:
+        """Remove everything this host holds for `name`; harmless when parts are missing."""
+        paths = self.paths(name)
+        await self.runc.delete(name)
+        await layers.unmount(paths.rootfs)
+        await netns.destroy(paths.netns, netns.host_veth_name(name))
+        await asyncio.to_thread(shutil.rmtree, paths.root, True)
+
+    async def remove(self, cmd: RemoveContainer) -> ContainerRemoved:
+        found = await self.placements.get(cmd.name)
+        if found is None:
+            raise NotFound(f"no container named {cmd.name!r}", field="name")
+        placement, revision = found
+        if placement.host != self.config.host:
+            raise Conflict(f"{cmd.name!r} runs on {placement.host}, not {self.config.host}")
+        with contextlib.suppress(Exception):
+            await self.placements.update(
+                placement.model_copy(update={"state": "removing"}), revision
+            )
+        await self._discard_local(cmd.name)
+        await self.addresses.release(placement.ip, cmd.name)
+        await self.placements.remove(cmd.name)
+        log.info("container %s removed", cmd.name)
+        return ContainerRemoved(name=cmd.name, host=self.config.host)
+
+    async def list(self) -> ContainerList:
+        states = await self.runc.list()
+        return ContainerList(
+            host=self.config.host,
+            containers=tuple(
+                RuntimeContainer(name=s.name, state=s.status, pid=s.pid) for s in states
+            ),
+        )

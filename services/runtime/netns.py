@@ -1,0 +1,72 @@
+"""A container's own network namespace: a file on its host, a veth into the host's bridge."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.runtime.proc import arun
+
+
+@dataclass(frozen=True)
+class ContainerNetwork:
+    """Everything that identifies a container on the datacenter network."""
+
+    netns_path: Path
+    host_veth: str
+    ip: str
+    prefix_len: int
+    gateway: str
+    mac: str
+
+
+def mac_for(ip: str) -> str:
+    """A stable, locally administered MAC derived from the IPv4 address."""
+    octets = ipaddress.IPv4Address(ip).packed
+    return "02:fe:" + ":".join(f"{b:02x}" for b in octets)
+
+
+def host_veth_name(container: str) -> str:
+    """Interface names are capped at 15 bytes; a digest keeps them unique and short."""
+    return "vf" + hashlib.sha256(container.encode()).hexdigest()[:10]
+
+
+async def create(net: ContainerNetwork, bridge: str) -> None:
+    """Make the namespace file, plug its eth0 into `bridge`, give it the address and route."""
+    net.netns_path.parent.mkdir(parents=True, exist_ok=True)
+    net.netns_path.touch(exist_ok=True)
+    if not os.path.ismount(net.netns_path):
+        await arun(["unshare", f"--net={net.netns_path}", "true"])
+    ns = ["nsenter", f"--net={net.netns_path}"]
+    await arun(
+        [
+            "ip",
+            "link",
+            "add",
+            net.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            str(net.netns_path),
+        ]
+    )
+    await arun(["ip", "link", "set", net.host_veth, "master", bridge, "up"])
+    await arun([*ns, "ip", "link", "set", "lo", "up"])
+    await arun([*ns, "ip", "link", "set", "eth0", "address", net.mac])
+    await arun([*ns, "ip", "addr", "add", f"{net.ip}/{net.prefix_len}", "dev", "eth0"])
+    await arun([*ns, "ip", "link", "set", "eth0", "up"])
+    await arun([*ns, "ip", "route", "add", "default", "via", net.gateway])
+
+
+async def destroy(netns_path: Path, host_veth: str) -> None:
+    """Remove the veth and the namespace; safe to call on a half-made or absent network."""
+    await arun(["ip", "link", "del", host_veth], check=False)
+    if os.path.ismount(netns_path):
+        await arun(["umount", str(netns_path)], check=False)
+    netns_path.unlink(missing_ok=True)

@@ -1,0 +1,117 @@
+"""runc, driven through its command line with a per-host state root."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import RuntimeFailure
+from services.runtime.proc import arun
+
+
+@dataclass(frozen=True)
+class RuncState:
+    """A container as runc reports it."""
+
+    name: str
+    status: str
+    pid: int | None
+
+
+class Runc:
+    """One host's runc: its own --root, so simulated hosts never see each other's state."""
+
+    def __init__(self, root: Path, binary: str = "runc") -> None:
+        self.root = root
+        self.binary = binary
+
+    def _argv(self, *args: str) -> list[str]:
+        return [self.binary, "--root", str(self.root), *args]
+
+    async def run_detached(
+        self, name: str, bundle: Path, log_file: Path, timeout: float = 60.0
+    ) -> None:
+        """Start the container's process in the background.
+
+        Its stdio is /dev/null — runc's own stdio is inherited by the container, and a host
+        file, pipe or socket there would tie it to this host and make CRIU refuse the dump.
+        runc's words go to `log_file` instead.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        argv = [
+            self.binary,
+            "--root",
+            str(self.root),
+            "--log",
+            str(log_file),
+            "--log-format",
+            "json",
+            "run",
+            "--detach",
+            "--bundle",
+            str(bundle),
+            name,
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError as exc:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeFailure(f"runc run {name} timed out after {timeout:.0f}s") from exc
+        if proc.returncode != 0:
+            errors = log_errors(log_file)
+            raise RuntimeFailure(
+                f"runc run {name} exited {proc.returncode}: {errors[-1] if errors else 'no log'}",
+                log_tail="\n".join(errors[-20:]),
+            )
+
+    async def list(self) -> list[RuncState]:
+        if not self.root.exists():
+            return []
+        done = await arun(self._argv("list", "--format", "json"))
+        entries = json.loads(done.stdout or "null") or []
+        return [
+            RuncState(name=e["id"], status=e["status"], pid=e.get("pid") or None) for e in entries
+        ]
+
+    async def state(self, name: str) -> RuncState | None:
+        done = await arun(self._argv("state", name), check=False)
+        if done.returncode != 0:
+            return None
+        e = json.loads(done.stdout)
+        return RuncState(name=e["id"], status=e["status"], pid=e.get("pid") or None)
+
+    async def kill(self, name: str, signal: str = "KILL") -> None:
+        await arun(self._argv("kill", name, signal), check=False)
+
+    async def delete(self, name: str) -> None:
+        """Force-delete: kills what still runs, removes runc's state and the cgroups."""
+        done = await arun(self._argv("delete", "--force", name), check=False)
+        if done.returncode != 0 and await self.state(name) is not None:
+            raise RuntimeFailure(f"runc delete {name} failed: {done.stderr.strip()}")
+
+
+def log_errors(log_file: Path) -> list[str]:
+    """The error messages in a runc JSON log, oldest first."""
+    try:
+        lines = log_file.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            found.append(str(entry.get("msg", "")))
+    return found

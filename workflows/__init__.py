@@ -1,0 +1,1 @@
+"""Pure saga logic: migrations declared as data, advanced without I/O."""
