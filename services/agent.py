@@ -1,0 +1,149 @@
+"""A host's agent: runs the four workers, restarts any that dies, heartbeats the host.
+
+In production systemd would run this (deploy/systemd/); in the lab, `ferry lab up`
+starts one per simulated host inside that host's namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from schemas import subjects
+from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat, WorkerRole, WorkerStatus
+from services import bus
+from services.config import HostConfig
+from services.errors import Unavailable
+from services.worker import setup_logging
+
+log = logging.getLogger("ferry.agent")
+
+RESTART_BACKOFF_MIN_S = 0.2
+RESTART_BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0  # a worker that ran this long starts again from the minimum backoff
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class Supervised:
+    """One worker process and its restart history."""
+
+    role: WorkerRole
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    backoff: float = RESTART_BACKOFF_MIN_S
+    started_at: float = field(default=0.0)
+
+    def status(self) -> WorkerStatus:
+        pid = self.process.pid if self.process and self.process.returncode is None else None
+        return WorkerStatus(role=self.role, pid=pid, restarts=self.restarts)
+
+
+async def _spawn(worker: Supervised, config: HostConfig) -> None:
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    with (config.log_dir / f"{worker.role}.log").open("ab") as logfile:
+        worker.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            f"services.{worker.role}",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+        )
+    worker.started_at = time.monotonic()
+    log.info("started %s worker, pid %d", worker.role, worker.process.pid)
+
+
+async def supervise(worker: Supervised, config: HostConfig, stopping: asyncio.Event) -> None:
+    """Keep one worker running; restart it with capped exponential backoff when it dies."""
+    while not stopping.is_set():
+        await _spawn(worker, config)
+        assert worker.process is not None
+        code = await worker.process.wait()
+        if stopping.is_set():
+            return
+        ran_for = time.monotonic() - worker.started_at
+        if ran_for >= STABLE_AFTER_S:
+            worker.backoff = RESTART_BACKOFF_MIN_S
+        log.warning(
+            "%s worker (pid %d) exited %d after %.1fs; restarting in %.1fs",
+            worker.role,
+            worker.process.pid,
+            code,
+            ran_for,
+            worker.backoff,
+        )
+        worker.restarts += 1
+        await asyncio.sleep(worker.backoff)
+        worker.backoff = min(worker.backoff * 2, RESTART_BACKOFF_MAX_S)
+
+
+async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asyncio.Event) -> None:
+    while True:
+        try:
+            nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-agent")
+            break
+        except Unavailable as exc:
+            log.warning("%s; retrying", exc.reason)
+            await asyncio.sleep(1.0)
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    kv = await bus.bucket(js, subjects.HOSTS_BUCKET)
+    while not stopping.is_set():
+        beat = HostHeartbeat(
+            host=config.host,
+            address=config.address,
+            agent_pid=os.getpid(),
+            workers=tuple(w.status() for w in workers),
+            sent_at=time.time(),
+        )
+        try:
+            await kv.put(config.host, beat.to_bytes())
+        except Exception as exc:  # the bus may be restarting; keep supervising
+            log.warning("heartbeat not published: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), subjects.HEARTBEAT_INTERVAL_S)
+    await nc.close()
+
+
+async def _stop_all(workers: list[Supervised]) -> None:
+    running = [w.process for w in workers if w.process and w.process.returncode is None]
+    for proc in running:
+        proc.terminate()
+    for proc in running:
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def run_agent() -> None:
+    config = HostConfig.from_env()
+    setup_logging("agent", config.host)
+    for d in (config.run_dir, config.log_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    (config.run_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    workers = [Supervised(role) for role in WORKER_ROLES]
+    tasks = [asyncio.create_task(supervise(w, config, stopping)) for w in workers]
+    tasks.append(asyncio.create_task(heartbeat(config, workers, stopping)))
+    await stopping.wait()
+    log.info("agent stopping its workers")
+    await _stop_all(workers)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(run_agent())

@@ -1,0 +1,1 @@
+"""Cleanup worker: removes what a host no longer needs."""

@@ -1,0 +1,1 @@
+"""Destination worker: everything that happens on the host a container arrives at."""

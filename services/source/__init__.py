@@ -1,0 +1,1 @@
+"""Source worker: everything that happens on the host a container leaves."""

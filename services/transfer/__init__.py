@@ -1,0 +1,1 @@
+"""Transfer worker: moves checkpoint images and filesystem changes between hosts."""

@@ -1,0 +1,96 @@
+"""The one runner every worker shares: connect, register handlers, heartbeat, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from schemas import subjects
+from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
+from services import bus
+from services.config import HostConfig
+from services.errors import FerryError
+from services.kvstores import KvAddressPool, KvPlacementStore, ObjectStoreLayers
+from services.runtime.containers import HostContainers
+
+log = logging.getLogger("ferry.worker")
+
+
+@dataclass
+class WorkerContext:
+    """What a worker's wiring gets: its host, the bus, and the host's containers."""
+
+    role: WorkerRole
+    config: HostConfig
+    nc: NATS
+    js: JetStreamContext
+    containers: HostContainers
+
+    def host_subject(self, action: str) -> str:
+        return subjects.host_request(self.config.host, action)
+
+    def log_error(self, subject: str, error: FerryError) -> None:
+        log.warning("%s: %s: %s", subject, type(error).__name__, error.reason)
+
+
+Register = Callable[[WorkerContext], Awaitable[None]]
+
+
+def setup_logging(role: str, host: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("FERRY_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {host} {role} %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def _heartbeat(ctx: WorkerContext) -> None:
+    kv = await bus.bucket(ctx.js, subjects.HOSTS_BUCKET)
+    key = subjects.worker_key(ctx.config.host, ctx.role)
+    while True:
+        beat = WorkerHeartbeat(
+            host=ctx.config.host, role=ctx.role, pid=os.getpid(), sent_at=time.time()
+        )
+        try:
+            await kv.put(key, beat.to_bytes())
+        except Exception as exc:  # the bus may be restarting; keep beating
+            log.warning("heartbeat not published: %s", exc)
+        await asyncio.sleep(subjects.HEARTBEAT_INTERVAL_S)
+
+
+async def run_worker(role: WorkerRole, register: Register) -> None:
+    config = HostConfig.from_env()
+    setup_logging(role, config.host)
+    nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-{role}")
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    containers = HostContainers(
+        config,
+        KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET)),
+        KvAddressPool(await bus.bucket(js, subjects.IPAM_BUCKET)),
+        ObjectStoreLayers(js),
+    )
+    ctx = WorkerContext(role=role, config=config, nc=nc, js=js, containers=containers)
+    await register(ctx)
+    log.info("%s worker ready on %s", role, config.host)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    beating = asyncio.create_task(_heartbeat(ctx))
+    await stop.wait()
+    log.info("%s worker stopping", role)
+    beating.cancel()
+    await nc.drain()
+
+
+def main(role: WorkerRole, register: Register) -> None:
+    asyncio.run(run_worker(role, register))
