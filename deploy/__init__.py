@@ -1,0 +1,1 @@
+"""Deployment: the lab of simulated hosts, NATS configs and systemd units."""

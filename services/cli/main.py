@@ -1,0 +1,88 @@
+"""`ferry`: exit 0 success, 1 a runtime failure, 2 bad input (one line on stderr)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from services.cli import container_commands, lab_commands
+from services.cli.errors import EXIT_REJECTED, exit_code, one_line
+from services.errors import FerryError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_REJECTED)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ferry", description="Move running containers between hosts.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    lab = sub.add_parser(
+        "lab", help="a lab of simulated hosts on this machine (FERRY_LAB names it)"
+    )
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=Parser)
+    up = lab_sub.add_parser("up", help="start NATS and N hosts with their workers")
+    up.add_argument("--hosts", type=positive_int, required=True, help="number of hosts, h1..hN")
+    up.set_defaults(run=lab_commands.lab_up)
+    down = lab_sub.add_parser("down", help="stop and remove everything the lab made")
+    down.set_defaults(run=lab_commands.lab_down)
+
+    hosts = sub.add_parser("hosts", help="the lab's hosts and their health")
+    hosts.add_argument("--json", action="store_true")
+    hosts.set_defaults(run=lab_commands.hosts)
+
+    container = sub.add_parser("container", help="run or remove a container")
+    c_sub = container.add_subparsers(dest="container_command", required=True, parser_class=Parser)
+    run = c_sub.add_parser("run", help="copy a root filesystem to a host and start CMD there")
+    run.add_argument("--host", required=True)
+    run.add_argument("--name", required=True)
+    run.add_argument("--rootfs", required=True, help="directory holding the root filesystem")
+    run.add_argument("--memory", type=positive_int, help="memory limit in MiB")
+    run.add_argument("--json", action="store_true")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    run.set_defaults(run=container_commands.container_run)
+    rm = c_sub.add_parser("rm", help="stop and remove a container everywhere")
+    rm.add_argument("name", metavar="NAME")
+    rm.add_argument("--json", action="store_true")
+    rm.set_defaults(run=container_commands.container_rm)
+
+    listing = sub.add_parser("containers", help="every container and its state")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=container_commands.containers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Command = args.run
+    try:
+        return command(args)
+    except FerryError as exc:
+        print(one_line(exc), file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        print("ferry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
