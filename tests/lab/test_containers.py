@@ -1,0 +1,158 @@
+"""Real runc containers on the lab's hosts: isolated, addressable, removable without a trace."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.cli import ferry
+from tests.support.inventory import host_links, host_mounts
+from tests.support.workload import query, query_from_netns
+
+pytestmark = pytest.mark.lab
+
+
+def _runc_state(lab: str, host: str, name: str) -> dict[str, Any]:
+    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
+    out = subprocess.run(["runc", "--root", root, "state", name], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def _in_container_netns(pid: int, *argv: str) -> Any:
+    out = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_a_container_keeps_its_state_in_memory_and_answers_everywhere(
+    lab2: str, rootfs: Path
+) -> None:
+    run = ferry(
+        lab2,
+        "container",
+        "run",
+        "--host",
+        "h1",
+        "--name",
+        "mem",
+        "--rootfs",
+        str(rootfs),
+        "--memory",
+        "64",
+        "--",
+        "/bin/memapp",
+        "7000",
+        "8",
+    )
+    assert run.code == 0, run.stderr
+    ip = run.stdout.strip().splitlines()[-1]
+
+    first = query(ip)
+    assert first["pid"] == 1, "the workload must be PID 1 of its own PID namespace"
+    assert first["buffer_ok"] is True and first["buffer_mib"] == 8
+    time.sleep(0.5)
+    from_h2 = query_from_netns(f"{lab2}-h2", ip)
+    assert from_h2["token"] == first["token"]
+    assert from_h2["ticks"] > first["ticks"]
+    assert from_h2["requests"] == first["requests"] + 1
+
+    listed = ferry(lab2, "containers", "--json", check=True).json()
+    assert {"name": "mem", "host": "h1", "ip": ip, "state": "running"} in listed
+
+    state = _runc_state(lab2, "h1", "mem")
+    assert state["status"] == "running"
+    pid = state["pid"]
+    links = {link["ifname"]: link for link in _in_container_netns(pid, "link", "show")}
+    assert "UP" in links["lo"]["flags"] and "UP" in links["eth0"]["flags"]
+    routes = _in_container_netns(pid, "route", "show")
+    assert any(r["dst"] == "default" for r in routes)
+    for ns in ("pid", "uts", "ipc", "mnt", "net"):
+        ours = Path(f"/proc/self/ns/{ns}").stat().st_ino
+        assert Path(f"/proc/{pid}/ns/{ns}").stat().st_ino != ours, f"{ns} namespace is shared"
+    # The host's end of the veth lives inside the host's namespace, not the root one.
+    assert any(link.startswith("vf") for link in host_links(lab2, "h1"))
+    # stdio is not tied to the host: CRIU must be able to dump the container.
+    for fd in (0, 1, 2):
+        assert Path(f"/proc/{pid}/fd/{fd}").resolve() == Path("/dev/null")
+
+    rm = ferry(lab2, "container", "rm", "mem")
+    assert rm.code == 0, rm.stderr
+    assert all(c["name"] != "mem" for c in ferry(lab2, "containers", "--json", check=True).json())
+    runc_list = subprocess.run(
+        ["runc", "--root", f"/var/lib/ferry-lab/{lab2}/hosts/h1/runc", "list", "-q"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "mem" not in runc_list
+    assert not any(link.startswith("vf") for link in host_links(lab2, "h1"))
+    assert not [m for m in host_mounts(lab2, "h1") if "/containers/mem" in m or "/netns/mem" in m]
+    assert not (Path(f"/var/lib/ferry-lab/{lab2}/hosts/h1/containers/mem")).exists()
+    with pytest.raises(OSError):
+        query(ip, timeout=1.0)
+
+
+def test_bad_arguments_exit_2_and_change_nothing(lab2: str, rootfs: Path, tmp_path: Path) -> None:
+    keep = ferry(
+        lab2,
+        "container",
+        "run",
+        "--host",
+        "h2",
+        "--name",
+        "keep",
+        "--rootfs",
+        str(rootfs),
+        "--",
+        "/bin/memapp",
+        "7000",
+    )
+    assert keep.code == 0, keep.stderr
+    before = ferry(lab2, "containers", "--json", check=True).json()
+    state_before = sorted(
+        p.name for p in Path(f"/var/lib/ferry-lab/{lab2}/hosts").glob("*/containers/*")
+    )
+
+    run = ["container", "run", "--rootfs", str(rootfs)]
+    cases = {
+        "--host": [*run, "--host", "h9", "--name", "x", "--", "/bin/memapp", "7000"],
+        "--name": [*run, "--host", "h1", "--name", "keep", "--", "/bin/memapp", "7000"],
+        "--rootfs": [
+            "container",
+            "run",
+            "--host",
+            "h1",
+            "--name",
+            "x",
+            "--rootfs",
+            str(tmp_path / "missing"),
+            "--",
+            "/bin/memapp",
+        ],
+        "CMD": [*run, "--host", "h1", "--name", "x", "--"],
+        "--memory": [*run, "--host", "h1", "--name", "x", "--memory", "zero", "--", "/bin/sh"],
+        "NAME": ["container", "rm", "nosuch"],
+    }
+    for argument, argv in cases.items():
+        got = ferry(lab2, *argv)
+        assert got.code == 2, (argument, got.stderr)
+        lines = got.stderr.strip().splitlines()
+        assert len(lines) == 1 and argument in lines[0], (argument, got.stderr)
+    bad_name = ferry(lab2, *run, "--host", "h1", "--name", "Bad Name!", "--", "/bin/sh")
+    assert bad_name.code == 2 and "--name" in bad_name.stderr
+
+    assert ferry(lab2, "containers", "--json", check=True).json() == before
+    state_after = sorted(
+        p.name for p in Path(f"/var/lib/ferry-lab/{lab2}/hosts").glob("*/containers/*")
+    )
+    assert state_after == state_before
+    assert ferry(lab2, "container", "rm", "keep").code == 0
