@@ -156,3 +156,59 @@ def test_bad_arguments_exit_2_and_change_nothing(lab2: str, rootfs: Path, tmp_pa
     )
     assert state_after == state_before
     assert ferry(lab2, "container", "rm", "keep").code == 0
+
+
+def test_criu_can_checkpoint_a_lab_container(lab2: str, rootfs: Path) -> None:
+    """The container is built for migration: CRIU dumps it (stdio, netns, mounts all pass)."""
+    run = ferry(
+        lab2,
+        "container",
+        "run",
+        "--host",
+        "h2",
+        "--name",
+        "dumpable",
+        "--rootfs",
+        str(rootfs),
+        "--",
+        "/bin/memapp",
+        "7000",
+        "4",
+    )
+    assert run.code == 0, run.stderr
+    ip = run.stdout.strip().splitlines()[-1]
+    before = query(ip)
+    on_h2 = [
+        "nsenter",
+        f"--net=/run/netns/{lab2}-h2",
+        f"--mount=/run/ferry-lab/{lab2}/mnt/h2",
+        "--",
+    ]
+    images = "/var/lib/ferry/test-checkpoint"
+    subprocess.run([*on_h2, "mkdir", "-p", images], check=True)
+    dump = subprocess.run(
+        [
+            *on_h2,
+            "runc",
+            "--root",
+            "/var/lib/ferry/runc",
+            "--criu",
+            "/usr/local/sbin/criu",
+            "checkpoint",
+            "--leave-running",
+            "--image-path",
+            images,
+            "--work-path",
+            images,
+            "dumpable",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    dump_log = Path(f"/var/lib/ferry-lab/{lab2}/hosts/h2/test-checkpoint/dump.log")
+    assert dump.returncode == 0, dump_log.read_text()[-2000:]
+    assert "Dumping finished successfully" in dump_log.read_text()
+    after = query(ip)
+    assert after["token"] == before["token"] and after["buffer_ok"] is True
+    subprocess.run([*on_h2, "rm", "-rf", images], check=True)
+    assert ferry(lab2, "container", "rm", "dumpable").code == 0

@@ -1,0 +1,60 @@
+"""The CLI's exit codes and one-line errors, for input rejected before any lab is touched."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli.errors import exit_code, one_line
+from services.cli.main import main
+from services.errors import Conflict, InvalidInput, NotFound, RuntimeFailure, Unavailable
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["lab", "up", "--hosts", "0"], "--hosts"),
+        (["lab", "up", "--hosts", "many"], "--hosts"),
+        (["lab", "up"], "--hosts"),
+        (["container", "run", "--host", "h1", "--name", "x"], "--rootfs"),
+        (
+            ["container", "run", "--host", "h1", "--rootfs", "/", "--name", "x", "--memory", "-1"],
+            "--memory",
+        ),
+        (["teleport"], "teleport"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and mentions in err[0]
+
+
+def test_a_bad_lab_name_is_bad_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FERRY_LAB", "Not A Lab")
+    assert main(["hosts", "--json"]) == 2
+    assert "FERRY_LAB" in capsys.readouterr().err
+
+
+def test_no_lab_means_empty_lists(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FERRY_LAB", "nolabzz")
+    assert main(["containers", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+    assert main(["hosts", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+
+
+def test_error_classes_map_to_exit_codes() -> None:
+    assert exit_code(InvalidInput("x")) == 2
+    assert exit_code(NotFound("x")) == 2
+    assert exit_code(Conflict("x")) == 2
+    assert exit_code(Unavailable("x")) == 1
+    assert exit_code(RuntimeFailure("x")) == 1
+    assert one_line(InvalidInput("unknown host", field="--host")) == "ferry: --host: unknown host"
