@@ -1,0 +1,153 @@
+"""Migrations: the request other systems publish, the commands workers exchange, the events
+they emit and the record that is the saga's durable state."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from schemas.v1.base import Message
+from schemas.v1.containers import ContainerNameStr, HostNameStr
+
+Strategy = Literal["stop-and-copy", "post-copy", "pre-copy", "auto"]
+BUILT_STRATEGIES: tuple[Strategy, ...] = ("stop-and-copy",)
+Role = Literal["source", "transfer", "destination", "cleanup"]
+Side = Literal["source", "destination"]
+StepKind = Literal["forward", "compensation"]
+StepStatus = Literal["pending", "running", "done", "failed", "compensated", "skipped"]
+MigrationState = Literal["running", "compensating", "completed", "rolled_back", "failed"]
+Fact = str | int | float | bool | None
+
+
+class MigrationRequest(Message):
+    """Move a running container to another host. Published on ferry.v1.migrations.request."""
+
+    container: ContainerNameStr
+    destination: HostNameStr
+    source: HostNameStr | None = Field(
+        default=None, description="if given, the host the container must be on now"
+    )
+    strategy: Strategy = "stop-and-copy"
+
+
+class MigrationAccepted(Message):
+    """Reply to an accepted request."""
+
+    id: str
+
+
+class StrategyChoice(Message):
+    chosen: Strategy
+    reason: str
+
+
+class StepRecord(Message):
+    """One forward step or compensation as it happened."""
+
+    name: str
+    kind: StepKind = "forward"
+    role: Role
+    host: str
+    status: StepStatus = "pending"
+    attempts: int = Field(default=0, ge=0)
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+
+
+class MigrationRecord(Message):
+    """The durable state of one migration (KV ferry-migrations, compare-and-set only)."""
+
+    id: str
+    container: ContainerNameStr
+    source: HostNameStr
+    destination: HostNameStr
+    state: MigrationState = "running"
+    strategy: StrategyChoice
+    trace_id: str
+    traceparent: str
+    created_at: float
+    updated_at: float
+    deadline: float
+    committed: bool = False
+    steps: tuple[StepRecord, ...] = ()
+    facts: dict[str, Fact] = Field(default_factory=dict)
+    bytes_moved: int = 0
+    freeze_ms: int | None = None
+    error: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The record as `ferry status --json` shows it."""
+        return self.model_dump(mode="json", exclude={"facts", "traceparent", "schema_version"})
+
+
+class StepCommand(Message):
+    """Run one step (or compensation) of a migration; published on the work-queue stream."""
+
+    migration_id: str
+    step: str
+    kind: StepKind = "forward"
+    attempt: int = Field(ge=1)
+    container: ContainerNameStr
+    source: HostNameStr
+    destination: HostNameStr
+    facts: dict[str, Fact] = Field(default_factory=dict)
+    not_before: float = 0.0
+
+
+class EventBase(Message):
+    migration_id: str
+    at: float
+
+
+class Accepted(EventBase):
+    type: Literal["accepted"] = "accepted"
+    container: str
+    source: str
+    destination: str
+    strategy: StrategyChoice
+
+
+class StepStarted(EventBase):
+    type: Literal["step_started"] = "step_started"
+    step: str
+    kind: StepKind
+    host: str
+    attempt: int
+
+
+class StepProgress(EventBase):
+    type: Literal["step_progress"] = "step_progress"
+    step: str
+    host: str
+    message: str
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    rate_bps: float | None = None
+
+
+class StepFinished(EventBase):
+    type: Literal["step_finished"] = "step_finished"
+    step: str
+    kind: StepKind
+    host: str
+    attempt: int
+    status: StepStatus
+    duration_ms: int
+    error: str | None = None
+    will_retry: bool = False
+
+
+class Finished(EventBase):
+    type: Literal["finished"] = "finished"
+    state: MigrationState
+    freeze_ms: int | None = None
+    bytes_moved: int = 0
+    error: str | None = None
+
+
+Event = Annotated[
+    Accepted | StepStarted | StepProgress | StepFinished | Finished, Field(discriminator="type")
+]

@@ -1,0 +1,194 @@
+"""The saga engine, driven through whole migrations with every outcome at every step."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.v1.migrations import MigrationRecord, StepCommand, StrategyChoice
+from workflows.saga import (
+    NO_RETRY,
+    Compensation,
+    Decision,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepError,
+    begin,
+    pending_commands,
+    step_failed,
+    step_succeeded,
+)
+from workflows.stop_and_copy import STOP_AND_COPY
+
+FORWARD = [s.name for s in STOP_AND_COPY.steps]
+
+
+def new_record() -> MigrationRecord:
+    return MigrationRecord(
+        id="m1",
+        container="web",
+        source="h1",
+        destination="h2",
+        strategy=StrategyChoice(chosen="stop-and-copy", reason="requested"),
+        trace_id="0" * 32,
+        traceparent="",
+        created_at=0.0,
+        updated_at=0.0,
+        deadline=0.0,
+    )
+
+
+def only(decision: Decision) -> StepCommand:
+    assert len(decision.commands) == 1, decision.commands
+    return decision.commands[0]
+
+
+def test_a_clean_run_walks_every_step_in_order_on_the_right_hosts() -> None:
+    decision = begin(STOP_AND_COPY, new_record(), now=1.0)
+    seen = []
+    while decision.commands:
+        cmd = only(decision)
+        seen.append((cmd.step, decision.record.steps[-1].host))
+        facts = {"freeze_ms": 420} if cmd.step == "restore" else {}
+        decision = step_succeeded(
+            STOP_AND_COPY, decision.record, cmd, facts, now=2.0, bytes_moved=10
+        )
+    assert [name for name, _ in seen] == FORWARD
+    hosts = dict(seen)
+    assert hosts["dump"] == "h1" and hosts["restore"] == "h2" and hosts["clean_source"] == "h1"
+    record = decision.record
+    assert record.state == "completed" and record.committed
+    assert record.freeze_ms == 420 and record.bytes_moved == 10 * len(FORWARD)
+    assert [s.status for s in record.steps] == ["done"] * len(FORWARD)
+    assert decision.events[-1].type == "finished"  # type: ignore[attr-defined]
+
+
+def run_until(step: str) -> Decision:
+    decision = begin(STOP_AND_COPY, new_record(), now=1.0)
+    while only(decision).step != step:
+        decision = step_succeeded(STOP_AND_COPY, decision.record, only(decision), {}, now=2.0)
+    return decision
+
+
+def test_a_retryable_failure_runs_the_step_again_after_its_backoff() -> None:
+    decision = run_until("transfer")
+    cmd = only(decision)
+    retry = step_failed(STOP_AND_COPY, decision.record, cmd, StepError("reset", True), now=5.0)
+    again = only(retry)
+    assert (again.step, again.attempt) == ("transfer", 2)
+    assert again.not_before == pytest.approx(5.5)
+    assert retry.record.steps[-1].attempts == 2 and retry.record.steps[-1].error == "reset"
+
+
+def test_failure_before_commit_compensates_in_reverse_and_rolls_back() -> None:
+    decision = run_until("restore")
+    decision = step_failed(
+        STOP_AND_COPY, decision.record, only(decision), StepError("restore said no", False), 3.0
+    )
+    undone = []
+    while decision.commands:
+        cmd = only(decision)
+        assert cmd.kind == "compensation"
+        undone.append(cmd.step)
+        decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, {}, now=4.0)
+    assert undone == ["stop_destination", "resume_source", "discard_destination"]
+    record = decision.record
+    assert record.state == "rolled_back" and not record.committed
+    assert "restore said no" in (record.error or "")
+    statuses = {(s.name, s.kind): s.status for s in record.steps}
+    assert statuses[("restore", "forward")] == "compensated"
+    assert statuses[("dump", "forward")] == "compensated"
+    assert statuses[("transfer", "forward")] == "done"  # nothing to undo there
+    assert statuses[("resume_source", "compensation")] == "done"
+
+
+def test_failure_after_commit_never_rolls_back() -> None:
+    decision = run_until("open_network")
+    assert decision.record.committed
+    cmd = only(decision)
+    for attempt in range(1, 6):
+        decision = step_failed(
+            STOP_AND_COPY, decision.record, cmd, StepError("iptables", True), 9.0
+        )
+        if attempt < 5:
+            cmd = only(decision)
+    assert decision.commands == ()
+    assert decision.record.state == "failed"
+    assert all(s.kind == "forward" for s in decision.record.steps)
+
+
+def test_a_failed_compensation_leaves_the_migration_failed_not_rolled_back() -> None:
+    decision = run_until("dump")
+    decision = step_failed(
+        STOP_AND_COPY, decision.record, only(decision), StepError("x", False), 3.0
+    )
+    cmd = only(decision)
+    assert cmd.step == "resume_source"
+    for _ in range(3):
+        decision = step_failed(
+            STOP_AND_COPY, decision.record, cmd, StepError("no pages", True), 4.0
+        )
+        cmd = decision.commands[0] if decision.commands else cmd
+    assert decision.record.state == "failed"
+    assert "resume_source" in (decision.record.error or "")
+
+
+def test_a_stale_or_duplicate_outcome_changes_nothing_and_repeats_the_current_command() -> None:
+    decision = run_until("transfer")
+    old = step_succeeded(STOP_AND_COPY, decision.record, only(decision), {}, now=3.0)
+    duplicate = step_succeeded(STOP_AND_COPY, old.record, only(decision), {}, now=4.0)
+    assert not duplicate.changed and duplicate.record == old.record
+    assert duplicate.commands == pending_commands(old.record) == old.commands
+
+
+def test_definitions_refuse_compensation_after_commit_and_unknown_commit() -> None:
+    undo = Compensation("undo", role="source", side="source")
+    with pytest.raises(ValueError, match="after the commit"):
+        SagaDefinition(
+            "bad",
+            (Step("a", "source", "source"), Step("b", "source", "source", compensation=undo)),
+            commit_after="a",
+        )
+    with pytest.raises(ValueError, match="not a step"):
+        SagaDefinition("bad", (Step("a", "source", "source"),), commit_after="zzz")
+
+
+def test_retry_policy_backoff_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=9, backoff_s=(1.0, 2.0))
+    assert [policy.delay_before(a) for a in (1, 2, 3, 4, 9)] == [0.0, 1.0, 2.0, 2.0, 2.0]
+    assert NO_RETRY.delay_before(2) == 0.0
+
+
+outcome = st.sampled_from(["ok", "transient", "fatal"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(outcome, min_size=1, max_size=60))
+def test_any_sequence_of_outcomes_ends_safely(outcomes: list[str]) -> None:
+    """Whatever fails, whenever: the saga ends in one terminal state, never undoes anything
+    after the commit, and undoes what it undoes in reverse order."""
+    decision = begin(STOP_AND_COPY, new_record(), now=0.0)
+    moves = iter(outcomes)
+    for _ in range(200):
+        if not decision.commands:
+            break
+        cmd = only(decision)
+        what = next(moves, "ok")
+        if what == "ok":
+            decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, {}, now=1.0)
+        else:
+            error = StepError(what, what == "transient")
+            decision = step_failed(STOP_AND_COPY, decision.record, cmd, error, now=1.0)
+    record = decision.record
+    assert record.state in ("completed", "rolled_back", "failed")
+    compensations = [s.name for s in record.steps if s.kind == "compensation"]
+    if record.committed:
+        assert compensations == []
+    order = ["stop_destination", "resume_source", "discard_destination"]
+    assert compensations == [c for c in order if c in compensations]
+    if record.state == "completed":
+        assert all(s.status == "done" for s in record.steps)
+    if record.state == "rolled_back":
+        assert not record.committed

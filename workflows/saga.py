@@ -1,0 +1,422 @@
+"""A saga engine with no I/O: definitions as data, and pure transitions of the record.
+
+Workers call these functions with the migration record they read from KV and the outcome
+of the step they ran; they get back the new record, the commands to publish and the events
+to emit. Writing the record (compare-and-set), publishing and acking are the caller's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from schemas.v1.migrations import (
+    Accepted,
+    EventBase,
+    Fact,
+    Finished,
+    MigrationRecord,
+    Role,
+    Side,
+    StepCommand,
+    StepFinished,
+    StepKind,
+    StepRecord,
+    StepStarted,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a step may run, and how long to wait before each new attempt."""
+
+    max_attempts: int = 3
+    backoff_s: tuple[float, ...] = (1.0, 3.0, 10.0)
+
+    def delay_before(self, attempt: int) -> float:
+        """Delay before `attempt` (2 = the first retry)."""
+        if attempt <= 1 or not self.backoff_s:
+            return 0.0
+        return self.backoff_s[min(attempt - 2, len(self.backoff_s) - 1)]
+
+
+NO_RETRY = RetryPolicy(max_attempts=1, backoff_s=())
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """Undoes a step's side effects. Must be idempotent and succeed when nothing was done."""
+
+    name: str
+    role: Role
+    side: Side
+    timeout_s: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: which role on which side runs it, its limits, and what undoes it."""
+
+    name: str
+    role: Role
+    side: Side
+    timeout_s: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compensation: Compensation | None = None
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    """A saga declared once: its steps in order and its point of no return."""
+
+    name: str
+    steps: tuple[Step, ...]
+    commit_after: str
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.name}: step names must be unique")
+        if self.commit_after not in names:
+            raise ValueError(f"{self.name}: commit step {self.commit_after!r} is not a step")
+        commit = names.index(self.commit_after)
+        for step in self.steps[commit + 1 :]:
+            if step.compensation is not None:
+                raise ValueError(f"{step.name} runs after the commit: nothing may roll it back")
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def compensation(self, name: str) -> tuple[Step, Compensation]:
+        for step in self.steps:
+            if step.compensation is not None and step.compensation.name == name:
+                return step, step.compensation
+        raise KeyError(name)
+
+    @property
+    def total_timeout_s(self) -> float:
+        forward = sum(s.timeout_s * s.retry.max_attempts for s in self.steps)
+        back = sum(
+            s.compensation.timeout_s * s.compensation.retry.max_attempts
+            for s in self.steps
+            if s.compensation
+        )
+        return forward + back
+
+
+@dataclass(frozen=True)
+class StepError:
+    """Why a step failed, and whether running it again could help."""
+
+    reason: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do after a transition. `changed` is False for a stale or duplicate outcome."""
+
+    record: MigrationRecord
+    commands: tuple[StepCommand, ...] = ()
+    events: tuple[EventBase, ...] = ()
+    changed: bool = True
+
+    @property
+    def finished(self) -> bool:
+        return self.record.state in ("completed", "rolled_back", "failed")
+
+
+def host_of(record: MigrationRecord, side: Side) -> str:
+    return record.source if side == "source" else record.destination
+
+
+def _command(record: MigrationRecord, entry: StepRecord, not_before: float = 0.0) -> StepCommand:
+    return StepCommand(
+        migration_id=record.id,
+        step=entry.name,
+        kind=entry.kind,
+        attempt=entry.attempts,
+        container=record.container,
+        source=record.source,
+        destination=record.destination,
+        facts=record.facts,
+        not_before=not_before,
+    )
+
+
+def _started(record: MigrationRecord, entry: StepRecord, now: float) -> StepStarted:
+    return StepStarted(
+        migration_id=record.id,
+        at=now,
+        step=entry.name,
+        kind=entry.kind,
+        host=entry.host,
+        attempt=entry.attempts,
+    )
+
+
+def _replace_last(
+    record: MigrationRecord, entry: StepRecord, **changes: object
+) -> tuple[StepRecord, ...]:
+    index = max(
+        i for i, s in enumerate(record.steps) if s.name == entry.name and s.kind == entry.kind
+    )
+    steps = list(record.steps)
+    steps[index] = entry.model_copy(update=changes)
+    return tuple(steps)
+
+
+def current(record: MigrationRecord) -> StepRecord | None:
+    """The step or compensation that is running now, if any."""
+    running = [s for s in record.steps if s.status == "running"]
+    return running[-1] if running else None
+
+
+def pending_commands(record: MigrationRecord) -> tuple[StepCommand, ...]:
+    """The command for what runs now: re-published after a crash between CAS and publish
+    (JetStream drops the duplicate by its message id if the first one did go out)."""
+    entry = current(record)
+    return (_command(record, entry),) if entry else ()
+
+
+def begin(defn: SagaDefinition, record: MigrationRecord, now: float) -> Decision:
+    first = defn.steps[0]
+    entry = StepRecord(
+        name=first.name,
+        role=first.role,
+        host=host_of(record, first.side),
+        status="running",
+        attempts=1,
+        started_at=now,
+    )
+    started = record.model_copy(
+        update={
+            "steps": (entry,),
+            "state": "running",
+            "updated_at": now,
+            "deadline": now + defn.total_timeout_s,
+        }
+    )
+    accepted = Accepted(
+        migration_id=record.id,
+        at=now,
+        container=record.container,
+        source=record.source,
+        destination=record.destination,
+        strategy=record.strategy,
+    )
+    return Decision(started, (_command(started, entry),), (accepted, _started(started, entry, now)))
+
+
+def _is_current(
+    record: MigrationRecord, step: str, kind: StepKind, attempt: int
+) -> StepRecord | None:
+    entry = current(record)
+    if entry and entry.name == step and entry.kind == kind and entry.attempts == attempt:
+        return entry
+    return None
+
+
+def is_current(record: MigrationRecord, command: StepCommand) -> bool:
+    return _is_current(record, command.step, command.kind, command.attempt) is not None
+
+
+def _duration_ms(entry: StepRecord, now: float) -> int:
+    return round((now - (entry.started_at or now)) * 1000)
+
+
+def _start_entry(record: MigrationRecord, entry: StepRecord, now: float) -> Decision:
+    advanced = record.model_copy(update={"steps": (*record.steps, entry), "updated_at": now})
+    return Decision(advanced, (_command(advanced, entry),), (_started(advanced, entry, now),))
+
+
+def _finish(record: MigrationRecord, state: str, now: float, error: str | None) -> Decision:
+    done = record.model_copy(update={"state": state, "updated_at": now, "error": error})
+    finished = Finished(
+        migration_id=record.id,
+        at=now,
+        state=done.state,
+        freeze_ms=done.freeze_ms,
+        bytes_moved=done.bytes_moved,
+        error=error,
+    )
+    return Decision(done, (), (finished,))
+
+
+def step_succeeded(
+    defn: SagaDefinition,
+    record: MigrationRecord,
+    command: StepCommand,
+    facts: dict[str, Fact],
+    now: float,
+    *,
+    bytes_moved: int = 0,
+) -> Decision:
+    entry = _is_current(record, command.step, command.kind, command.attempt)
+    if entry is None:
+        return Decision(record, pending_commands(record), changed=False)
+    duration = _duration_ms(entry, now)
+    steps = _replace_last(
+        record, entry, status="done", finished_at=now, duration_ms=duration, error=None
+    )
+    updates: dict[str, object] = {
+        "steps": steps,
+        "facts": {**record.facts, **facts},
+        "bytes_moved": record.bytes_moved + bytes_moved,
+        "updated_at": now,
+    }
+    freeze = facts.get("freeze_ms")
+    if isinstance(freeze, int):
+        updates["freeze_ms"] = freeze
+    if entry.kind == "forward" and entry.name == defn.commit_after:
+        updates["committed"] = True
+    if entry.kind == "compensation":
+        forward, _ = defn.compensation(entry.name)
+        steps = tuple(
+            s.model_copy(update={"status": "compensated"})
+            if s.kind == "forward" and s.name == forward.name
+            else s
+            for s in steps
+        )
+        updates["steps"] = steps
+    record = record.model_copy(update=updates)
+    finished_event = StepFinished(
+        migration_id=record.id,
+        at=now,
+        step=entry.name,
+        kind=entry.kind,
+        host=entry.host,
+        attempt=entry.attempts,
+        status="done",
+        duration_ms=duration,
+    )
+    if entry.kind == "compensation":
+        decision = _next_compensation(defn, record, now)
+    else:
+        decision = _next_forward(defn, record, entry.name, now)
+    return Decision(decision.record, decision.commands, (finished_event, *decision.events))
+
+
+def _next_forward(
+    defn: SagaDefinition, record: MigrationRecord, after: str, now: float
+) -> Decision:
+    names = [s.name for s in defn.steps]
+    index = names.index(after) + 1
+    if index == len(names):
+        return _finish(record, "completed", now, None)
+    step = defn.steps[index]
+    entry = StepRecord(
+        name=step.name,
+        role=step.role,
+        host=host_of(record, step.side),
+        status="running",
+        attempts=1,
+        started_at=now,
+    )
+    return _start_entry(record, entry, now)
+
+
+def _to_compensate(defn: SagaDefinition, record: MigrationRecord) -> list[Step]:
+    """Forward steps that ran (or tried to) and still need undoing, latest first."""
+    ran = {s.name for s in record.steps if s.kind == "forward" and s.status in ("done", "failed")}
+    return [
+        step for step in reversed(defn.steps) if step.compensation is not None and step.name in ran
+    ]
+
+
+def _next_compensation(defn: SagaDefinition, record: MigrationRecord, now: float) -> Decision:
+    undone = {s.name for s in record.steps if s.kind == "compensation" and s.status == "done"}
+    for step in _to_compensate(defn, record):
+        assert step.compensation is not None
+        if step.compensation.name in undone:
+            continue
+        entry = StepRecord(
+            name=step.compensation.name,
+            kind="compensation",
+            role=step.compensation.role,
+            host=host_of(record, step.compensation.side),
+            status="running",
+            attempts=1,
+            started_at=now,
+        )
+        return _start_entry(record.model_copy(update={"state": "compensating"}), entry, now)
+    failed = next((s for s in record.steps if s.kind == "forward" and s.status == "failed"), None)
+    reason = f"{failed.name} failed: {failed.error}" if failed else record.error
+    return _finish(record, "rolled_back", now, reason)
+
+
+def step_failed(
+    defn: SagaDefinition,
+    record: MigrationRecord,
+    command: StepCommand,
+    error: StepError,
+    now: float,
+) -> Decision:
+    entry = _is_current(record, command.step, command.kind, command.attempt)
+    if entry is None:
+        return Decision(record, pending_commands(record), changed=False)
+    policy = (
+        defn.step(entry.name).retry
+        if entry.kind == "forward"
+        else defn.compensation(entry.name)[1].retry
+    )
+    duration = _duration_ms(entry, now)
+    will_retry = error.retryable and entry.attempts < policy.max_attempts
+    failed_event = StepFinished(
+        migration_id=record.id,
+        at=now,
+        step=entry.name,
+        kind=entry.kind,
+        host=entry.host,
+        attempt=entry.attempts,
+        status="failed",
+        duration_ms=duration,
+        error=error.reason,
+        will_retry=will_retry,
+    )
+    if will_retry:
+        attempt = entry.attempts + 1
+        steps = _replace_last(record, entry, attempts=attempt, error=error.reason, started_at=now)
+        retried = record.model_copy(update={"steps": steps, "updated_at": now})
+        retry_entry = current(retried)
+        assert retry_entry is not None
+        command_out = _command(retried, retry_entry, not_before=now + policy.delay_before(attempt))
+        return Decision(
+            retried, (command_out,), (failed_event, _started(retried, retry_entry, now))
+        )
+    steps = _replace_last(
+        record, entry, status="failed", finished_at=now, duration_ms=duration, error=error.reason
+    )
+    record = record.model_copy(update={"steps": steps, "updated_at": now})
+    if entry.kind == "compensation":
+        decision = _finish(
+            record, "failed", now, f"compensation {entry.name} failed: {error.reason}"
+        )
+    elif record.committed:
+        # Past the point of no return the destination owns the container: clean up
+        # forward only, and say the move needs attention rather than roll it back.
+        decision = _finish(
+            record, "failed", now, f"{entry.name} failed after commit: {error.reason}"
+        )
+    else:
+        decision = _next_compensation(defn, record.model_copy(update={"error": error.reason}), now)
+    return Decision(decision.record, decision.commands, (failed_event, *decision.events))
+
+
+def cancelled(defn: SagaDefinition, record: MigrationRecord, reason: str, now: float) -> Decision:
+    """Stop going forward (deadline passed, or an operator asked): compensate if still allowed."""
+    if record.state not in ("running",) or record.committed:
+        return Decision(record, pending_commands(record), changed=False)
+    entry = current(record)
+    steps = record.steps
+    if entry is not None:
+        steps = _replace_last(
+            record,
+            entry,
+            status="failed",
+            finished_at=now,
+            duration_ms=_duration_ms(entry, now),
+            error=reason,
+        )
+    stopped = record.model_copy(update={"steps": steps, "error": reason, "updated_at": now})
+    return _next_compensation(defn, stopped, now)
