@@ -30,3 +30,31 @@ def worker_key(host: str, role: str) -> str:
 
 def ip_key(ip: str) -> str:
     return ip.replace(".", "-")
+
+
+# Migrations.
+MIGRATION_REQUEST = f"{PREFIX}.migrations.request"  # request/reply, answered by source workers
+INTAKE_QUEUE = "ferry-intake"  # queue group: any one host's source worker answers
+MIGRATIONS_BUCKET = "ferry-migrations"  # "<id>" -> MigrationRecord
+REGISTRY_BUCKET = "ferry-registry"  # "<host>" -> HostRegistration (no TTL: known, maybe down)
+COMMANDS_STREAM = "FERRY_COMMANDS"  # work queue of StepCommand
+EVENTS_STREAM = "FERRY_EVENTS"  # per-migration progress and audit
+COMMAND_DEDUP_WINDOW_S = 120.0
+EVENTS_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+def command_subject(host: str, role: str) -> str:
+    return f"{PREFIX}.cmd.{host}.{role}"
+
+
+def command_durable(host: str, role: str) -> str:
+    return f"cmd-{host}-{role}"
+
+
+def event_subject(migration_id: str) -> str:
+    return f"{PREFIX}.events.{migration_id}"
+
+
+def command_msg_id(migration_id: str, kind: str, step: str, attempt: int) -> str:
+    """Nats-Msg-Id of a step command: a re-publish after a crash is dropped as a duplicate."""
+    return f"{migration_id}.{kind}.{step}.{attempt}"

@@ -16,7 +16,13 @@ import time
 from dataclasses import dataclass, field
 
 from schemas import subjects
-from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat, WorkerRole, WorkerStatus
+from schemas.v1.hosts import (
+    WORKER_ROLES,
+    HostHeartbeat,
+    HostRegistration,
+    WorkerRole,
+    WorkerStatus,
+)
 from services import bus
 from services.config import HostConfig
 from services.errors import Unavailable
@@ -95,6 +101,11 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
     js = nc.jetstream()
     await bus.ensure_topology(js)
     kv = await bus.bucket(js, subjects.HOSTS_BUCKET)
+    registry = await bus.bucket(js, subjects.REGISTRY_BUCKET)
+    registration = HostRegistration(
+        host=config.host, address=config.address, registered_at=time.time()
+    )
+    await registry.put(config.host, registration.to_bytes())
     while not stopping.is_set():
         beat = HostHeartbeat(
             host=config.host,

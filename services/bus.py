@@ -14,7 +14,14 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -31,9 +38,35 @@ RequestT = TypeVar("RequestT", bound=Message)
 # Buckets: name -> (history, ttl seconds or 0 for none).
 BUCKETS: dict[str, tuple[int, float]] = {
     subjects.HOSTS_BUCKET: (1, subjects.HEARTBEAT_TTL_S),
+    subjects.REGISTRY_BUCKET: (1, 0),
     subjects.PLACEMENT_BUCKET: (5, 0),
     subjects.IPAM_BUCKET: (1, 0),
+    subjects.MIGRATIONS_BUCKET: (10, 0),
 }
+
+STREAMS = (
+    StreamConfig(
+        name=subjects.COMMANDS_STREAM,
+        subjects=[f"{subjects.PREFIX}.cmd.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        duplicate_window=subjects.COMMAND_DEDUP_WINDOW_S,
+        max_age=24 * 3600.0,
+    ),
+    StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=[f"{subjects.PREFIX}.events.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=subjects.EVENTS_MAX_AGE_S,
+    ),
+)
+
+# A crashed worker's command comes back after the first backoff; a live worker sends
+# in-progress acks while it works, so long steps are not redelivered under its feet.
+COMMAND_BACKOFF_S = [10.0, 20.0, 40.0, 60.0]
+COMMAND_MAX_DELIVER = 5
+IN_PROGRESS_EVERY_S = 3.0
 
 
 async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
@@ -61,6 +94,11 @@ async def ensure_topology(js: JetStreamContext) -> None:
                 bucket=bucket, history=history, ttl=ttl or None, storage=StorageType.FILE
             )
             await js.create_key_value(config=config)
+    for stream in STREAMS:
+        try:
+            await js.stream_info(stream.name or "")
+        except NotFoundError:
+            await js.add_stream(config=stream)
     try:
         await js.object_store(subjects.LAYERS_STORE)
     except (BucketNotFoundError, NotFoundError):
@@ -160,3 +198,44 @@ async def serve(
             await msg.respond(reply)
 
     return await nc.subscribe(subject, queue=queue, cb=respond)
+
+
+async def command_subscription(js: JetStreamContext, host: str, role: str) -> Any:
+    """The durable pull consumer of one host's role on the command work queue."""
+    config = ConsumerConfig(
+        durable_name=subjects.command_durable(host, role),
+        ack_policy=AckPolicy.EXPLICIT,
+        max_deliver=COMMAND_MAX_DELIVER,
+        backoff=COMMAND_BACKOFF_S,
+        filter_subject=subjects.command_subject(host, role),
+    )
+    return await js.pull_subscribe(
+        subjects.command_subject(host, role),
+        durable=subjects.command_durable(host, role),
+        stream=subjects.COMMANDS_STREAM,
+        config=config,
+    )
+
+
+async def publish_command(
+    js: JetStreamContext,
+    host: str,
+    role: str,
+    command: Message,
+    msg_id: str,
+    headers: dict[str, str],
+) -> None:
+    await js.publish(
+        subjects.command_subject(host, role),
+        command.to_bytes(),
+        headers={**headers, "Nats-Msg-Id": msg_id},
+        stream=subjects.COMMANDS_STREAM,
+    )
+
+
+async def publish_event(js: JetStreamContext, migration_id: str, event: BaseModel) -> None:
+    await js.publish(
+        subjects.event_subject(migration_id),
+        event.model_dump_json().encode(),
+        stream=subjects.EVENTS_STREAM,
+    )

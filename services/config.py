@@ -30,6 +30,7 @@ class HostConfig:
     state_dir: Path = Path("/var/lib/ferry")
     bridge: str = "br0"
     cgroup_parent: str = "/ferry"
+    transfer_port: int = 7441
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -44,6 +45,7 @@ class HostConfig:
             state_dir=Path(os.environ.get("FERRY_STATE_DIR", "/var/lib/ferry")),
             bridge=os.environ.get("FERRY_BRIDGE", "br0"),
             cgroup_parent=os.environ.get("FERRY_CGROUP_PARENT", "/ferry"),
+            transfer_port=int(os.environ.get("FERRY_TRANSFER_PORT", "7441")),
         )
 
     @property

@@ -10,6 +10,8 @@ from nats.js.kv import KeyValue
 
 from schemas import subjects
 from schemas.v1.containers import Placement
+from schemas.v1.hosts import HostRegistration
+from schemas.v1.migrations import MigrationRecord
 from services.errors import Conflict, NotFound, Unavailable
 
 
@@ -96,3 +98,77 @@ class ObjectStoreLayers:
                 await store.get(digest, writeinto=f)
         except ObjectNotFoundError as exc:
             raise NotFound(f"layer {digest[:12]} is not in the layer store", field="layer") from exc
+
+
+class KvMigrationStore:
+    """Migration records; every write is compare-and-set on the entry's revision."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, migration_id: str) -> tuple[MigrationRecord, int] | None:
+        try:
+            entry = await self.kv.get(migration_id)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return MigrationRecord.from_bytes(entry.value), int(entry.revision or 0)
+
+    async def create(self, record: MigrationRecord) -> int:
+        try:
+            return int(await self.kv.create(record.id, record.to_bytes()))
+        except KeyWrongLastSequenceError as exc:
+            raise Conflict(f"migration {record.id} already exists") from exc
+
+    async def update(self, record: MigrationRecord, revision: int) -> int:
+        try:
+            return int(await self.kv.update(record.id, record.to_bytes(), last=revision))
+        except KeyWrongLastSequenceError as exc:
+            raise Conflict(f"migration {record.id} changed concurrently") from exc
+
+    async def all(self) -> list[MigrationRecord]:
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # nats-py raises NoKeysError for an empty bucket
+            return []
+        records = []
+        for key in keys:
+            got = await self.get(key)
+            if got is not None:
+                records.append(got[0])
+        return sorted(records, key=lambda r: r.created_at)
+
+
+class KvHostDirectory:
+    """Which hosts exist (registry) and which are alive (heartbeats)."""
+
+    def __init__(self, registry: KeyValue, heartbeats: KeyValue) -> None:
+        self.registry = registry
+        self.heartbeats = heartbeats
+
+    async def registered(self, host: str) -> HostRegistration | None:
+        try:
+            entry = await self.registry.get(host)
+        except KeyNotFoundError:
+            return None
+        return HostRegistration.from_bytes(entry.value) if entry.value else None
+
+    async def address_of(self, host: str) -> str:
+        registration = await self.registered(host)
+        if registration is None:
+            raise NotFound(f"unknown host {host!r}", field="host")
+        return registration.address
+
+    async def known_hosts(self) -> list[str]:
+        try:
+            return sorted(await self.registry.keys())
+        except Exception:
+            return []
+
+    async def alive(self, host: str) -> bool:
+        try:
+            beat = await self.heartbeats.get(host)
+        except KeyNotFoundError:
+            return False
+        return bool(beat.value)

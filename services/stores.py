@@ -36,3 +36,9 @@ class LayerSource(Protocol):
     """Where a host fetches root filesystem layers it does not have yet."""
 
     async def fetch(self, digest: str, into: Path) -> None: ...
+
+
+class PeerDirectory(Protocol):
+    """How to reach another host."""
+
+    async def address_of(self, host: str) -> str: ...

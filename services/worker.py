@@ -7,8 +7,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -18,21 +19,33 @@ from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
 from services import bus
 from services.config import HostConfig
 from services.errors import FerryError
-from services.kvstores import KvAddressPool, KvPlacementStore, ObjectStoreLayers
+from services.kvstores import KvAddressPool, KvHostDirectory, KvPlacementStore, ObjectStoreLayers
 from services.runtime.containers import HostContainers
+from services.runtime.migration import MigrationHost
 
 log = logging.getLogger("ferry.worker")
 
 
 @dataclass
 class WorkerContext:
-    """What a worker's wiring gets: its host, the bus, and the host's containers."""
+    """What a worker's wiring gets: its host, the bus, the fleet's shared state, and the
+    host's containers and migrations."""
 
     role: WorkerRole
     config: HostConfig
     nc: NATS
     js: JetStreamContext
     containers: HostContainers
+    migration: MigrationHost
+    placements: KvPlacementStore
+    directory: KvHostDirectory
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` for the worker's lifetime; if it dies, the worker exits and restarts."""
+        task = asyncio.create_task(work)
+        task.add_done_callback(_exit_if_failed)
+        self.background.append(task)
 
     def host_subject(self, action: str) -> str:
         return subjects.host_request(self.config.host, action)
@@ -42,6 +55,15 @@ class WorkerContext:
 
 
 Register = Callable[[WorkerContext], Awaitable[None]]
+
+
+def _exit_if_failed(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.critical("background task died: %r; exiting so the agent restarts us", error)
+        os._exit(70)
 
 
 def setup_logging(role: str, host: str) -> None:
@@ -71,13 +93,26 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-{role}")
     js = nc.jetstream()
     await bus.ensure_topology(js)
+    placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
     containers = HostContainers(
         config,
-        KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET)),
+        placements,
         KvAddressPool(await bus.bucket(js, subjects.IPAM_BUCKET)),
         ObjectStoreLayers(js),
     )
-    ctx = WorkerContext(role=role, config=config, nc=nc, js=js, containers=containers)
+    directory = KvHostDirectory(
+        await bus.bucket(js, subjects.REGISTRY_BUCKET), await bus.bucket(js, subjects.HOSTS_BUCKET)
+    )
+    ctx = WorkerContext(
+        role=role,
+        config=config,
+        nc=nc,
+        js=js,
+        containers=containers,
+        migration=MigrationHost(config, containers),
+        placements=placements,
+        directory=directory,
+    )
     await register(ctx)
     log.info("%s worker ready on %s", role, config.host)
 
@@ -89,6 +124,8 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     await stop.wait()
     log.info("%s worker stopping", role)
     beating.cancel()
+    for task in ctx.background:
+        task.cancel()
     await nc.drain()
 
 

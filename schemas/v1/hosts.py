@@ -37,3 +37,11 @@ class WorkerHeartbeat(Message):
     role: WorkerRole
     pid: int
     sent_at: float
+
+
+class HostRegistration(Message):
+    """A host that joined the fleet; kept after it goes down, so "down" differs from "unknown"."""
+
+    host: str
+    address: str
+    registered_at: float

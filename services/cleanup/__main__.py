@@ -1,11 +1,14 @@
-"""Wires the cleanup worker's handlers to its host's subjects."""
+"""Wires the cleanup worker: container removal and source clean-up after a move."""
 
 from __future__ import annotations
 
 from schemas import subjects
 from schemas.v1.containers import ContainerRemoved, RemoveContainer
+from schemas.v1.migrations import StepCommand
 from services import bus
 from services.cleanup import handlers
+from services.saga_runner import SagaRunner
+from services.steps import Progress, StepOutcome
 from services.worker import WorkerContext, main
 
 
@@ -20,6 +23,11 @@ async def register(ctx: WorkerContext) -> None:
         remove_container,
         on_error=ctx.log_error,
     )
+
+    async def clean_source(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.clean_source(cmd, progress, ctx.migration)
+
+    ctx.spawn(SagaRunner(ctx, {"clean_source": clean_source}).run())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from services.cli import container_commands, lab_commands
+from services.cli import container_commands, lab_commands, migrate_commands
 from services.cli.errors import EXIT_REJECTED, exit_code, one_line
 from services.errors import FerryError
 
@@ -64,6 +64,22 @@ def build_parser() -> Parser:
     rm.add_argument("name", metavar="NAME")
     rm.add_argument("--json", action="store_true")
     rm.set_defaults(run=container_commands.container_rm)
+
+    migrate = sub.add_parser("migrate", help="move a running container to another host")
+    migrate.add_argument("name", metavar="NAME")
+    migrate.add_argument("--to", required=True, metavar="HOST")
+    migrate.add_argument(
+        "--strategy",
+        choices=["stop-and-copy", "post-copy", "pre-copy", "auto"],
+        default="stop-and-copy",
+    )
+    migrate.add_argument("--json", action="store_true")
+    migrate.set_defaults(run=migrate_commands.migrate)
+
+    status = sub.add_parser("status", help="a migration's record, or all of them")
+    status.add_argument("id", nargs="?", metavar="ID")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=migrate_commands.status)
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

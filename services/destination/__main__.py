@@ -1,11 +1,14 @@
-"""Wires the destination worker's handlers to its host's subjects."""
+"""Wires the destination worker: container creation and destination-side steps."""
 
 from __future__ import annotations
 
 from schemas import subjects
 from schemas.v1.containers import ContainerCreated, CreateContainer
+from schemas.v1.migrations import StepCommand
 from services import bus
 from services.destination import handlers
+from services.saga_runner import SagaRunner
+from services.steps import Progress, StepHandler, StepOutcome
 from services.worker import WorkerContext, main
 
 
@@ -20,6 +23,40 @@ async def register(ctx: WorkerContext) -> None:
         create_container,
         on_error=ctx.log_error,
     )
+
+    host, placements = ctx.migration, ctx.placements
+
+    async def prepare(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.prepare_destination(cmd, progress, host, placements)
+
+    async def restore(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.restore(cmd, progress, host, placements)
+
+    async def verify(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.verify(cmd, progress, host, placements)
+
+    async def commit(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.commit(cmd, progress, placements)
+
+    async def open_network(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.open_network(cmd, progress, host, placements)
+
+    async def stop_destination(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.stop_destination(cmd, progress, host)
+
+    async def discard_destination(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.discard_destination(cmd, progress, host)
+
+    steps: dict[str, StepHandler] = {
+        "prepare_destination": prepare,
+        "restore": restore,
+        "verify": verify,
+        "commit": commit,
+        "open_network": open_network,
+        "stop_destination": stop_destination,
+        "discard_destination": discard_destination,
+    }
+    ctx.spawn(SagaRunner(ctx, steps).run())
 
 
 if __name__ == "__main__":

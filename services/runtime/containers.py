@@ -103,7 +103,7 @@ class HostContainers:
             )
             revision = await self.placements.claim(placement)
             undo.append(lambda: self.placements.remove(cmd.name))
-            undo.append(lambda: self._discard_local(cmd.name))
+            undo.append(lambda: self.discard_local(cmd.name))
             lower = await self.ensure_layer(cmd.layer)
             pid = await self._build_and_start(cmd, placement, lower)
             await self.placements.update(
@@ -170,7 +170,7 @@ class HostContainers:
             raise RuntimeFailure(f"container {cmd.name} did not stay running (it is {status})")
         return state.pid
 
-    async def _discard_local(self, name: str) -> None:
+    async def discard_local(self, name: str) -> None:
         """Remove everything this host holds for `name`; harmless when parts are missing."""
         paths = self.paths(name)
         await self.runc.delete(name)
@@ -183,13 +183,18 @@ class HostContainers:
         if found is None:
             raise NotFound(f"no container named {cmd.name!r}", field="name")
         placement, revision = found
+        if placement.state == "migrating":
+            raise Conflict(
+                f"{cmd.name} is moving (migration {placement.migration_id}); remove it afterwards",
+                field="NAME",
+            )
         if placement.host != self.config.host:
             raise Conflict(f"{cmd.name!r} runs on {placement.host}, not {self.config.host}")
         with contextlib.suppress(Exception):
             await self.placements.update(
                 placement.model_copy(update={"state": "removing"}), revision
             )
-        await self._discard_local(cmd.name)
+        await self.discard_local(cmd.name)
         await self.addresses.release(placement.ip, cmd.name)
         await self.placements.remove(cmd.name)
         log.info("container %s removed", cmd.name)

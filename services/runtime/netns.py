@@ -34,8 +34,12 @@ def host_veth_name(container: str) -> str:
     return "vf" + hashlib.sha256(container.encode()).hexdigest()[:10]
 
 
-async def create(net: ContainerNetwork, bridge: str) -> None:
-    """Make the namespace file, plug its eth0 into `bridge`, give it the address and route."""
+async def create(net: ContainerNetwork, bridge: str, *, link_up: bool = True) -> None:
+    """Make the namespace file, plug its eth0 into `bridge`, give it the address and route.
+
+    With `link_up=False` the host's end stays down: an incoming container's MAC must not
+    appear on the bridge while the source still answers for it.
+    """
     net.netns_path.parent.mkdir(parents=True, exist_ok=True)
     net.netns_path.touch(exist_ok=True)
     if not os.path.ismount(net.netns_path):
@@ -56,7 +60,9 @@ async def create(net: ContainerNetwork, bridge: str) -> None:
             str(net.netns_path),
         ]
     )
-    await arun(["ip", "link", "set", net.host_veth, "master", bridge, "up"])
+    await arun(["ip", "link", "set", net.host_veth, "master", bridge])
+    if link_up:
+        await arun(["ip", "link", "set", net.host_veth, "up"])
     await arun([*ns, "ip", "link", "set", "lo", "up"])
     await arun([*ns, "ip", "link", "set", "eth0", "address", net.mac])
     await arun([*ns, "ip", "addr", "add", f"{net.ip}/{net.prefix_len}", "dev", "eth0"])

@@ -1,12 +1,20 @@
-"""Wires the source worker's handlers to its host's subjects."""
+"""Wires the source worker: container listing, migration intake, and source-side steps."""
 
 from __future__ import annotations
 
+from nats.aio.msg import Msg
+
 from schemas import subjects
 from schemas.v1.containers import ContainerList, ListContainers
+from schemas.v1.migrations import StepCommand
 from services import bus
+from services.errors import FerryError, RuntimeFailure
+from services.intake import Intake
+from services.kvstores import KvMigrationStore
+from services.saga_runner import SagaRunner
 from services.source import handlers
-from services.worker import WorkerContext, main
+from services.steps import Progress, StepOutcome
+from services.worker import WorkerContext, log, main
 
 
 async def register(ctx: WorkerContext) -> None:
@@ -20,6 +28,41 @@ async def register(ctx: WorkerContext) -> None:
         list_containers,
         on_error=ctx.log_error,
     )
+
+    intake = Intake(
+        ctx.js,
+        ctx.placements,
+        KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET)),
+        ctx.directory,
+    )
+
+    async def take_request(msg: Msg) -> None:
+        try:
+            reply = (await intake.accept(msg.data)).model_dump_json().encode()
+        except FerryError as exc:
+            ctx.log_error(subjects.MIGRATION_REQUEST, exc)
+            reply = bus.error_reply(exc)
+        except Exception as exc:  # a bug must still answer, or the requester waits in vain
+            log.exception("intake crashed")
+            reply = bus.error_reply(RuntimeFailure(f"internal error: {exc}"))
+        if msg.reply:
+            await msg.respond(reply)
+
+    await ctx.nc.subscribe(subjects.MIGRATION_REQUEST, queue=subjects.INTAKE_QUEUE, cb=take_request)
+
+    async def preflight(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.preflight(cmd, progress, ctx.migration, ctx.directory)
+
+    async def dump(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.dump(cmd, progress, ctx.migration)
+
+    async def resume_source(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.resume_source(
+            cmd, progress, ctx.migration, ctx.placements, ctx.directory, ctx.config.transfer_port
+        )
+
+    runner = SagaRunner(ctx, {"preflight": preflight, "dump": dump, "resume_source": resume_source})
+    ctx.spawn(runner.run())
 
 
 if __name__ == "__main__":

@@ -1,13 +1,26 @@
-"""The transfer worker. Migration transfers arrive with the stop-and-copy saga; until then
-it only registers and heartbeats, so the host's supervision covers all four roles."""
+"""Wires the transfer worker: the host's file transfer service, and the transfer step."""
 
 from __future__ import annotations
 
+from schemas.v1.migrations import StepCommand
+from services.runtime.transfer import TransferServer
+from services.saga_runner import SagaRunner
+from services.steps import Progress, StepOutcome
+from services.transfer import handlers
 from services.worker import WorkerContext, main
 
 
 async def register(ctx: WorkerContext) -> None:
-    return None
+    server = TransferServer(ctx.config.state_dir)
+    listening = await server.serve(ctx.config.address, ctx.config.transfer_port)
+    ctx.spawn(listening.serve_forever())
+
+    async def transfer(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.transfer(
+            cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
+        )
+
+    ctx.spawn(SagaRunner(ctx, {"transfer": transfer}).run())
 
 
 if __name__ == "__main__":

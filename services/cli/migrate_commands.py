@@ -1,0 +1,195 @@
+"""`ferry migrate` and `ferry status`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy
+from pydantic import TypeAdapter, ValidationError
+
+from schemas import subjects
+from schemas.v1.base import ErrorReply
+from schemas.v1.migrations import Event, MigrationAccepted, MigrationRecord
+from services import bus
+from services.cli.context import connected, current_lab, say
+from services.errors import FerryError, NotFound, RuntimeFailure, Unavailable, from_detail
+from services.kvstores import KvMigrationStore
+
+INTAKE_TIMEOUT_S = 15.0
+EVENTS = TypeAdapter(Event)
+
+
+class Rejected(Exception):
+    """Intake refused the request; carries the error exactly as intake said it."""
+
+    def __init__(self, reply: ErrorReply) -> None:
+        super().__init__(reply.error.reason)
+        self.reply = reply
+
+
+async def submit(nc: NATS, payload: dict[str, Any]) -> str:
+    try:
+        msg = await nc.request(
+            subjects.MIGRATION_REQUEST, json.dumps(payload).encode(), timeout=INTAKE_TIMEOUT_S,
+            headers=bus.trace_headers(),
+        )  # fmt: skip
+    except NoRespondersError as exc:
+        raise Unavailable("no host is taking migration requests (is the lab up?)") from exc
+    except NatsTimeout as exc:
+        raise Unavailable(
+            f"no answer to the migration request within {INTAKE_TIMEOUT_S:.0f}s"
+        ) from exc
+    try:
+        return MigrationAccepted.model_validate_json(msg.data).id
+    except ValidationError:
+        pass
+    try:
+        raise Rejected(ErrorReply.model_validate_json(msg.data))
+    except ValidationError as exc:
+        raise RuntimeFailure(f"unreadable answer from intake: {msg.data[:200]!r}") from exc
+
+
+class ProgressView:
+    """Prints the migration as it happens, one line per event, on stderr."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def show(self, event: Any) -> None:
+        t = f"[{time.monotonic() - self.started:6.2f}s]"
+        kind = event.type
+        if kind == "accepted":
+            say(
+                f"{t} {event.container}: {event.source} -> {event.destination}"
+                f" ({event.strategy.chosen})"
+            )
+        elif kind == "step_started":
+            label = "undo " if event.kind == "compensation" else ""
+            retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            say(f"{t} {event.host:<4} {label}{event.step}{retry} ...")
+        elif kind == "step_progress":
+            say(f"{t} {event.host:<4}   {event.message}")
+        elif kind == "step_finished":
+            outcome = event.status if not event.error else f"{event.status}: {event.error}"
+            later = " — will retry" if event.will_retry else ""
+            say(f"{t} {event.host:<4} {event.step} {outcome} ({event.duration_ms} ms){later}")
+        elif kind == "finished":
+            freeze = f", frozen {event.freeze_ms} ms" if event.freeze_ms is not None else ""
+            moved = f", {event.bytes_moved / 2**20:.1f} MiB moved" if event.bytes_moved else ""
+            say(f"{t} {event.state}{freeze}{moved}" + (f" — {event.error}" if event.error else ""))
+
+
+async def follow(nc: NATS, migration_id: str, deadline_s: float) -> None:
+    """Show events from the first one on, until the migration finishes."""
+    js = nc.jetstream()
+    done = asyncio.Event()
+    view = ProgressView()
+
+    async def on_event(msg: Any) -> None:
+        try:
+            event = EVENTS.validate_json(msg.data)
+        except ValidationError:
+            return
+        view.show(event)
+        if event.type == "finished":
+            done.set()
+
+    sub = await js.subscribe(
+        subjects.event_subject(migration_id),
+        cb=on_event,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    try:
+        await asyncio.wait_for(done.wait(), deadline_s)
+    except TimeoutError as exc:
+        raise RuntimeFailure(
+            f"migration {migration_id} has not finished after {deadline_s:.0f}s;"
+            f" follow it with `ferry status {migration_id}`"
+        ) from exc
+    finally:
+        await sub.unsubscribe()
+
+
+async def _migrate(args: argparse.Namespace) -> MigrationRecord:
+    lab = current_lab()
+    payload = {
+        "schema_version": 1,
+        "container": args.name,
+        "destination": args.to,
+        "strategy": args.strategy,
+    }
+    async with connected(lab) as nc:
+        migration_id = await submit(nc, payload)
+        say(f"migration {migration_id} accepted")
+        store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
+        found = await store.get(migration_id)
+        budget = (found[0].deadline - time.time() + 30) if found else 600
+        await follow(nc, migration_id, max(budget, 30))
+        found = await store.get(migration_id)
+    if found is None:
+        raise RuntimeFailure(f"migration {migration_id} has no record")
+    return found[0]
+
+
+def migrate(args: argparse.Namespace) -> int:
+    try:
+        record = asyncio.run(_migrate(args))
+    except Rejected as rejected:
+        error = from_detail(rejected.reply.error)
+        if args.json:
+            detail = rejected.reply.error
+            print(json.dumps({"error": {"field": detail.field, "reason": detail.reason}}))
+        raise error from None
+    if args.json:
+        print(json.dumps(record.public()))
+    else:
+        print(f"{record.id} {record.state}")
+    return 0 if record.state == "completed" else 1
+
+
+async def _status(migration_id: str | None) -> list[MigrationRecord]:
+    lab = current_lab()
+    async with connected(lab) as nc:
+        store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
+        if migration_id is None:
+            return await store.all()
+        found = await store.get(migration_id)
+    if found is None:
+        raise NotFound(f"no migration {migration_id!r}", field="ID")
+    return [found[0]]
+
+
+def status(args: argparse.Namespace) -> int:
+    try:
+        records = asyncio.run(_status(args.id))
+    except FerryError as exc:
+        if args.id is None and isinstance(exc, RuntimeFailure) and "not up" in exc.reason:
+            records = []
+        else:
+            raise
+    if args.json:
+        print(json.dumps(records[0].public() if args.id else [r.public() for r in records]))
+        return 0
+    for r in records:
+        freeze = f"{r.freeze_ms} ms" if r.freeze_ms is not None else "-"
+        print(
+            f"{r.id}  {r.container:<16} {r.source}->{r.destination}  {r.state:<12} freeze {freeze}"
+        )
+        if args.id:
+            for s in r.steps:
+                label = "undo " if s.kind == "compensation" else ""
+                print(
+                    f"    {label}{s.name:<20} {s.host:<4} {s.status:<11}"
+                    f" x{s.attempts} {s.duration_ms or 0:>6} ms  {s.error or ''}",
+                    file=sys.stdout,
+                )
+    return 0

@@ -1,0 +1,131 @@
+"""Request intake: validate a migration request, lock the container, start the saga.
+
+Answered on ferry.v1.migrations.request by a queue group of source workers: any host can
+take a request, and no central coordinator is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from schemas.v1.migrations import (
+    BUILT_STRATEGIES,
+    MigrationAccepted,
+    MigrationRecord,
+    MigrationRequest,
+    StrategyChoice,
+)
+from services import bus
+from services.errors import Conflict, InvalidInput, NotFound, Unavailable
+from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
+from services.saga_publish import publish_decision
+from services.tracecontext import new_traceparent
+from workflows.saga import begin
+from workflows.stop_and_copy import DEFINITIONS
+
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+
+def parse_request(data: bytes) -> MigrationRequest:
+    """The request, or InvalidInput naming the field at fault."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON: {exc}", field="body") from exc
+    if not isinstance(raw, dict):
+        raise InvalidInput("must be a JSON object", field="body")
+    version = raw.get("schema_version", 1)
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise InvalidInput(
+            f"unsupported schema_version {version!r}; this Ferry speaks"
+            f" {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}",
+            field="schema_version",
+        )
+    try:
+        request = MigrationRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise bus.validation_error(exc) from exc
+    if request.strategy not in BUILT_STRATEGIES:
+        raise InvalidInput(
+            f"{request.strategy} is not available yet; built: {', '.join(BUILT_STRATEGIES)}",
+            field="strategy",
+        )
+    return request
+
+
+class Intake:
+    """Turns a valid request into a running saga, or refuses it and changes nothing."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        placements: KvPlacementStore,
+        migrations: KvMigrationStore,
+        hosts: KvHostDirectory,
+    ) -> None:
+        self.js = js
+        self.placements = placements
+        self.migrations = migrations
+        self.hosts = hosts
+
+    async def accept(self, data: bytes) -> MigrationAccepted:
+        request = parse_request(data)
+        found = await self.placements.get(request.container)
+        if found is None:
+            raise NotFound(f"no container named {request.container!r}", field="container")
+        placement, revision = found
+        if request.source is not None and request.source != placement.host:
+            raise Conflict(
+                f"{request.container} runs on {placement.host}, not {request.source}",
+                field="source",
+            )
+        if await self.hosts.registered(request.destination) is None:
+            known = ", ".join(await self.hosts.known_hosts()) or "none"
+            raise NotFound(
+                f"unknown host {request.destination!r} (known: {known})", field="destination"
+            )
+        if request.destination == placement.host:
+            raise InvalidInput(
+                f"{request.container} already runs on {placement.host}", field="destination"
+            )
+        for host in (placement.host, request.destination):
+            if not await self.hosts.alive(host):
+                raise Unavailable(f"host {host} is down (no heartbeat)", field="destination")
+        if placement.state != "running":
+            moving = f" (migration {placement.migration_id})" if placement.migration_id else ""
+            raise Conflict(
+                f"{request.container} is {placement.state}{moving}; try again when it is running",
+                field="container",
+            )
+
+        migration_id = uuid.uuid4().hex[:16]
+        # The placement is the container's lock: once it says "migrating", a second
+        # request is refused, and no other host may start it.
+        await self.placements.update(
+            placement.model_copy(update={"state": "migrating", "migration_id": migration_id}),
+            revision,
+        )
+        trace_id, traceparent = new_traceparent()
+        now = time.time()
+        definition = DEFINITIONS[request.strategy]
+        record = MigrationRecord(
+            id=migration_id,
+            container=request.container,
+            source=placement.host,
+            destination=request.destination,
+            strategy=StrategyChoice(chosen=request.strategy, reason="requested"),
+            trace_id=trace_id,
+            traceparent=traceparent,
+            created_at=now,
+            updated_at=now,
+            deadline=now,
+        )
+        decision = begin(definition, record, now)
+        await self.migrations.create(decision.record)
+        await publish_decision(self.js, definition, decision)
+        return MigrationAccepted(id=migration_id)

@@ -1,0 +1,342 @@
+"""The host side of a live migration: what each saga step does to runc, CRIU and the kernel.
+
+Source: preflight, dump (pages straight into the destination's page server), resume.
+Destination: prepare, restore behind a held network, verify, open, discard.
+Every operation is idempotent: a redelivered command finds its work done and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.v1.containers import Placement
+from services.config import HostConfig
+from services.errors import Conflict, RuntimeFailure
+from services.runtime import criu, layers, netlock, netns, transfer
+from services.runtime.containers import ContainerPaths, HostContainers
+from services.runtime.proc import arun
+from services.runtime.runc import log_errors
+
+log = logging.getLogger(__name__)
+
+RUNC_CRIU_FLAGS = ["--tcp-established", "--manage-cgroups-mode", "soft"]
+PAGE_SERVER_EXIT_S = 30.0
+VERIFY_CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class MigrationPaths:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def incoming(self) -> Path:
+        return self.root / "incoming"
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+class MigrationHost:
+    """This host's part in migrations, whichever side it is on."""
+
+    def __init__(self, config: HostConfig, containers: HostContainers) -> None:
+        self.config = config
+        self.containers = containers
+        self.runc = containers.runc
+
+    def mpaths(self, migration_id: str) -> MigrationPaths:
+        return MigrationPaths(transfer.migration_dir(self.config.state_dir, migration_id))
+
+    def cpaths(self, name: str) -> ContainerPaths:
+        return self.containers.paths(name)
+
+    def _network(self, placement: Placement) -> netns.ContainerNetwork:
+        return netns.ContainerNetwork(
+            netns_path=self.cpaths(placement.name).netns,
+            host_veth=netns.host_veth_name(placement.name),
+            ip=placement.ip,
+            prefix_len=self.config.subnet.prefixlen,
+            gateway=self.config.gateway,
+            mac=placement.mac,
+        )
+
+    def _runc(self, *args: str, log_file: Path) -> list[str]:
+        return [
+            self.runc.binary, "--root", str(self.runc.root), "--criu", criu.CRIU,
+            "--log", str(log_file), "--log-format", "json", *args,
+        ]  # fmt: skip
+
+    # ---- source -----------------------------------------------------------------------
+
+    async def preflight(self, name: str) -> dict[str, int | str]:
+        await criu.check()
+        state = await self.runc.state(name)
+        if state is None or state.status != "running" or state.pid is None:
+            status = state.status if state else "not known to runc"
+            raise RuntimeFailure(
+                f"{name} is {status} on {self.config.host}; only a running container moves"
+            )
+        ports = sorted(netlock.listening_ports(state.pid))
+        return {"listening_ports": json.dumps(ports), "source_pid": state.pid}
+
+    async def dump(self, name: str, migration_id: str, page_server: str) -> dict[str, int | float]:
+        """Freeze and dump; pages stream to the destination. The source copy stops here."""
+        paths = self.mpaths(migration_id)
+        done_marker = paths.root / "dump.done"
+        if done_marker.exists():
+            return dict(json.loads(done_marker.read_text()))
+        state = await self.runc.state(name)
+        if state is None or state.status != "running":
+            raise RuntimeFailure(f"{name} is not running on {self.config.host}; refusing to dump")
+        paths.images.mkdir(parents=True, exist_ok=True)
+        frozen_at = time.time()
+        proc = await asyncio.create_subprocess_exec(
+            *self._runc(
+                "checkpoint", "--image-path", str(paths.images), "--work-path", str(paths.images),
+                "--page-server", page_server, *RUNC_CRIU_FLAGS, name,
+                log_file=paths.root / "runc.log",
+            ),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        code = await proc.wait()
+        dumped_at = time.time()
+        if code != 0:
+            errors = log_errors(paths.root / "runc.log")
+            raise RuntimeFailure(
+                f"checkpoint of {name} failed: {errors[-1] if errors else f'exit {code}'}",
+                log_tail=criu.tail(paths.images / "dump.log"),
+            )
+        # The destination will answer for this MAC: take the source's port off the bridge.
+        await arun(["ip", "link", "set", netns.host_veth_name(name), "down"], check=False)
+        stats = criu.load_stats(paths.images / "stats-dump")
+        facts: dict[str, int | float] = {
+            "frozen_at": frozen_at,
+            "dump_ms": round((dumped_at - frozen_at) * 1000),
+            "pages_written": stats.get("pages_written", 0),
+            "criu_freezing_us": stats.get("freezing_time", 0),
+            "criu_frozen_us": stats.get("frozen_time", 0),
+            "criu_memdump_us": stats.get("memdump_time", 0),
+            "criu_memwrite_us": stats.get("memwrite_time", 0),
+        }
+        done_marker.write_text(json.dumps(facts))
+        return facts
+
+    async def push_bundle(
+        self, name: str, migration_id: str, address: str, port: int
+    ) -> transfer.Sent:
+        """Images, bundle config and the overlay's upper dir, to the destination."""
+        paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
+        members = [
+            transfer.Member(paths.root, "images"),
+            transfer.Member(cpaths.root, "upper"),
+            transfer.Member(cpaths.bundle, "config.json"),
+        ]
+        return await transfer.push(
+            address, port, migration_id, "bundle", members, self.config.state_dir / "tmp"
+        )
+
+    async def resume(self, placement: Placement, migration_id: str, peer: str, port: int) -> str:
+        """Bring the container back on this host: untouched, thawed, or restored from its
+        images with the pages fetched back from the destination."""
+        name = placement.name
+        paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
+        veth = netns.host_veth_name(name)
+        state = await self.runc.state(name)
+        if state is not None and state.status == "running":
+            await netlock.remove_criu_lock(cpaths.netns)
+            await arun(["ip", "link", "set", veth, "up"], check=False)
+            return "still running"
+        if state is not None and state.status == "paused":
+            await arun([self.runc.binary, "--root", str(self.runc.root), "resume", name])
+            await netlock.remove_criu_lock(cpaths.netns)
+            await arun(["ip", "link", "set", veth, "up"], check=False)
+            return "thawed"
+        if (
+            not (paths.root / "dump.done").exists()
+            and not (paths.images / "inventory.img").exists()
+        ):
+            raise RuntimeFailure(f"{name} is gone and no dump of it exists here: cannot resume")
+        if not list(paths.images.glob("pages-*.img")):
+            await transfer.pull(
+                peer, port, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
+            )
+        # CRIU's lock from the dump still holds the netns; its restore removes it at the end.
+        await arun(["ip", "link", "set", veth, "up"], check=False)
+        await self._restore(name, paths, cpaths)
+        return "restored from images"
+
+    # ---- destination ------------------------------------------------------------------
+
+    async def prepare(self, placement: Placement, migration_id: str) -> dict[str, int | str]:
+        """Layer present, netns with the container's IP and MAC (link down), page server up."""
+        await criu.check()
+        existing = await self.runc.state(placement.name)
+        if existing is not None:
+            raise Conflict(f"{placement.name} already exists on {self.config.host}")
+        paths = self.mpaths(migration_id)
+        port_file = paths.root / "page-server.port"
+        await self.containers.ensure_layer(placement.layer)
+        cpaths = self.cpaths(placement.name)
+        if not cpaths.netns.exists():
+            await netns.create(self._network(placement), self.config.bridge, link_up=False)
+        if port_file.exists() and (paths.images / "page-server.pid").exists():
+            return {"page_server": f"{self.config.address}:{port_file.read_text()}"}
+        port = free_port(self.config.address)
+        await criu.start_page_server(paths.images, self.config.address, port)
+        port_file.write_text(str(port))
+        return {"page_server": f"{self.config.address}:{port}"}
+
+    async def restore(
+        self, placement: Placement, migration_id: str, frozen_at: float
+    ) -> dict[str, int | float]:
+        name = placement.name
+        paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
+        state = await self.runc.state(name)
+        if state is not None and state.status == "running":
+            return {}  # restored by an earlier delivery of this command
+        rc = await criu.page_server_result(paths.images, PAGE_SERVER_EXIT_S)
+        if rc != 0:
+            raise RuntimeFailure(
+                f"page server {'still waiting' if rc is None else f'exited {rc}'}:"
+                " the pages did not all arrive",
+                log_tail=criu.tail(paths.images / "page-server.log"),
+            )
+        incoming = paths.incoming / "bundle"
+        if not incoming.is_dir():
+            raise RuntimeFailure("the bundle from the source has not arrived")
+        for item in incoming.joinpath("images").iterdir():
+            target = paths.images / item.name
+            if not target.exists():
+                shutil.move(str(item), target)
+        if not cpaths.upper.exists():
+            cpaths.root.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(incoming / "upper"), cpaths.upper)
+        shutil.rmtree(cpaths.work, ignore_errors=True)
+        lower = await self.containers.ensure_layer(placement.layer)
+        await layers.mount_overlay(lower, cpaths.upper, cpaths.work, cpaths.rootfs)
+        config = json.loads((incoming / "config.json").read_text())
+        config["linux"]["cgroupsPath"] = f"{self.config.cgroup_parent}/{name}"
+        cpaths.bundle.mkdir(parents=True, exist_ok=True)
+        (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
+        # Hold first, then link up, then restore: no packet reaches it before the commit.
+        await netlock.hold(cpaths.netns)
+        await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
+        await self._restore(name, paths, cpaths)
+        running_at = time.time()
+        stats = criu.load_stats(paths.images / "stats-restore")
+        return {
+            "running_at": running_at,
+            "freeze_ms": round((running_at - frozen_at) * 1000) if frozen_at else 0,
+            "criu_restore_us": stats.get("restore_time", 0),
+            "pages_restored": stats.get("pages_restored", 0),
+        }
+
+    async def _restore(self, name: str, paths: MigrationPaths, cpaths: ContainerPaths) -> None:
+        log_file = paths.root / "runc-restore.log"
+        proc = await asyncio.create_subprocess_exec(
+            *self._runc(
+                "restore", "--detach", "--image-path", str(paths.images),
+                "--work-path", str(paths.images), "--bundle", str(cpaths.bundle),
+                *RUNC_CRIU_FLAGS, name, log_file=log_file,
+            ),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        code = await proc.wait()
+        if code != 0:
+            errors = log_errors(log_file)
+            raise RuntimeFailure(
+                f"restore of {name} failed: {errors[-1] if errors else f'exit {code}'}",
+                log_tail=criu.tail(paths.images / "restore.log"),
+            )
+        state = await self.runc.state(name)
+        if state is None or state.status != "running":
+            raise RuntimeFailure(f"{name} did not stay running after restore")
+
+    async def verify(self, placement: Placement, expected_ports: list[int]) -> dict[str, int]:
+        """Alive, and listening again where it listened before — checked from inside,
+        while the network is still held."""
+        state = await self.runc.state(placement.name)
+        if state is None or state.status != "running" or state.pid is None:
+            raise RuntimeFailure(f"{placement.name} is not running after restore")
+        ports = netlock.listening_ports(state.pid)
+        missing = sorted(set(expected_ports) - ports)
+        if missing:
+            raise RuntimeFailure(f"{placement.name} no longer listens on {missing}")
+        netns_path = self.cpaths(placement.name).netns
+        for port in expected_ports:
+            probe = (
+                "import socket,sys;socket.create_connection((sys.argv[1],int(sys.argv[2])),"
+                f"{VERIFY_CONNECT_TIMEOUT_S}).close()"
+            )
+            done = await arun(
+                [
+                    "nsenter",
+                    f"--net={netns_path}",
+                    sys.executable,
+                    "-c",
+                    probe,
+                    placement.ip,
+                    str(port),
+                ],
+                check=False,
+                timeout=VERIFY_CONNECT_TIMEOUT_S + 5,
+            )
+            if done.returncode != 0:
+                raise RuntimeFailure(f"{placement.name} does not accept connections on port {port}")
+        return {"restored_pid": state.pid}
+
+    async def open_network(self, placement: Placement, migration_id: str) -> None:
+        """Let clients in, and tell the switches where the container's MAC lives now."""
+        netns_path = self.cpaths(placement.name).netns
+        await netlock.release(netns_path)
+        await arun(
+            [
+                "nsenter",
+                f"--net={netns_path}",
+                "busybox",
+                "arping",
+                "-U",
+                "-c",
+                "1",
+                "-I",
+                "eth0",
+                placement.ip,
+            ],
+            check=False,
+        )
+        shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
+
+    async def stop_restored(self, name: str) -> None:
+        """The destination copy goes away (before the commit only)."""
+        await self.runc.delete(name)
+
+    async def discard(self, name: str, migration_id: str) -> None:
+        """Remove everything this host holds for an incoming container that will not stay."""
+        paths = self.mpaths(migration_id)
+        criu.stop_page_server(paths.images)
+        await self.containers.discard_local(name)
+        shutil.rmtree(paths.root, ignore_errors=True)
+
+    async def clean_source(self, name: str, migration_id: str) -> None:
+        """After the commit: the stopped source copy's netns, veth, mounts and files go."""
+        await self.containers.discard_local(name)
+        shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
