@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test lint typecheck unit lab-tests workloads clean
+.PHONY: setup test lint typecheck workloads schemas demo clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -20,6 +20,14 @@ lint:
 
 typecheck:
 	$(VENV)/bin/mypy
+
+## demo: a stateful server moves h1 -> h2 -> h1 while a client talks to it.
+demo: workloads
+	$(PY) -m deploy.demo
+
+## schemas: export JSON Schema and the AsyncAPI document after changing schemas/.
+schemas:
+	$(PY) -m schemas.export
 
 ## workloads: the small static programs the tests run inside containers.
 workloads: build/memapp

@@ -38,14 +38,17 @@ def oci_config(
     netns_path: Path,
     cgroups_path: str,
     memory_mib: int | None,
+    criu_config: Path | None = None,
 ) -> dict[str, Any]:
     """The runtime spec: own PID, IPC, UTS and mount namespaces, and the network
     namespace Ferry made (an external netns: CRIU then restores `lo` and `eth0` up)."""
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if memory_mib is not None:
         resources["memory"] = {"limit": memory_mib * 1024 * 1024}
+    annotations = {"org.criu.config": str(criu_config)} if criu_config else {}
     return {
         "ociVersion": "1.0.2",
+        "annotations": annotations,
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
@@ -104,6 +107,22 @@ def oci_config(
             "readonlyPaths": READONLY_PATHS,
         },
     }
+
+
+CRIU_RUNC_CONFIG = """\
+# Written by Ferry; runc hands it to CRIU for every checkpoint and restore.
+# A client's connection still in the listen queue must not fail the whole dump:
+# it is dropped, and the client connects again.
+skip-in-flight
+"""
+
+
+def ensure_criu_config(path: Path) -> Path:
+    """The CRIU options runc passes on (through the org.criu.config annotation)."""
+    if not path.exists() or path.read_text() != CRIU_RUNC_CONFIG:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(CRIU_RUNC_CONFIG)
+    return path
 
 
 def write_config(bundle: Path, config: dict[str, Any]) -> None:

@@ -159,6 +159,7 @@ class HostContainers:
             netns_path=paths.netns,
             cgroups_path=f"{self.config.cgroup_parent}/{cmd.name}",
             memory_mib=cmd.memory_mib,
+            criu_config=bundle.ensure_criu_config(self.config.criu_config),
         )
         bundle.write_config(paths.bundle, config)
         await self.runc.run_detached(

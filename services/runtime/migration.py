@@ -20,7 +20,7 @@ from pathlib import Path
 from schemas.v1.containers import Placement
 from services.config import HostConfig
 from services.errors import Conflict, RuntimeFailure
-from services.runtime import criu, layers, netlock, netns, transfer
+from services.runtime import bundle, criu, layers, netlock, netns, transfer
 from services.runtime.containers import ContainerPaths, HostContainers
 from services.runtime.proc import arun
 from services.runtime.runc import log_errors
@@ -162,11 +162,13 @@ class MigrationHost:
         if state is not None and state.status == "running":
             await netlock.remove_criu_lock(cpaths.netns)
             await arun(["ip", "link", "set", veth, "up"], check=False)
+            shutil.rmtree(paths.root, ignore_errors=True)
             return "still running"
         if state is not None and state.status == "paused":
             await arun([self.runc.binary, "--root", str(self.runc.root), "resume", name])
             await netlock.remove_criu_lock(cpaths.netns)
             await arun(["ip", "link", "set", veth, "up"], check=False)
+            shutil.rmtree(paths.root, ignore_errors=True)
             return "thawed"
         if (
             not (paths.root / "dump.done").exists()
@@ -180,6 +182,7 @@ class MigrationHost:
         # CRIU's lock from the dump still holds the netns; its restore removes it at the end.
         await arun(["ip", "link", "set", veth, "up"], check=False)
         await self._restore(name, paths, cpaths)
+        shutil.rmtree(paths.root, ignore_errors=True)
         return "restored from images"
 
     # ---- destination ------------------------------------------------------------------
@@ -187,6 +190,7 @@ class MigrationHost:
     async def prepare(self, placement: Placement, migration_id: str) -> dict[str, int | str]:
         """Layer present, netns with the container's IP and MAC (link down), page server up."""
         await criu.check()
+        bundle.ensure_criu_config(self.config.criu_config)
         existing = await self.runc.state(placement.name)
         if existing is not None:
             raise Conflict(f"{placement.name} already exists on {self.config.host}")
@@ -233,6 +237,9 @@ class MigrationHost:
         await layers.mount_overlay(lower, cpaths.upper, cpaths.work, cpaths.rootfs)
         config = json.loads((incoming / "config.json").read_text())
         config["linux"]["cgroupsPath"] = f"{self.config.cgroup_parent}/{name}"
+        config.setdefault("annotations", {})["org.criu.config"] = str(
+            bundle.ensure_criu_config(self.config.criu_config)
+        )
         cpaths.bundle.mkdir(parents=True, exist_ok=True)
         (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
         # Hold first, then link up, then restore: no packet reaches it before the commit.

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.cli import ferry
 from tests.support.inventory import host_links, host_mounts
-from tests.support.workload import query, query_from_netns
+from tests.support.workload import query, query_from_netns, wait_until_serving
 
 pytestmark = pytest.mark.lab
 
@@ -57,7 +57,7 @@ def test_a_container_keeps_its_state_in_memory_and_answers_everywhere(
     assert run.code == 0, run.stderr
     ip = run.stdout.strip().splitlines()[-1]
 
-    first = query(ip)
+    first = wait_until_serving(ip)
     assert first["pid"] == 1, "the workload must be PID 1 of its own PID namespace"
     assert first["buffer_ok"] is True and first["buffer_mib"] == 8
     time.sleep(0.5)
@@ -177,7 +177,7 @@ def test_criu_can_checkpoint_a_lab_container(lab2: str, rootfs: Path) -> None:
     )
     assert run.code == 0, run.stderr
     ip = run.stdout.strip().splitlines()[-1]
-    before = query(ip)
+    before = wait_until_serving(ip)
     on_h2 = [
         "nsenter",
         f"--net=/run/netns/{lab2}-h2",

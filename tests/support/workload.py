@@ -1,38 +1,15 @@
-"""The in-memory workload the tests run in containers, and a client for it."""
+"""The in-memory workload the tests run in containers, and clients for it."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-MEMAPP = REPO / "build" / "memapp"
-PORT = 7000
+from deploy.workloads import PORT, build_rootfs, query, wait_until_serving
 
-
-def build_rootfs(target: Path) -> Path:
-    """A tiny root filesystem: static busybox and the static memapp."""
-    if not MEMAPP.exists():
-        subprocess.run(["make", "-C", str(REPO), "workloads"], check=True, capture_output=True)
-    for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
-        (target / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2("/bin/busybox", target / "bin" / "busybox")
-    for tool in ("sh", "ls", "cat", "sleep", "ip", "ps"):
-        (target / "bin" / tool).symlink_to("busybox")
-    shutil.copy2(MEMAPP, target / "bin" / "memapp")
-    (target / "etc" / "hostname").write_text("ferry\n")
-    return target
-
-
-def query(ip: str, port: int = PORT, timeout: float = 5.0) -> dict[str, Any]:
-    with socket.create_connection((ip, port), timeout=timeout) as s:
-        s.sendall(b"\n")
-        return json.loads(s.makefile().readline())
+__all__ = ["PORT", "build_rootfs", "query", "query_from_netns", "wait_until_serving"]
 
 
 def query_from_netns(netns: str, ip: str, port: int = PORT) -> dict[str, Any]:
@@ -48,4 +25,4 @@ def query_from_netns(netns: str, ip: str, port: int = PORT) -> dict[str, Any]:
         check=True,
         timeout=15,
     ).stdout
-    return json.loads(out)
+    return dict(json.loads(out))

@@ -1,0 +1,175 @@
+"""Export the wire contract for other languages: JSON Schema per message, and an AsyncAPI
+document of the subjects. Run `python -m schemas.export` (or `make schemas`) after a change;
+a test fails while the committed files are stale."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+
+from schemas import subjects
+from schemas.v1.base import ErrorReply
+from schemas.v1.containers import (
+    ContainerCreated,
+    ContainerList,
+    ContainerRemoved,
+    CreateContainer,
+    ListContainers,
+    Placement,
+    RemoveContainer,
+)
+from schemas.v1.hosts import HostHeartbeat, HostRegistration, WorkerHeartbeat
+from schemas.v1.migrations import (
+    Event,
+    MigrationAccepted,
+    MigrationRecord,
+    MigrationRequest,
+    StepCommand,
+)
+
+OUT = Path(__file__).parent
+MODELS: dict[str, type[BaseModel]] = {
+    "MigrationRequest": MigrationRequest,
+    "MigrationAccepted": MigrationAccepted,
+    "ErrorReply": ErrorReply,
+    "MigrationRecord": MigrationRecord,
+    "StepCommand": StepCommand,
+    "CreateContainer": CreateContainer,
+    "ContainerCreated": ContainerCreated,
+    "RemoveContainer": RemoveContainer,
+    "ContainerRemoved": ContainerRemoved,
+    "ListContainers": ListContainers,
+    "ContainerList": ContainerList,
+    "Placement": Placement,
+    "HostHeartbeat": HostHeartbeat,
+    "WorkerHeartbeat": WorkerHeartbeat,
+    "HostRegistration": HostRegistration,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    schemas = {name: model.model_json_schema() for name, model in MODELS.items()}
+    schemas["MigrationEvent"] = TypeAdapter(Event).json_schema()
+    return schemas
+
+
+def _message(name: str, summary: str) -> dict[str, Any]:
+    return {"name": name, "summary": summary, "payload": {"$ref": f"json/v1/{name}.schema.json"}}
+
+
+def asyncapi() -> dict[str, Any]:
+    p = subjects.PREFIX
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "Ferry bus",
+            "version": "1.0.0",
+            "description": (
+                "Live migration of running containers. Publish a MigrationRequest on "
+                f"{subjects.MIGRATION_REQUEST} with NATS request/reply; the reply is "
+                'MigrationAccepted ({"id": ...}) or ErrorReply ({"error": {"field", '
+                '"reason"}}). Follow the migration on its event subject; read its record '
+                f"from the KV bucket {subjects.MIGRATIONS_BUCKET}. W3C trace context travels "
+                "in the `traceparent` header."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {"nats": {"host": "localhost:4222", "protocol": "nats"}},
+        "channels": {
+            "migrationRequest": {
+                "address": subjects.MIGRATION_REQUEST,
+                "description": "Answered by a queue group of every host's source worker.",
+                "messages": {
+                    "request": _message("MigrationRequest", "Move a container"),
+                    "accepted": _message("MigrationAccepted", "Accepted, with the migration id"),
+                    "rejected": _message("ErrorReply", "Refused: which field, and why"),
+                },
+            },
+            "migrationEvents": {
+                "address": f"{p}.events.{{migration_id}}",
+                "description": f"JetStream stream {subjects.EVENTS_STREAM}: progress and audit.",
+                "parameters": {"migration_id": {"description": "the id intake replied with"}},
+                "messages": {"event": _message("MigrationEvent", "One step of the migration")},
+            },
+            "stepCommands": {
+                "address": f"{p}.cmd.{{host}}.{{role}}",
+                "description": (
+                    f"JetStream work queue {subjects.COMMANDS_STREAM}; one durable consumer per "
+                    "host and role; Nats-Msg-Id = <migration>.<kind>.<step>.<attempt>."
+                ),
+                "parameters": {
+                    "host": {"description": "host name"},
+                    "role": {"enum": ["source", "transfer", "destination", "cleanup"]},
+                },
+                "messages": {"command": _message("StepCommand", "Run one saga step")},
+            },
+            "containerCreate": {
+                "address": f"{p}.host.{{host}}.{subjects.CREATE_CONTAINER}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("CreateContainer", "Start a container on this host"),
+                    "reply": _message("ContainerCreated", "It runs"),
+                },
+            },
+            "containerRemove": {
+                "address": f"{p}.host.{{host}}.{subjects.REMOVE_CONTAINER}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("RemoveContainer", "Remove a container"),
+                    "reply": _message("ContainerRemoved", "Nothing of it is left"),
+                },
+            },
+            "containerList": {
+                "address": f"{p}.host.{{host}}.{subjects.LIST_CONTAINERS}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("ListContainers", "Which containers run here"),
+                    "reply": _message("ContainerList", "As runc reports them"),
+                },
+            },
+        },
+        "operations": {
+            "requestMigration": {
+                "action": "send",
+                "channel": {"$ref": "#/channels/migrationRequest"},
+                "messages": [{"$ref": "#/channels/migrationRequest/messages/request"}],
+                "reply": {
+                    "channel": {"$ref": "#/channels/migrationRequest"},
+                    "messages": [
+                        {"$ref": "#/channels/migrationRequest/messages/accepted"},
+                        {"$ref": "#/channels/migrationRequest/messages/rejected"},
+                    ],
+                },
+            },
+            "followMigration": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/migrationEvents"},
+            },
+        },
+    }
+
+
+def rendered() -> dict[Path, str]:
+    files = {
+        OUT / "json" / "v1" / f"{name}.schema.json": json.dumps(schema, indent=2, sort_keys=True)
+        + "\n"
+        for name, schema in json_schemas().items()
+    }
+    files[OUT / "asyncapi.json"] = json.dumps(asyncapi(), indent=2) + "\n"
+    return files
+
+
+def main() -> int:
+    for path, text in rendered().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {len(rendered())} files under {OUT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

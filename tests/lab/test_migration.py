@@ -1,0 +1,170 @@
+"""Stop-and-copy live migration end to end: real CRIU, runc, nats-server and two hosts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.bus import request_raw
+from tests.support.cli import ferry
+from tests.support.inventory import host_links, host_mounts
+from tests.support.workload import query, query_from_netns, wait_until_serving
+
+pytestmark = pytest.mark.lab
+
+BUFFER_MIB = 32
+STEPS = [
+    "preflight",
+    "prepare_destination",
+    "dump",
+    "transfer",
+    "restore",
+    "verify",
+    "commit",
+    "open_network",
+    "clean_source",
+]
+
+
+def _uplink_rx_bytes(lab: str, host: str) -> int:
+    """Bytes the host sent out of its uplink, read on the root namespace's end of it."""
+    return int(Path(f"/sys/class/net/{lab}-{host}/statistics/rx_bytes").read_text())
+
+
+def _runc_names(lab: str, host: str) -> list[str]:
+    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
+    out = subprocess.run(["runc", "--root", root, "list", "-q"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def _assert_nothing_left_on(lab: str, host: str, name: str) -> None:
+    state = Path(f"/var/lib/ferry-lab/{lab}/hosts/{host}")
+    assert name not in _runc_names(lab, host)
+    assert not (state / "containers" / name).exists()
+    assert not (state / "netns" / name).exists()
+    assert not list((state / "migrations").glob("*")), "images left behind"
+    assert not [m for m in host_mounts(lab, host) if f"/{name}" in m]
+    assert not [link for link in host_links(lab, host) if link.startswith("vf")]
+
+
+def _placements(lab: str) -> list[dict[str, Any]]:
+    return list(ferry(lab, "containers", "--json", check=True).json())
+
+
+@pytest.fixture(scope="module")
+def mover(lab2: str, rootfs: Path) -> str:
+    """A container with a random token, a tick counter and a buffer of known bytes."""
+    run = ferry(
+        lab2, "container", "run", "--host", "h1", "--name", "mover", "--rootfs", str(rootfs),
+        "--", "/bin/memapp", "7000", str(BUFFER_MIB),
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> None:
+    ip = mover
+    last = wait_until_serving(ip)
+    assert last["buffer_ok"] is True
+    for source, destination in (("h1", "h2"), ("h2", "h1")):
+        sent_before = _uplink_rx_bytes(lab2, source)
+        moved = ferry(lab2, "migrate", "mover", "--to", destination, "--json", timeout=300)
+        assert moved.code == 0, moved.stderr
+        record = moved.json()
+        assert (record["state"], record["source"], record["destination"]) == (
+            "completed", source, destination,
+        )  # fmt: skip
+        assert [s["name"] for s in record["steps"]] == STEPS
+        assert all(s["status"] == "done" and s["attempts"] == 1 for s in record["steps"])
+        hosts = {s["name"]: s["host"] for s in record["steps"]}
+        assert hosts["dump"] == source and hosts["restore"] == destination
+        assert record["strategy"] == {
+            "schema_version": 1, "chosen": "stop-and-copy", "reason": "requested",
+        }  # fmt: skip
+        assert len(record["trace_id"]) == 32
+        assert record["freeze_ms"] > 0
+        assert record["bytes_moved"] >= BUFFER_MIB * 2**20
+        # The memory went over the network: the source's uplink carried at least the buffer.
+        assert _uplink_rx_bytes(lab2, source) - sent_before >= BUFFER_MIB * 2**20
+
+        now = query(ip)
+        assert now["token"] == last["token"], "a different process answers"
+        assert now["buffer_ok"] is True
+        assert now["requests"] == last["requests"] + 1
+        assert now["ticks"] >= last["ticks"]
+        other = "h2" if destination == "h1" else "h1"
+        from_other = query_from_netns(f"{lab2}-{other}", ip)
+        assert from_other["token"] == last["token"]
+        last = from_other
+
+        placed = {c["name"]: c for c in _placements(lab2)}["mover"]
+        assert (placed["host"], placed["state"], placed["ip"]) == (destination, "running", ip)
+        assert "mover" in _runc_names(lab2, destination)
+        _assert_nothing_left_on(lab2, source, "mover")
+
+        status = ferry(lab2, "status", record["id"], "--json", check=True).json()
+        assert status["state"] == "completed" and status["id"] == record["id"]
+
+
+async def test_bad_requests_get_a_precise_error_and_change_nothing(lab2: str, mover: str) -> None:
+    before = _placements(lab2)
+    migrations_before = ferry(lab2, "status", "--json", check=True).json()
+    here = {c["name"]: c for c in before}["mover"]["host"]
+    valid = {"schema_version": 1, "container": "mover", "destination": "h2"}
+    cases: list[tuple[bytes, str]] = [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (json.dumps({"destination": "h2"}).encode(), "container"),
+        (json.dumps({**valid, "destination": 5}).encode(), "destination"),
+        (json.dumps({**valid, "schema_version": 2}).encode(), "schema_version"),
+        (json.dumps({**valid, "container": "nosuch"}).encode(), "container"),
+        (json.dumps({**valid, "destination": "h9"}).encode(), "destination"),
+        (json.dumps({**valid, "destination": here}).encode(), "destination"),
+        (json.dumps({**valid, "strategy": "post-copy"}).encode(), "strategy"),
+        (json.dumps({**valid, "strategy": "teleport"}).encode(), "strategy"),
+        (json.dumps({**valid, "source": "h9" if here != "h9" else "h8"}).encode(), "source"),
+    ]
+    for payload, field in cases:
+        reply = await request_raw(lab2, payload)
+        assert "id" not in reply, (payload, reply)
+        assert reply["error"]["field"] == field, (payload, reply)
+        assert reply["error"]["reason"], payload
+    assert _placements(lab2) == before
+    assert ferry(lab2, "status", "--json", check=True).json() == migrations_before
+
+
+def test_cli_rejections_exit_2_with_a_json_error(lab2: str, mover: str) -> None:
+    unknown = ferry(lab2, "migrate", "nosuch", "--to", "h2", "--json")
+    assert unknown.code == 2
+    assert unknown.json()["error"]["field"] == "container"
+    assert len(unknown.stderr.strip().splitlines()) >= 1
+    not_built = ferry(lab2, "migrate", "mover", "--to", "h2", "--strategy", "post-copy")
+    assert not_built.code == 2 and "strategy" in not_built.stderr
+    assert ferry(lab2, "status", "nosuchid", "--json").code == 2
+
+
+async def test_a_second_migration_of_a_moving_container_is_rejected(lab2: str, mover: str) -> None:
+    here = {c["name"]: c for c in _placements(lab2)}["mover"]["host"]
+    there = "h2" if here == "h1" else "h1"
+    request = {"schema_version": 1, "container": "mover", "destination": there}
+    first = await request_raw(lab2, json.dumps(request).encode())
+    assert "id" in first, first
+    second = await request_raw(lab2, json.dumps(request).encode())
+    assert second["error"]["field"] == "container"
+    assert first["id"] in second["error"]["reason"]
+    removing = ferry(lab2, "container", "rm", "mover")
+    assert removing.code == 2, "a moving container must not be removed"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        record = ferry(lab2, "status", first["id"], "--json", check=True).json()
+        if record["state"] != "running":
+            break
+        time.sleep(0.3)
+    assert record["state"] == "completed", record
+    assert {c["name"]: c for c in _placements(lab2)}["mover"]["host"] == there
+    assert query(mover)["buffer_ok"] is True
