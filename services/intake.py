@@ -7,6 +7,7 @@ take a request, and no central coordinator is needed.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
@@ -50,6 +51,11 @@ def parse_request(data: bytes) -> MigrationRequest:
         request = MigrationRequest.model_validate(raw)
     except ValidationError as exc:
         raise bus.validation_error(exc) from exc
+    if request.inject_fault and os.environ.get("FERRY_ALLOW_FAULTS") != "1":
+        raise InvalidInput(
+            "fault injection is off on these hosts (start the lab with --allow-faults)",
+            field="inject_fault",
+        )
     if request.strategy not in BUILT_STRATEGIES:
         raise InvalidInput(
             f"{request.strategy} is not available yet; built: {', '.join(BUILT_STRATEGIES)}",
@@ -124,6 +130,7 @@ class Intake:
             created_at=now,
             updated_at=now,
             deadline=now,
+            facts={"inject_fault": request.inject_fault} if request.inject_fault else {},
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)

@@ -71,7 +71,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def plan(layout: LabLayout, count: int) -> LabSpec:
+def plan(layout: LabLayout, count: int, allow_faults: bool = False) -> LabSpec:
     """Pick a subnet no route uses yet and a free NATS port, for a new lab."""
     taken = set(kernel.routed_networks())
     for other in LABS_ROOT.glob("*/lab.json") if LABS_ROOT.exists() else []:
@@ -79,10 +79,16 @@ def plan(layout: LabLayout, count: int) -> LabSpec:
             taken.add(str(LabSpec.from_json(other.read_text()).subnet))
     subnet = next(s for s in candidate_subnets(layout.lab) if str(s) not in taken)
     port = next(p for p in candidate_ports(layout.lab) if _port_free(p))
-    return LabSpec(lab=layout.lab, hosts=host_names(count), subnet=subnet, nats_port=port)
+    return LabSpec(
+        lab=layout.lab,
+        hosts=host_names(count),
+        subnet=subnet,
+        nats_port=port,
+        allow_faults=allow_faults,
+    )
 
 
-def up(layout: LabLayout, count: int, say: Say) -> LabSpec:
+def up(layout: LabLayout, count: int, say: Say, *, allow_faults: bool = False) -> LabSpec:
     if not 1 <= count <= MAX_HOSTS:
         raise InvalidInput(f"must be between 1 and {MAX_HOSTS}, not {count}", field="--hosts")
     with locked(layout):
@@ -93,8 +99,15 @@ def up(layout: LabLayout, count: int, say: Say) -> LabSpec:
                 " run `ferry lab down` first to change it",
                 field="--hosts",
             )
+        if spec is not None and spec.allow_faults != allow_faults:
+            now = "allows" if spec.allow_faults else "does not allow"
+            raise Conflict(
+                f"lab {layout.lab!r} is up and {now} fault injection;"
+                " run `ferry lab down` first to change it",
+                field="--allow-faults",
+            )
         if spec is None:
-            spec = plan(layout, count)
+            spec = plan(layout, count, allow_faults)
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(f"lab {layout.lab}: datacenter {spec.subnet}, NATS on {spec.nats_url}")
@@ -253,6 +266,7 @@ def host_env(layout: LabLayout, spec: LabSpec, host: str) -> dict[str, str]:
         "FERRY_BRIDGE": "br0",
         "FERRY_CGROUP_PARENT": layout.cgroup_parent(host),
         "FERRY_LAB": layout.lab,
+        "FERRY_ALLOW_FAULTS": "1" if spec.allow_faults else "0",
     }
 
 

@@ -118,6 +118,7 @@ class LabSpec:
     hosts: tuple[str, ...]
     subnet: ipaddress.IPv4Network
     nats_port: int
+    allow_faults: bool = False
 
     @property
     def gateway(self) -> str:
@@ -146,6 +147,7 @@ class LabSpec:
                 "hosts": list(self.hosts),
                 "subnet": str(self.subnet),
                 "nats_port": self.nats_port,
+                "allow_faults": self.allow_faults,
             },
             indent=2,
         )
@@ -158,6 +160,7 @@ class LabSpec:
             hosts=tuple(data["hosts"]),
             subnet=ipaddress.IPv4Network(data["subnet"]),
             nats_port=int(data["nats_port"]),
+            allow_faults=bool(data.get("allow_faults", False)),
         )
 
 

@@ -25,6 +25,12 @@ class Message(BaseModel):
         return cls.model_validate_json(data)
 
 
+class Part(BaseModel):
+    """A frozen piece of a message (versioned with the message that holds it)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
 class ErrorDetail(BaseModel):
     """Why a request was refused or failed: which field, and whether a retry could help."""
 

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message
+from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message, Part
 
 ContainerNameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 HostNameStr = Annotated[str, StringConstraints(pattern=HOST_PATTERN)]
@@ -64,7 +64,7 @@ class ListContainers(Message):
     """Ask a host which containers its runtime knows."""
 
 
-class RuntimeContainer(Message):
+class RuntimeContainer(Part):
     """One container as the host's runc reports it."""
 
     name: str

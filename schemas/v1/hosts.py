@@ -6,13 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.v1.base import Message
+from schemas.v1.base import Message, Part
 
 WorkerRole = Literal["source", "transfer", "destination", "cleanup"]
 WORKER_ROLES: tuple[WorkerRole, ...] = ("source", "transfer", "destination", "cleanup")
 
 
-class WorkerStatus(Message):
+class WorkerStatus(Part):
     """One supervised worker as its host agent sees it."""
 
     role: WorkerRole

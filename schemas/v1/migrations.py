@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from schemas.v1.base import Message
+from schemas.v1.base import Message, Part
 from schemas.v1.containers import ContainerNameStr, HostNameStr
 
 Strategy = Literal["stop-and-copy", "post-copy", "pre-copy", "auto"]
@@ -18,6 +18,8 @@ StepKind = Literal["forward", "compensation"]
 StepStatus = Literal["pending", "running", "done", "failed", "compensated", "skipped"]
 MigrationState = Literal["running", "compensating", "completed", "rolled_back", "failed"]
 Fact = str | int | float | bool | None
+FaultPoint = Literal["restore"]
+FAULT_POINTS: tuple[FaultPoint, ...] = ("restore",)
 
 
 class MigrationRequest(Message):
@@ -29,6 +31,11 @@ class MigrationRequest(Message):
         default=None, description="if given, the host the container must be on now"
     )
     strategy: Strategy = "stop-and-copy"
+    inject_fault: FaultPoint | None = Field(
+        default=None,
+        description="test only: make this step fail for real; refused unless the hosts"
+        " run with FERRY_ALLOW_FAULTS=1 (`ferry lab up --allow-faults`)",
+    )
 
 
 class MigrationAccepted(Message):
@@ -37,12 +44,12 @@ class MigrationAccepted(Message):
     id: str
 
 
-class StrategyChoice(Message):
+class StrategyChoice(Part):
     chosen: Strategy
     reason: str
 
 
-class StepRecord(Message):
+class StepRecord(Part):
     """One forward step or compensation as it happened."""
 
     name: str

@@ -14,7 +14,7 @@ from services.cli.context import lab_layout, say
 
 def lab_up(args: argparse.Namespace) -> int:
     layout = lab_layout()
-    spec = lab.up(layout, args.hosts, say)
+    spec = lab.up(layout, args.hosts, say, allow_faults=args.allow_faults)
     say(f"lab {layout.lab} is up: {', '.join(spec.hosts)} on {spec.subnet}")
     return 0
 

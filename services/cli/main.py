@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from schemas.v1.migrations import FAULT_POINTS
 from services.cli import container_commands, lab_commands, migrate_commands
 from services.cli.errors import EXIT_REJECTED, exit_code, one_line
 from services.errors import FerryError
@@ -42,6 +43,11 @@ def build_parser() -> Parser:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=Parser)
     up = lab_sub.add_parser("up", help="start NATS and N hosts with their workers")
     up.add_argument("--hosts", type=positive_int, required=True, help="number of hosts, h1..hN")
+    up.add_argument(
+        "--allow-faults",
+        action="store_true",
+        help="accept `ferry migrate --inject-fault` (test labs only)",
+    )
     up.set_defaults(run=lab_commands.lab_up)
     down = lab_sub.add_parser("down", help="stop and remove everything the lab made")
     down.set_defaults(run=lab_commands.lab_down)
@@ -72,6 +78,11 @@ def build_parser() -> Parser:
         "--strategy",
         choices=["stop-and-copy", "post-copy", "pre-copy", "auto"],
         default="stop-and-copy",
+    )
+    migrate.add_argument(
+        "--inject-fault",
+        choices=list(FAULT_POINTS),
+        help="test only: make this step fail for real (lab started with --allow-faults)",
     )
     migrate.add_argument("--json", action="store_true")
     migrate.set_defaults(run=migrate_commands.migrate)

@@ -127,6 +127,8 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
         "destination": args.to,
         "strategy": args.strategy,
     }
+    if args.inject_fault:
+        payload["inject_fault"] = args.inject_fault
     async with connected(lab) as nc:
         migration_id = await submit(nc, payload)
         say(f"migration {migration_id} accepted")

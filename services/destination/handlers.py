@@ -31,7 +31,12 @@ async def restore(
 ) -> StepOutcome:
     """Restore behind a held network: it runs, but no client can reach it yet."""
     placement = await placement_of(cmd, placements)
-    facts = await host.restore(placement, cmd.migration_id, fact_float(cmd, "frozen_at"))
+    facts = await host.restore(
+        placement,
+        cmd.migration_id,
+        fact_float(cmd, "frozen_at"),
+        sabotage=cmd.facts.get("inject_fault") == "restore",
+    )
     await progress(f"{cmd.container} restored, network held until the commit", None, None)
     return StepOutcome(facts=dict(facts))
 

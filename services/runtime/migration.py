@@ -208,7 +208,7 @@ class MigrationHost:
         return {"page_server": f"{self.config.address}:{port}"}
 
     async def restore(
-        self, placement: Placement, migration_id: str, frozen_at: float
+        self, placement: Placement, migration_id: str, frozen_at: float, *, sabotage: bool = False
     ) -> dict[str, int | float]:
         name = placement.name
         paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
@@ -245,6 +245,9 @@ class MigrationHost:
         # Hold first, then link up, then restore: no packet reaches it before the commit.
         await netlock.hold(cpaths.netns)
         await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
+        if sabotage:
+            # Test-only fault: a damaged image makes the real CRIU restore fail.
+            (paths.images / "inventory.img").write_bytes(b"ferry: injected fault\n")
         await self._restore(name, paths, cpaths)
         running_at = time.time()
         stats = criu.load_stats(paths.images / "stats-restore")
