@@ -48,3 +48,50 @@ def wait_until_serving(ip: str, port: int = PORT, timeout: float = 15.0) -> dict
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def build_binary_rootfs(target: Path, binaries: list[Path]) -> Path:
+    """A root filesystem holding host binaries and the shared libraries they load."""
+    build_rootfs(target)
+    for binary in binaries:
+        for path in [binary, *_shared_libraries(binary)]:
+            real = path.resolve()
+            dest = target / str(path).lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not dest.exists():
+                shutil.copy2(real, dest)
+    (target / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    return target
+
+
+REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_ARGS = [
+    str(REDIS_SERVER), "--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no",
+    # Nothing may come back from disk: the state that survives a move is in memory.
+    "--appendonly", "no", "--save", "",
+]  # fmt: skip
+
+
+def build_redis_rootfs(target: Path) -> Path:
+    """Debian's redis-server with its libraries, plus busybox and memapp."""
+    return build_binary_rootfs(target, [REDIS_SERVER])
+
+
+def query_udp(ip: str, port: int = PORT + 1, timeout: float = 5.0) -> dict[str, Any]:
+    """One datagram to the workload's UDP port, and its answer."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(b"\n", (ip, port))
+        data, _ = s.recvfrom(4096)
+        return dict(json.loads(data))
