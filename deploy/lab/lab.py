@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deploy.lab import kernel
+from deploy.lab import segments as segments_net
 from deploy.lab.layout import (
     CONTAINER_POOL,
     HOST_STATE_MOUNT,
@@ -71,13 +72,15 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def plan(layout: LabLayout, count: int, allow_faults: bool = False) -> LabSpec:
+def plan(layout: LabLayout, count: int, allow_faults: bool = False, segments: int = 1) -> LabSpec:
     """Pick a subnet no route uses yet and a free NATS port, for a new lab."""
     taken = set(kernel.routed_networks())
     for other in LABS_ROOT.glob("*/lab.json") if LABS_ROOT.exists() else []:
         with contextlib.suppress(Exception):
             taken.add(str(LabSpec.from_json(other.read_text()).subnet))
-    subnet = next(s for s in candidate_subnets(layout.lab) if str(s) not in taken)
+    free = (s for s in candidate_subnets(layout.lab) if str(s) not in taken)
+    subnet = next(free)
+    extra = [next(free) for _ in range(segments + 1)] if segments > 1 else []
     port = next(p for p in candidate_ports(layout.lab) if _port_free(p))
     return LabSpec(
         lab=layout.lab,
@@ -85,12 +88,21 @@ def plan(layout: LabLayout, count: int, allow_faults: bool = False) -> LabSpec:
         subnet=subnet,
         nats_port=port,
         allow_faults=allow_faults,
+        segment_subnets=tuple(extra[1:]),
+        core_subnet=extra[0] if extra else None,
     )
 
 
-def up(layout: LabLayout, count: int, say: Say, *, allow_faults: bool = False) -> LabSpec:
+def up(
+    layout: LabLayout, count: int, say: Say, *, allow_faults: bool = False, segments: int = 1
+) -> LabSpec:
     if not 1 <= count <= MAX_HOSTS:
         raise InvalidInput(f"must be between 1 and {MAX_HOSTS}, not {count}", field="--hosts")
+    if not 1 <= segments <= count:
+        raise InvalidInput(
+            f"must be between 1 and the number of hosts ({count}), not {segments}",
+            field="--segments",
+        )
     with locked(layout):
         spec = read_spec(layout)
         if spec is not None and len(spec.hosts) != count:
@@ -106,17 +118,29 @@ def up(layout: LabLayout, count: int, say: Say, *, allow_faults: bool = False) -
                 " run `ferry lab down` first to change it",
                 field="--allow-faults",
             )
+        if spec is not None and spec.segments != segments:
+            raise Conflict(
+                f"lab {layout.lab!r} is up with {spec.segments} segment(s);"
+                " run `ferry lab down` first to change it",
+                field="--segments",
+            )
         if spec is None:
-            spec = plan(layout, count, allow_faults)
+            spec = plan(layout, count, allow_faults, segments)
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(f"lab {layout.lab}: datacenter {spec.subnet}, NATS on {spec.nats_url}")
-        _ensure_bridge(layout, spec)
+        if spec.segmented:
+            segments_net.ensure_router(layout, spec)
+        else:
+            _ensure_bridge(layout, spec)
         _ensure_nats(layout, spec, say)
         asyncio.run(_ensure_topology(spec))
         HOST_STATE_MOUNT.mkdir(parents=True, exist_ok=True)
         for host in spec.hosts:
-            _ensure_host_network(layout, spec, host)
+            if spec.segmented:
+                segments_net.ensure_host(layout, spec, host)
+            else:
+                _ensure_host_network(layout, spec, host)
             _ensure_host_mounts(layout, host)
             _ensure_agent(layout, spec, host, say)
     asyncio.run(wait_ready(spec, say))
@@ -149,7 +173,7 @@ def _ensure_nats(layout: LabLayout, spec: LabSpec, say: Say) -> None:
     conf = layout.nats_dir / "nats.conf"
     conf.write_text(
         f'server_name: "{layout.lab}-nats"\n'
-        f'listen: "{spec.gateway}:{spec.nats_port}"\n'
+        f'listen: "{spec.nats_address}:{spec.nats_port}"\n'
         f'pid_file: "{layout.nats_dir / "nats.pid"}"\n'
         "max_payload: 8MB\n"
         f'jetstream {{ store_dir: "{layout.nats_dir / "store"}" }}\n'
@@ -166,9 +190,9 @@ def _ensure_nats(layout: LabLayout, spec: LabSpec, say: Say) -> None:
     while time.monotonic() < deadline:
         with (
             contextlib.suppress(OSError),
-            socket.create_connection((spec.gateway, spec.nats_port), 0.2),
+            socket.create_connection((spec.nats_address, spec.nats_port), 0.2),
         ):
-            say(f"nats-server up on {spec.gateway}:{spec.nats_port}")
+            say(f"nats-server up on {spec.nats_address}:{spec.nats_port}")
             return
         time.sleep(0.05)
     tail = (layout.nats_dir / "nats.log").read_text()[-500:]

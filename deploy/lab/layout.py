@@ -109,6 +109,24 @@ class LabLayout:
     def cgroup_parent(self, host: str) -> str:
         return f"/{self.cgroup_name}/{host}"
 
+    @property
+    def router_netns(self) -> str:
+        return f"{self.lab}-rt"
+
+    @property
+    def gateway_netns(self) -> str:
+        """The overlay's gateway: one uplink, so the kernel's VXLAN route cache never goes
+        stale when a container's MAC moves between endpoints on different segments."""
+        return f"{self.lab}-gw"
+
+    @property
+    def core_link(self) -> str:
+        """The root namespace's link to the router (segmented labs)."""
+        return f"{self.lab}-core"
+
+    def segment_bridge(self, segment: int) -> str:
+        return f"{self.lab}-s{segment}"
+
 
 @dataclass(frozen=True)
 class LabSpec:
@@ -119,18 +137,70 @@ class LabSpec:
     subnet: ipaddress.IPv4Network
     nats_port: int
     allow_faults: bool = False
+    # Segmented labs: each segment is its own routed network; containers keep their
+    # addresses on `subnet`, carried between hosts by a VXLAN overlay.
+    segment_subnets: tuple[ipaddress.IPv4Network, ...] = ()
+    core_subnet: ipaddress.IPv4Network | None = None
+
+    @property
+    def segments(self) -> int:
+        return max(1, len(self.segment_subnets))
+
+    @property
+    def segmented(self) -> bool:
+        return self.segments > 1
 
     @property
     def gateway(self) -> str:
+        """The containers' default gateway (the router's overlay address when segmented)."""
         return str(self.subnet.network_address + 1)
 
     @property
+    def nats_address(self) -> str:
+        if self.core_subnet is not None:
+            return str(self.core_subnet.network_address + 1)
+        return self.gateway
+
+    @property
+    def router_core_address(self) -> str:
+        assert self.core_subnet is not None
+        return str(self.core_subnet.network_address + 2)
+
+    @property
+    def router_gw_address(self) -> str:
+        """Router end of the router-gateway link (the core /24's second /30)."""
+        assert self.core_subnet is not None
+        return str(self.core_subnet.network_address + 5)
+
+    @property
+    def vtep_gateway_address(self) -> str:
+        assert self.core_subnet is not None
+        return str(self.core_subnet.network_address + 6)
+
+    @property
     def nats_url(self) -> str:
-        return f"nats://{self.gateway}:{self.nats_port}"
+        return f"nats://{self.nats_address}:{self.nats_port}"
+
+    @property
+    def vni(self) -> int:
+        return 1000 + lab_hash(self.lab) % 10000
+
+    def segment_of(self, host: str) -> int:
+        """Hosts are spread over the segments in turn: h1 -> 1, h2 -> 2, …"""
+        return self.hosts.index(host) % self.segments + 1
+
+    def segment_gateway(self, segment: int) -> str:
+        return str(self.segment_subnets[segment - 1].network_address + 1)
 
     def address(self, host: str) -> str:
         index = self.hosts.index(host) + 1
+        if self.segmented:
+            net = self.segment_subnets[self.segment_of(host) - 1]
+            return str(net.network_address + FIRST_HOST_OFFSET + index)
         return str(self.subnet.network_address + FIRST_HOST_OFFSET + index)
+
+    def host_gateway(self, host: str) -> str:
+        return self.segment_gateway(self.segment_of(host)) if self.segmented else self.gateway
 
     def bridge_mac(self) -> str:
         b = self.subnet.network_address.packed
@@ -148,6 +218,8 @@ class LabSpec:
                 "subnet": str(self.subnet),
                 "nats_port": self.nats_port,
                 "allow_faults": self.allow_faults,
+                "segment_subnets": [str(s) for s in self.segment_subnets],
+                "core_subnet": str(self.core_subnet) if self.core_subnet else None,
             },
             indent=2,
         )
@@ -161,6 +233,12 @@ class LabSpec:
             subnet=ipaddress.IPv4Network(data["subnet"]),
             nats_port=int(data["nats_port"]),
             allow_faults=bool(data.get("allow_faults", False)),
+            segment_subnets=tuple(
+                ipaddress.IPv4Network(s) for s in data.get("segment_subnets") or []
+            ),
+            core_subnet=ipaddress.IPv4Network(data["core_subnet"])
+            if data.get("core_subnet")
+            else None,
         )
 
 

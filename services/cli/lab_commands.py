@@ -14,8 +14,13 @@ from services.cli.context import lab_layout, say
 
 def lab_up(args: argparse.Namespace) -> int:
     layout = lab_layout()
-    spec = lab.up(layout, args.hosts, say, allow_faults=args.allow_faults)
-    say(f"lab {layout.lab} is up: {', '.join(spec.hosts)} on {spec.subnet}")
+    spec = lab.up(layout, args.hosts, say, allow_faults=args.allow_faults, segments=args.segments)
+    where = (
+        f"{spec.segments} segments joined by a router, containers on {spec.subnet}"
+        if spec.segmented
+        else str(spec.subnet)
+    )
+    say(f"lab {layout.lab} is up: {', '.join(spec.hosts)} on {where}")
     return 0
 
 
@@ -40,6 +45,7 @@ def hosts(args: argparse.Namespace) -> int:
                     "runc_root": str(layout.runc_root(host)),
                     "state_dir": str(layout.state_dir(host)),
                     "health": "ok" if beat else "down",
+                    "segment": spec.segment_of(host),
                     "workers": {w.role: w.pid for w in beat.workers} if beat else {},
                 }
             )

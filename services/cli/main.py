@@ -44,6 +44,12 @@ def build_parser() -> Parser:
     up = lab_sub.add_parser("up", help="start NATS and N hosts with their workers")
     up.add_argument("--hosts", type=positive_int, required=True, help="number of hosts, h1..hN")
     up.add_argument(
+        "--segments",
+        type=positive_int,
+        default=1,
+        help="spread the hosts over K routed segments joined by a router (default 1)",
+    )
+    up.add_argument(
         "--allow-faults",
         action="store_true",
         help="accept `ferry migrate --inject-fault` (test labs only)",
