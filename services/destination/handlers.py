@@ -71,8 +71,13 @@ async def open_network(
     cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
 ) -> StepOutcome:
     placement = await placement_of(cmd, placements)
-    await host.open_network(placement, cmd.migration_id)
-    await progress(f"{cmd.container} serves clients at {placement.ip}", None, None)
+    announced = await host.open_network(placement, cmd.migration_id)
+    await progress(
+        f"{cmd.container} serves clients at {placement.ip};"
+        f" announced {', '.join(announced) or 'nothing'} (gratuitous ARP, IPv6 NA)",
+        None,
+        None,
+    )
     return StepOutcome()
 
 

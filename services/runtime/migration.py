@@ -314,26 +314,26 @@ class MigrationHost:
                 raise RuntimeFailure(f"{placement.name} does not accept connections on port {port}")
         return {"restored_pid": state.pid}
 
-    async def open_network(self, placement: Placement, migration_id: str) -> None:
-        """Let clients in, and tell the switches where the container's MAC lives now."""
+    async def open_network(self, placement: Placement, migration_id: str) -> list[str]:
+        """Let clients in, and tell neighbours where the container's MAC lives now:
+        a gratuitous ARP for its IPv4 address, unsolicited neighbour advertisements
+        for its IPv6 addresses. Returns the addresses announced."""
         netns_path = self.cpaths(placement.name).netns
         await netlock.release(netns_path)
-        await arun(
-            [
-                "nsenter",
-                f"--net={netns_path}",
-                "busybox",
-                "arping",
-                "-U",
-                "-c",
-                "1",
-                "-I",
-                "eth0",
-                placement.ip,
-            ],
-            check=False,
+        inside = ["nsenter", f"--net={netns_path}"]
+        garp = ["busybox", "arping", "-U", "-c", "1", "-I", "eth0", placement.ip]
+        announced = (
+            [placement.ip] if (await arun([*inside, *garp], check=False)).returncode == 0 else []
         )
+        ndp = await arun(
+            [*inside, sys.executable, "-m", "services.runtime.ndp", "eth0"], check=False
+        )
+        if ndp.returncode == 0:
+            announced += ndp.stdout.split()
+        else:
+            log.warning("IPv6 neighbour advertisement failed: %s", ndp.stderr.strip())
         shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
+        return announced
 
     async def stop_restored(self, name: str) -> None:
         """The destination copy goes away (before the commit only)."""

@@ -65,6 +65,10 @@ async def create(net: ContainerNetwork, bridge: str, *, link_up: bool = True) ->
         await arun(["ip", "link", "set", net.host_veth, "up"])
     await arun([*ns, "ip", "link", "set", "lo", "up"])
     await arun([*ns, "ip", "link", "set", "eth0", "address", net.mac])
+    # The same MAC, hence the same IPv6 link-local address, exists on two hosts during a
+    # move by design: skip duplicate address detection, which would also hold the address
+    # tentative (unusable as a source) for a second after every move.
+    await arun([*ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"], check=False)
     await arun([*ns, "ip", "addr", "add", f"{net.ip}/{net.prefix_len}", "dev", "eth0"])
     await arun([*ns, "ip", "link", "set", "eth0", "up"])
     await arun([*ns, "ip", "route", "add", "default", "via", net.gateway])

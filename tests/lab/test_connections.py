@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -138,6 +139,18 @@ def test_udp_unix_and_held_tcp_sockets_survive(lab2: str, rootfs: Path) -> None:
     for destination in ("h2", "h1"):
         moved = ferry(lab2, "migrate", "sockets", "--to", destination, "--json", timeout=300)
         assert moved.code == 0, moved.stderr
+        # Neighbours were told: a gratuitous ARP for the IPv4 address, an unsolicited
+        # neighbour advertisement for the IPv6 link-local address.
+        announced = next(line for line in moved.stderr.splitlines() if "announced" in line)
+        assert ip in announced and "fe80::" in announced
+        link_local = next(w for w in announced.replace(",", " ").split() if w.startswith("fe80::"))
+        other = "h1" if destination == "h2" else "h2"
+        ping6 = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{lab2}-{other}", "busybox", "ping", "-6", "-c1",
+             "-W3", f"{link_local}%br0"],
+            capture_output=True,
+        )  # fmt: skip
+        assert ping6.returncode == 0, f"{link_local} unreachable over IPv6 from {other}"
 
     # The connection opened before the moves answers on the same socket.
     held_file.write(b"\n")

@@ -129,6 +129,11 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     signal(SIGCHLD, SIG_IGN);
 
+    /* Fork the unix-socket child first, so it shares no copy-on-write buffer pages. */
+    if (start_unix_pair() < 0 || unix_conn < 0) {
+        perror("unix pair");
+        return 1;
+    }
     if (getrandom(&token, sizeof token, 0) != sizeof token) {
         perror("getrandom");
         return 1;
@@ -160,11 +165,6 @@ int main(int argc, char **argv) {
         perror("bind udp");
         return 1;
     }
-    if (start_unix_pair() < 0 || unix_conn < 0) {
-        perror("unix pair");
-        return 1;
-    }
-
     struct pollfd fds[MAX_CLIENTS + 2];
     int nfds = 2;
     fds[0] = (struct pollfd){.fd = listener, .events = POLLIN};
