@@ -58,3 +58,12 @@ def event_subject(migration_id: str) -> str:
 def command_msg_id(migration_id: str, kind: str, step: str, attempt: int) -> str:
     """Nats-Msg-Id of a step command: a re-publish after a crash is dropped as a duplicate."""
     return f"{migration_id}.{kind}.{step}.{attempt}"
+
+
+# Traces: finished spans, one subject per trace.
+SPANS_STREAM = "FERRY_SPANS"
+SPANS_MAX_AGE_S = 7 * 24 * 3600.0
+
+
+def span_subject(trace_id: str) -> str:
+    return f"{PREFIX}.spans.{trace_id}"

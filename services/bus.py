@@ -60,6 +60,13 @@ STREAMS = (
         storage=StorageType.FILE,
         max_age=subjects.EVENTS_MAX_AGE_S,
     ),
+    StreamConfig(
+        name=subjects.SPANS_STREAM,
+        subjects=[f"{subjects.PREFIX}.spans.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=subjects.SPANS_MAX_AGE_S,
+    ),
 )
 
 # A crashed worker's command comes back after the first backoff; a live worker sends

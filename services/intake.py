@@ -12,6 +12,7 @@ import time
 import uuid
 
 from nats.js import JetStreamContext
+from opentelemetry import propagate
 from pydantic import ValidationError
 
 from schemas.v1.migrations import (
@@ -21,7 +22,7 @@ from schemas.v1.migrations import (
     MigrationRequest,
     StrategyChoice,
 )
-from services import bus
+from services import bus, tracing
 from services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga_publish import publish_decision
@@ -110,13 +111,27 @@ class Intake:
             )
 
         migration_id = uuid.uuid4().hex[:16]
-        # The placement is the container's lock: once it says "migrating", a second
-        # request is refused, and no other host may start it.
-        await self.placements.update(
-            placement.model_copy(update={"state": "migrating", "migration_id": migration_id}),
-            revision,
-        )
+        # The root span's ids are reserved here; the worker that ends the saga records it.
         trace_id, traceparent = new_traceparent()
+        with tracing.tracer().start_as_current_span(
+            "intake",
+            context=propagate.extract({"traceparent": traceparent}),
+            attributes={
+                "ferry.migration_id": migration_id,
+                "ferry.container": request.container,
+                "ferry.source": placement.host,
+                "ferry.destination": request.destination,
+                "ferry.strategy": request.strategy,
+                "ferry.strategy_reason": "requested",
+                "ferry.host": os.environ.get("FERRY_HOST", ""),
+            },
+        ):
+            # The placement is the container's lock: once it says "migrating", a second
+            # request is refused, and no other host may start it.
+            await self.placements.update(
+                placement.model_copy(update={"state": "migrating", "migration_id": migration_id}),
+                revision,
+            )
         now = time.time()
         definition = DEFINITIONS[request.strategy]
         record = MigrationRecord(

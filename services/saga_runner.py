@@ -15,11 +15,13 @@ import time
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, StatusCode
 from pydantic import ValidationError
 
 from schemas import subjects
 from schemas.v1.migrations import MigrationRecord, StepCommand, StepProgress
-from services import bus
+from services import bus, tracing
 from services.errors import Conflict, FerryError
 from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.saga_publish import publish_decision
@@ -111,18 +113,40 @@ class SagaRunner:
             await msg.ack()
             return
         handler = self.handlers.get(command.step)
-        if handler is None:
-            outcome_or_error: StepOutcome | StepError = StepError(
-                f"{self.ctx.role} worker on {self.ctx.config.host}"
-                f" has no handler for {command.step}",
-                retryable=False,
-            )
-        else:
-            outcome_or_error = await self._run_handler(msg, command, handler, definition)
-        decision = await self._advance(migrations, command, outcome_or_error)
-        await publish_decision(self.ctx.js, definition, decision)
+        parent = propagate.extract(dict(msg.headers or {}))
+        label = "compensate" if command.kind == "compensation" else "step"
+        with tracing.tracer().start_as_current_span(
+            f"{label} {command.step}",
+            context=parent,
+            attributes={
+                "ferry.migration_id": command.migration_id,
+                "ferry.container": command.container,
+                "ferry.source": command.source,
+                "ferry.destination": command.destination,
+                "ferry.host": self.ctx.config.host,
+                "ferry.role": self.ctx.role,
+                "ferry.step": command.step,
+                "ferry.step_kind": command.kind,
+                "ferry.attempt": command.attempt,
+                "ferry.strategy": record.strategy.chosen,
+            },
+        ) as span:
+            if handler is None:
+                outcome_or_error: StepOutcome | StepError = StepError(
+                    f"{self.ctx.role} worker on {self.ctx.config.host}"
+                    f" has no handler for {command.step}",
+                    retryable=False,
+                )
+            else:
+                outcome_or_error = await self._run_handler(msg, command, handler, definition)
+            decision = await self._advance(migrations, command, outcome_or_error)
+            _annotate(span, outcome_or_error, decision)
         if decision.finished and decision.changed:
+            tracing.emit_root_span(self.ctx.telemetry, decision.record)
             await self._release_placement(placements, decision.record)
+            # The trace is complete in the span stream before anyone hears the end.
+            await self.ctx.telemetry.flush()
+        await publish_decision(self.ctx.js, definition, decision)
         await msg.ack()
 
     async def _run_handler(
@@ -132,7 +156,10 @@ class SagaRunner:
         try:
             wait = command.not_before - time.time()
             if wait > 0:
-                await asyncio.sleep(wait)
+                with tracing.tracer().start_as_current_span(
+                    "retry backoff", attributes={"ferry.wait_s": round(wait, 3)}
+                ):
+                    await asyncio.sleep(wait)
             timeout = (
                 definition.step(command.step).timeout_s
                 if command.kind == "forward"
@@ -164,6 +191,11 @@ class SagaRunner:
             return await asyncio.wait_for(handler(command, progress), timeout)
         except FerryError as exc:
             log.warning("%s failed: %s", command.step, exc.reason)
+            span = trace.get_current_span()
+            span.set_attribute("error.type", type(exc).__name__)
+            tail = getattr(exc, "log_tail", "")
+            if tail:
+                span.add_event("criu.log", {"lines": tail.splitlines()[-20:]})
             return StepError(exc.reason, exc.retryable)
         except TimeoutError:
             return StepError(f"{command.step} timed out", retryable=True)
@@ -232,3 +264,22 @@ class SagaRunner:
                 return
             except Conflict:
                 continue
+
+
+def _annotate(span: Span, outcome: StepOutcome | StepError, decision: Decision) -> None:
+    """What SREs look for on a step's span: how it ended, what it moved, what CRIU said."""
+    if isinstance(outcome, StepError):
+        span.set_status(StatusCode.ERROR, outcome.reason)
+        span.set_attribute("ferry.error", outcome.reason)
+        span.set_attribute("ferry.retryable", outcome.retryable)
+        will_retry = (
+            any(c.attempt > 1 for c in decision.commands) and decision.record.state == "running"
+        )
+        span.set_attribute("ferry.will_retry", will_retry)
+        return
+    span.set_status(StatusCode.OK)
+    if outcome.bytes_moved:
+        span.set_attribute("ferry.bytes", outcome.bytes_moved)
+    for key, value in outcome.facts.items():
+        if isinstance(value, str | int | float | bool):
+            span.set_attribute(f"ferry.{key}", value)

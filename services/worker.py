@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 
 from schemas import subjects
 from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
-from services import bus
+from services import bus, tracing
 from services.config import HostConfig
 from services.errors import FerryError
 from services.kvstores import KvAddressPool, KvHostDirectory, KvPlacementStore, ObjectStoreLayers
@@ -39,6 +39,7 @@ class WorkerContext:
     migration: MigrationHost
     placements: KvPlacementStore
     directory: KvHostDirectory
+    telemetry: tracing.Telemetry
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -90,9 +91,11 @@ async def _heartbeat(ctx: WorkerContext) -> None:
 async def run_worker(role: WorkerRole, register: Register) -> None:
     config = HostConfig.from_env()
     setup_logging(role, config.host)
+    telemetry = tracing.setup(f"ferry-{role}", config.host)
     nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-{role}")
     js = nc.jetstream()
     await bus.ensure_topology(js)
+    telemetry.publish_spans_on(js)
     placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
     containers = HostContainers(
         config,
@@ -112,6 +115,7 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
         migration=MigrationHost(config, containers),
         placements=placements,
         directory=directory,
+        telemetry=telemetry,
     )
     await register(ctx)
     log.info("%s worker ready on %s", role, config.host)
@@ -126,6 +130,8 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     beating.cancel()
     for task in ctx.background:
         task.cancel()
+    await telemetry.flush()
+    telemetry.shutdown()
     await nc.drain()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import os
 import shutil
 import socket
@@ -72,14 +73,22 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def plan(layout: LabLayout, count: int, allow_faults: bool = False, segments: int = 1) -> LabSpec:
+def plan(
+    layout: LabLayout,
+    count: int,
+    allow_faults: bool = False,
+    segments: int = 1,
+    subnet: ipaddress.IPv4Network | None = None,
+) -> LabSpec:
     """Pick a subnet no route uses yet and a free NATS port, for a new lab."""
     taken = set(kernel.routed_networks())
     for other in LABS_ROOT.glob("*/lab.json") if LABS_ROOT.exists() else []:
         with contextlib.suppress(Exception):
             taken.add(str(LabSpec.from_json(other.read_text()).subnet))
-    free = (s for s in candidate_subnets(layout.lab) if str(s) not in taken)
-    subnet = next(free)
+    if subnet is not None and str(subnet) in taken:
+        raise Conflict(f"{subnet} is already routed on this machine", field="--subnet")
+    free = (s for s in candidate_subnets(layout.lab) if str(s) not in taken and s != subnet)
+    subnet = subnet or next(free)
     extra = [next(free) for _ in range(segments + 1)] if segments > 1 else []
     port = next(p for p in candidate_ports(layout.lab) if _port_free(p))
     return LabSpec(
@@ -93,9 +102,27 @@ def plan(layout: LabLayout, count: int, allow_faults: bool = False, segments: in
     )
 
 
+def parse_subnet(text: str) -> ipaddress.IPv4Network:
+    """A lab's container/datacenter network: a private IPv4 /24."""
+    try:
+        net = ipaddress.IPv4Network(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{text!r} is not an IPv4 network: {exc}", field="--subnet") from exc
+    if net.prefixlen != 24 or not net.is_private:
+        raise InvalidInput(f"{text} must be a private /24", field="--subnet")
+    return net
+
+
 def up(
-    layout: LabLayout, count: int, say: Say, *, allow_faults: bool = False, segments: int = 1
+    layout: LabLayout,
+    count: int,
+    say: Say,
+    *,
+    allow_faults: bool = False,
+    segments: int = 1,
+    subnet: str | None = None,
 ) -> LabSpec:
+    wanted = parse_subnet(subnet) if subnet else None
     if not 1 <= count <= MAX_HOSTS:
         raise InvalidInput(f"must be between 1 and {MAX_HOSTS}, not {count}", field="--hosts")
     if not 1 <= segments <= count:
@@ -124,8 +151,13 @@ def up(
                 " run `ferry lab down` first to change it",
                 field="--segments",
             )
+        if spec is not None and wanted is not None and spec.subnet != wanted:
+            raise Conflict(
+                f"lab {layout.lab!r} is up on {spec.subnet}; run `ferry lab down` first",
+                field="--subnet",
+            )
         if spec is None:
-            spec = plan(layout, count, allow_faults, segments)
+            spec = plan(layout, count, allow_faults, segments, wanted)
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(f"lab {layout.lab}: datacenter {spec.subnet}, NATS on {spec.nats_url}")

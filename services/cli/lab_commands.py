@@ -14,7 +14,14 @@ from services.cli.context import lab_layout, say
 
 def lab_up(args: argparse.Namespace) -> int:
     layout = lab_layout()
-    spec = lab.up(layout, args.hosts, say, allow_faults=args.allow_faults, segments=args.segments)
+    spec = lab.up(
+        layout,
+        args.hosts,
+        say,
+        allow_faults=args.allow_faults,
+        segments=args.segments,
+        subnet=args.subnet,
+    )
     where = (
         f"{spec.segments} segments joined by a router, containers on {spec.subnet}"
         if spec.segmented

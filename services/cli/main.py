@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from schemas.v1.migrations import FAULT_POINTS
-from services.cli import container_commands, lab_commands, migrate_commands
+from services.cli import container_commands, lab_commands, migrate_commands, trace_commands
 from services.cli.errors import EXIT_REJECTED, exit_code, one_line
 from services.errors import FerryError
 
@@ -48,6 +48,11 @@ def build_parser() -> Parser:
         type=positive_int,
         default=1,
         help="spread the hosts over K routed segments joined by a router (default 1)",
+    )
+    up.add_argument(
+        "--subnet",
+        metavar="CIDR",
+        help="the containers' private /24 (default: a free one derived from the lab's name)",
     )
     up.add_argument(
         "--allow-faults",
@@ -97,6 +102,12 @@ def build_parser() -> Parser:
     status.add_argument("id", nargs="?", metavar="ID")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=migrate_commands.status)
+
+    traced = sub.add_parser("trace", help="a migration's spans as a waterfall, or failed moves")
+    traced.add_argument("id", nargs="?", metavar="ID")
+    traced.add_argument("--failed", action="store_true", help="list recent failed migrations")
+    traced.add_argument("--json", action="store_true")
+    traced.set_defaults(run=trace_commands.trace)
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

@@ -85,11 +85,15 @@ def stop_page_server(images: Path) -> None:
         os.kill(int((images / "page-server.pid").read_text()), 9)
 
 
-def tail(log: Path, lines: int = 15) -> str:
+def tail(log: Path, lines: int = 12) -> str:
+    """What an SRE needs from a CRIU log: its errors and warnings, then its last lines."""
     try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        text = log.read_text(errors="replace").splitlines()
     except OSError:
         return f"(no {log.name})"
+    flagged = [line for line in text if "Error" in line or "Warn" in line][-lines:]
+    last = [line for line in text[-3:] if line not in flagged]
+    return "\n".join([f"{log.name}:", *flagged, *last])
 
 
 def load_stats(path: Path) -> dict[str, int]:

@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
+
 from schemas.v1.containers import Placement
 from services.config import HostConfig
 from services.errors import Conflict, RuntimeFailure
@@ -24,6 +27,8 @@ from services.runtime import bundle, criu, layers, netlock, netns, transfer
 from services.runtime.containers import ContainerPaths, HostContainers
 from services.runtime.proc import arun
 from services.runtime.runc import log_errors
+
+tracer = trace.get_tracer("ferry")
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class MigrationHost:
         if state is None or state.status != "running":
             raise RuntimeFailure(f"{name} is not running on {self.config.host}; refusing to dump")
         paths.images.mkdir(parents=True, exist_ok=True)
+        span = tracer.start_span("criu.dump", attributes={"ferry.page_server": page_server})
         frozen_at = time.time()
         proc = await asyncio.create_subprocess_exec(
             *self._runc(
@@ -119,10 +125,13 @@ class MigrationHost:
         dumped_at = time.time()
         if code != 0:
             errors = log_errors(paths.root / "runc.log")
-            raise RuntimeFailure(
+            failure = RuntimeFailure(
                 f"checkpoint of {name} failed: {errors[-1] if errors else f'exit {code}'}",
                 log_tail=criu.tail(paths.images / "dump.log"),
             )
+            _fail(span, failure)
+            span.end()
+            raise failure
         # The destination will answer for this MAC: take the source's port off the bridge.
         await arun(["ip", "link", "set", netns.host_veth_name(name), "down"], check=False)
         stats = criu.load_stats(paths.images / "stats-dump")
@@ -135,6 +144,11 @@ class MigrationHost:
             "criu_memdump_us": stats.get("memdump_time", 0),
             "criu_memwrite_us": stats.get("memwrite_time", 0),
         }
+        for key, value in facts.items():
+            span.set_attribute(f"criu.{key}", value)
+        span.set_attribute("ferry.page_bytes", int(facts["pages_written"]) * 4096)
+        span.set_attribute("criu.pages_scanned", stats.get("pages_scanned", 0))
+        span.end()
         done_marker.write_text(json.dumps(facts))
         return facts
 
@@ -148,9 +162,17 @@ class MigrationHost:
             transfer.Member(cpaths.root, "upper"),
             transfer.Member(cpaths.bundle, "config.json"),
         ]
-        return await transfer.push(
-            address, port, migration_id, "bundle", members, self.config.state_dir / "tmp"
-        )
+        with tracer.start_as_current_span(
+            "fs.sync", attributes={"ferry.peer": f"{address}:{port}"}
+        ) as span:
+            sent = await transfer.push(
+                address, port, migration_id, "bundle", members, self.config.state_dir / "tmp"
+            )
+            span.set_attribute("ferry.bytes", sent.bytes)
+            span.set_attribute("ferry.seconds", round(sent.seconds, 4))
+            span.set_attribute("ferry.rate_bps", round(sent.bytes / max(sent.seconds, 1e-6)))
+            span.set_attribute("ferry.sha256", sent.sha256)
+        return sent
 
     async def resume(self, placement: Placement, migration_id: str, peer: str, port: int) -> str:
         """Bring the container back on this host: untouched, thawed, or restored from its
@@ -176,9 +198,10 @@ class MigrationHost:
         ):
             raise RuntimeFailure(f"{name} is gone and no dump of it exists here: cannot resume")
         if not list(paths.images.glob("pages-*.img")):
-            await transfer.pull(
-                peer, port, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
-            )
+            with tracer.start_as_current_span("pages.fetch_back", attributes={"ferry.peer": peer}):
+                await transfer.pull(
+                    peer, port, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
+                )
         # CRIU's lock from the dump still holds the netns; its restore removes it at the end.
         await arun(["ip", "link", "set", veth, "up"], check=False)
         await self._restore(name, paths, cpaths)
@@ -203,7 +226,10 @@ class MigrationHost:
         if port_file.exists() and (paths.images / "page-server.pid").exists():
             return {"page_server": f"{self.config.address}:{port_file.read_text()}"}
         port = free_port(self.config.address)
-        await criu.start_page_server(paths.images, self.config.address, port)
+        with tracer.start_as_current_span(
+            "criu.page_server", attributes={"ferry.listen": f"{self.config.address}:{port}"}
+        ):
+            await criu.start_page_server(paths.images, self.config.address, port)
         port_file.write_text(str(port))
         return {"page_server": f"{self.config.address}:{port}"}
 
@@ -243,8 +269,9 @@ class MigrationHost:
         cpaths.bundle.mkdir(parents=True, exist_ok=True)
         (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
         # Hold first, then link up, then restore: no packet reaches it before the commit.
-        await netlock.hold(cpaths.netns)
-        await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
+        with tracer.start_as_current_span("network.hold"):
+            await netlock.hold(cpaths.netns)
+            await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
         if sabotage:
             # Test-only fault: a damaged image makes the real CRIU restore fail.
             (paths.images / "inventory.img").write_bytes(b"ferry: injected fault\n")
@@ -259,6 +286,17 @@ class MigrationHost:
         }
 
     async def _restore(self, name: str, paths: MigrationPaths, cpaths: ContainerPaths) -> None:
+        with tracer.start_as_current_span("criu.restore") as span:
+            try:
+                await self._runc_restore(name, paths, cpaths)
+            except RuntimeFailure as failure:
+                _fail(span, failure)
+                raise
+            stats = criu.load_stats(paths.images / "stats-restore")
+            span.set_attribute("criu.restore_time_us", stats.get("restore_time", 0))
+            span.set_attribute("criu.pages_restored", stats.get("pages_restored", 0))
+
+    async def _runc_restore(self, name: str, paths: MigrationPaths, cpaths: ContainerPaths) -> None:
         log_file = paths.root / "runc-restore.log"
         proc = await asyncio.create_subprocess_exec(
             *self._runc(
@@ -318,6 +356,13 @@ class MigrationHost:
         """Let clients in, and tell neighbours where the container's MAC lives now:
         a gratuitous ARP for its IPv4 address, unsolicited neighbour advertisements
         for its IPv6 addresses. Returns the addresses announced."""
+        with tracer.start_as_current_span("network.cutover") as span:
+            announced = await self._cut_over(placement)
+            span.set_attribute("ferry.announced", announced)
+        shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
+        return announced
+
+    async def _cut_over(self, placement: Placement) -> list[str]:
         netns_path = self.cpaths(placement.name).netns
         await netlock.release(netns_path)
         inside = ["nsenter", f"--net={netns_path}"]
@@ -332,7 +377,6 @@ class MigrationHost:
             announced += ndp.stdout.split()
         else:
             log.warning("IPv6 neighbour advertisement failed: %s", ndp.stderr.strip())
-        shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
         return announced
 
     async def stop_restored(self, name: str) -> None:
@@ -350,3 +394,12 @@ class MigrationHost:
         """After the commit: the stopped source copy's netns, veth, mounts and files go."""
         await self.containers.discard_local(name)
         shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
+
+
+def _fail(span: trace.Span, failure: RuntimeFailure) -> None:
+    """Mark a span failed, with CRIU's own last words as an event."""
+    span.set_status(StatusCode.ERROR, failure.reason)
+    span.set_attribute("error.type", type(failure).__name__)
+    span.set_attribute("ferry.retryable", failure.retryable)
+    if failure.log_tail:
+        span.add_event("criu.log", {"lines": failure.log_tail.splitlines()[-20:]})

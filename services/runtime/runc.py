@@ -113,5 +113,5 @@ def log_errors(log_file: Path) -> list[str]:
         except ValueError:
             continue
         if entry.get("level") in ("error", "fatal"):
-            found.append(str(entry.get("msg", "")))
+            found.append(" ".join(str(entry.get("msg", "")).split()))
     return found

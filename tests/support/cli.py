@@ -23,8 +23,14 @@ class Result:
         return json.loads(self.stdout)
 
 
-def ferry(lab: str, *args: str, timeout: float = 300.0, check: bool = False) -> Result:
-    env = {**os.environ, "FERRY_LAB": lab}
+def ferry(
+    lab: str,
+    *args: str,
+    timeout: float = 300.0,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+) -> Result:
+    env = {**os.environ, **(env or {}), "FERRY_LAB": lab}
     done = subprocess.run(
         [str(FERRY), *args],
         capture_output=True,
