@@ -24,6 +24,9 @@ from schemas.v1.containers import (
 )
 from schemas.v1.hosts import HostHeartbeat, HostRegistration, WorkerHeartbeat
 from schemas.v1.migrations import (
+    CancelAccepted,
+    CancelRequest,
+    DryRunReport,
     Event,
     MigrationAccepted,
     MigrationRecord,
@@ -35,6 +38,9 @@ OUT = Path(__file__).parent
 MODELS: dict[str, type[BaseModel]] = {
     "MigrationRequest": MigrationRequest,
     "MigrationAccepted": MigrationAccepted,
+    "DryRunReport": DryRunReport,
+    "CancelRequest": CancelRequest,
+    "CancelAccepted": CancelAccepted,
     "ErrorReply": ErrorReply,
     "MigrationRecord": MigrationRecord,
     "StepCommand": StepCommand,
@@ -86,7 +92,17 @@ def asyncapi() -> dict[str, Any]:
                 "messages": {
                     "request": _message("MigrationRequest", "Move a container"),
                     "accepted": _message("MigrationAccepted", "Accepted, with the migration id"),
+                    "dryRun": _message("DryRunReport", "With dry_run: the pre-flight checks"),
                     "rejected": _message("ErrorReply", "Refused: which field, and why"),
+                },
+            },
+            "migrationCancel": {
+                "address": subjects.MIGRATION_CANCEL,
+                "description": "Stop before the commit and roll back; refused after it.",
+                "messages": {
+                    "request": _message("CancelRequest", "Cancel a migration"),
+                    "accepted": _message("CancelAccepted", "It will stop at the next step"),
+                    "rejected": _message("ErrorReply", "Unknown, finished or past its commit"),
                 },
             },
             "migrationEvents": {

@@ -11,23 +11,31 @@ import os
 import time
 import uuid
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from opentelemetry import propagate
 from pydantic import ValidationError
 
+from schemas import subjects
 from schemas.v1.migrations import (
     BUILT_STRATEGIES,
+    CancelAccepted,
+    CancelRequest,
+    CheckResult,
+    DryRunReport,
+    HostCheck,
+    HostCheckReply,
     MigrationAccepted,
     MigrationRecord,
     MigrationRequest,
     StrategyChoice,
 )
 from services import bus, tracing
-from services.errors import Conflict, InvalidInput, NotFound, Unavailable
+from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavailable
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga_publish import publish_decision
 from services.tracecontext import new_traceparent
-from workflows.saga import begin
+from workflows.saga import begin, request_cancel
 from workflows.stop_and_copy import DEFINITIONS
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -65,22 +73,35 @@ def parse_request(data: bytes) -> MigrationRequest:
     return request
 
 
+async def _host_check(nc: NATS, host: str, check: HostCheck) -> HostCheckReply:
+    subject = subjects.host_request(host, f"{subjects.HOST_CHECK}.{check.side}")
+    try:
+        return await bus.request(
+            nc, subject, check, HostCheckReply, timeout=30, what=f"pre-flight on {host}"
+        )
+    except FerryError as exc:
+        failed = CheckResult(host=host, check="host answers", ok=False, detail=exc.reason)
+        return HostCheckReply(checks=(failed,))
+
+
 class Intake:
     """Turns a valid request into a running saga, or refuses it and changes nothing."""
 
     def __init__(
         self,
+        nc: NATS,
         js: JetStreamContext,
         placements: KvPlacementStore,
         migrations: KvMigrationStore,
         hosts: KvHostDirectory,
     ) -> None:
+        self.nc = nc
         self.js = js
         self.placements = placements
         self.migrations = migrations
         self.hosts = hosts
 
-    async def accept(self, data: bytes) -> MigrationAccepted:
+    async def accept(self, data: bytes) -> MigrationAccepted | DryRunReport:
         request = parse_request(data)
         found = await self.placements.get(request.container)
         if found is None:
@@ -109,6 +130,8 @@ class Intake:
                 f"{request.container} is {placement.state}{moving}; try again when it is running",
                 field="container",
             )
+        if request.dry_run:
+            return await self.dry_run(request, placement.host)
 
         migration_id = uuid.uuid4().hex[:16]
         # The root span's ids are reserved here; the worker that ends the saga records it.
@@ -151,3 +174,42 @@ class Intake:
         await self.migrations.create(decision.record)
         await publish_decision(self.js, definition, decision)
         return MigrationAccepted(id=migration_id)
+
+    async def dry_run(self, request: MigrationRequest, source: str) -> DryRunReport:
+        """Pre-flight only: ask both hosts whether they can play their part."""
+        on_source = await _host_check(
+            self.nc, source, HostCheck(container=request.container, side="source")
+        )
+        on_destination = await _host_check(
+            self.nc,
+            request.destination,
+            HostCheck(
+                container=request.container,
+                side="destination",
+                needed_bytes=on_source.memory_bytes,
+            ),
+        )
+        checks = on_source.checks + on_destination.checks
+        return DryRunReport(ok=all(c.ok for c in checks), checks=checks)
+
+    async def cancel(self, data: bytes) -> CancelAccepted:
+        """Ask a running migration to stop at its next step boundary and roll back."""
+        try:
+            request = CancelRequest.model_validate_json(data)
+        except ValidationError as exc:
+            raise bus.validation_error(exc) from exc
+        for _ in range(20):
+            found = await self.migrations.get(request.id)
+            if found is None:
+                raise NotFound(f"no migration {request.id!r}", field="id")
+            record, revision = found
+            try:
+                stopping = request_cancel(record, request.reason, time.time())
+            except ValueError as exc:
+                raise Conflict(f"cannot cancel: {exc}", field="id") from exc
+            try:
+                await self.migrations.update(stopping, revision)
+            except Conflict:
+                continue  # the saga moved on meanwhile: look again
+            return CancelAccepted(id=record.id, state="cancelling")
+        raise Conflict(f"migration {request.id} kept changing; try again", field="id")

@@ -292,6 +292,10 @@ def step_succeeded(
     )
     if entry.kind == "compensation":
         decision = _next_compensation(defn, record, now)
+    elif record.cancel_requested and not record.committed:
+        # Stopping at a step boundary: nothing runs concurrently with the compensations.
+        stopped = record.model_copy(update={"error": record.cancel_requested})
+        decision = _next_compensation(defn, stopped, now)
     else:
         decision = _next_forward(defn, record, entry.name, now)
     return Decision(decision.record, decision.commands, (finished_event, *decision.events))
@@ -342,6 +346,8 @@ def _next_compensation(defn: SagaDefinition, record: MigrationRecord, now: float
         return _start_entry(record.model_copy(update={"state": "compensating"}), entry, now)
     failed = next((s for s in record.steps if s.kind == "forward" and s.status == "failed"), None)
     reason = f"{failed.name} failed: {failed.error}" if failed else record.error
+    if record.cancel_requested and failed is None:
+        reason = f"cancelled: {record.cancel_requested}"
     return _finish(record, "rolled_back", now, reason)
 
 
@@ -403,8 +409,27 @@ def step_failed(
     return Decision(decision.record, decision.commands, (failed_event, *decision.events))
 
 
+def request_cancel(record: MigrationRecord, reason: str, now: float) -> MigrationRecord:
+    """Ask the saga to stop at the next step boundary and compensate.
+
+    Refused once the commit is done (the destination owns the container) or the saga has
+    ended; the caller turns the refusal into a clear error.
+    """
+    if record.state not in ("running",):
+        raise ValueError(f"migration {record.id} is {record.state}")
+    if record.committed:
+        raise ValueError(f"migration {record.id} is past its commit point")
+    if record.cancel_requested:
+        return record
+    return record.model_copy(update={"cancel_requested": reason, "updated_at": now})
+
+
 def cancelled(defn: SagaDefinition, record: MigrationRecord, reason: str, now: float) -> Decision:
-    """Stop going forward (deadline passed, or an operator asked): compensate if still allowed."""
+    """Abandon the current step now (its worker is gone or stuck): compensate if still allowed.
+
+    Only for a step whose worker cannot be waited for (the watchdog's deadline passed); its
+    compensation must also stop whatever that step may still have running.
+    """
     if record.state not in ("running",) or record.committed:
         return Decision(record, pending_commands(record), changed=False)
     entry = current(record)

@@ -31,11 +31,56 @@ class MigrationRequest(Message):
         default=None, description="if given, the host the container must be on now"
     )
     strategy: Strategy = "stop-and-copy"
+    dry_run: bool = Field(
+        default=False, description="only run the pre-flight checks; change nothing"
+    )
     inject_fault: FaultPoint | None = Field(
         default=None,
         description="test only: make this step fail for real; refused unless the hosts"
         " run with FERRY_ALLOW_FAULTS=1 (`ferry lab up --allow-faults`)",
     )
+
+
+class CheckResult(Part):
+    """One pre-flight check on one host."""
+
+    host: str
+    check: str
+    ok: bool
+    detail: str = ""
+
+
+class DryRunReport(Message):
+    """Reply to a dry run: would the move work, and if not, why. Nothing was changed."""
+
+    dry_run: Literal[True] = True
+    ok: bool
+    checks: tuple[CheckResult, ...]
+
+
+class HostCheck(Message):
+    """Ask a host whether it can play its part in a move (dry run)."""
+
+    container: ContainerNameStr
+    side: Side
+    needed_bytes: int = 0
+
+
+class HostCheckReply(Message):
+    checks: tuple[CheckResult, ...]
+    memory_bytes: int = 0
+
+
+class CancelRequest(Message):
+    """Stop a migration before its commit; published on ferry.v1.migrations.cancel."""
+
+    id: str = Field(min_length=1, max_length=64)
+    reason: str = "cancelled by operator"
+
+
+class CancelAccepted(Message):
+    id: str
+    state: str
 
 
 class MigrationAccepted(Message):
@@ -79,6 +124,9 @@ class MigrationRecord(Message):
     updated_at: float
     deadline: float
     committed: bool = False
+    cancel_requested: str | None = Field(
+        default=None, description="why an operator or the watchdog asked to stop"
+    )
     steps: tuple[StepRecord, ...] = ()
     facts: dict[str, Fact] = Field(default_factory=dict)
     bytes_moved: int = 0

@@ -95,8 +95,17 @@ def build_parser() -> Parser:
         choices=list(FAULT_POINTS),
         help="test only: make this step fail for real (lab started with --allow-faults)",
     )
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="pre-flight only: would it work, and if not, why"
+    )
     migrate.add_argument("--json", action="store_true")
     migrate.set_defaults(run=migrate_commands.migrate)
+
+    cancelling = sub.add_parser("cancel", help="stop a migration before its commit and roll back")
+    cancelling.add_argument("id", metavar="ID")
+    cancelling.add_argument("--reason", default="cancelled by operator")
+    cancelling.add_argument("--json", action="store_true")
+    cancelling.set_defaults(run=migrate_commands.cancel)
 
     status = sub.add_parser("status", help="a migration's record, or all of them")
     status.add_argument("id", nargs="?", metavar="ID")

@@ -17,7 +17,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from schemas import subjects
 from schemas.v1.base import ErrorReply
-from schemas.v1.migrations import Event, MigrationAccepted, MigrationRecord
+from schemas.v1.migrations import (
+    CancelAccepted,
+    DryRunReport,
+    Event,
+    MigrationAccepted,
+    MigrationRecord,
+)
 from services import bus
 from services.cli.context import connected, current_lab, say
 from services.errors import FerryError, NotFound, RuntimeFailure, Unavailable, from_detail
@@ -35,10 +41,13 @@ class Rejected(Exception):
         self.reply = reply
 
 
-async def submit(nc: NATS, payload: dict[str, Any]) -> str:
+async def submit(
+    nc: NATS, payload: dict[str, Any], subject: str = subjects.MIGRATION_REQUEST
+) -> bytes:
+    """Send a request to intake; return its reply, or raise Rejected with intake's error."""
     try:
         msg = await nc.request(
-            subjects.MIGRATION_REQUEST, json.dumps(payload).encode(), timeout=INTAKE_TIMEOUT_S,
+            subject, json.dumps(payload).encode(), timeout=INTAKE_TIMEOUT_S,
             headers=bus.trace_headers(),
         )  # fmt: skip
     except NoRespondersError as exc:
@@ -48,13 +57,9 @@ async def submit(nc: NATS, payload: dict[str, Any]) -> str:
             f"no answer to the migration request within {INTAKE_TIMEOUT_S:.0f}s"
         ) from exc
     try:
-        return MigrationAccepted.model_validate_json(msg.data).id
-    except ValidationError:
-        pass
-    try:
         raise Rejected(ErrorReply.model_validate_json(msg.data))
-    except ValidationError as exc:
-        raise RuntimeFailure(f"unreadable answer from intake: {msg.data[:200]!r}") from exc
+    except ValidationError:
+        return bytes(msg.data)
 
 
 class ProgressView:
@@ -129,8 +134,16 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
     }
     if args.inject_fault:
         payload["inject_fault"] = args.inject_fault
+    if args.dry_run:
+        payload["dry_run"] = True
     async with connected(lab) as nc:
-        migration_id = await submit(nc, payload)
+        reply = await submit(nc, payload)
+        if args.dry_run:
+            raise DryRunDone(DryRunReport.model_validate_json(reply))
+        try:
+            migration_id = MigrationAccepted.model_validate_json(reply).id
+        except ValidationError as exc:
+            raise RuntimeFailure(f"unreadable answer from intake: {reply[:200]!r}") from exc
         say(f"migration {migration_id} accepted")
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         found = await store.get(migration_id)
@@ -142,9 +155,26 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
     return found[0]
 
 
+class DryRunDone(Exception):
+    """The dry run's report (not an error: it ends the command)."""
+
+    def __init__(self, report: DryRunReport) -> None:
+        super().__init__("dry run")
+        self.report = report
+
+
 def migrate(args: argparse.Namespace) -> int:
     try:
         record = asyncio.run(_migrate(args))
+    except DryRunDone as done:
+        report = done.report
+        if args.json:
+            print(report.model_dump_json(exclude={"schema_version"}))
+        for check in report.checks:
+            mark = "ok  " if check.ok else "FAIL"
+            say(f"{mark} {check.host:<4} {check.check}: {check.detail}")
+        say("the move would work" if report.ok else "the move would fail: see FAIL above")
+        return 0 if report.ok else 1
     except Rejected as rejected:
         error = from_detail(rejected.reply.error)
         if args.json:
@@ -195,3 +225,37 @@ def status(args: argparse.Namespace) -> int:
                     file=sys.stdout,
                 )
     return 0
+
+
+async def _cancel(args: argparse.Namespace) -> MigrationRecord:
+    lab = current_lab()
+    async with connected(lab) as nc:
+        reply = await submit(
+            nc,
+            {"schema_version": 1, "id": args.id, "reason": args.reason},
+            subjects.MIGRATION_CANCEL,
+        )
+        accepted = CancelAccepted.model_validate_json(reply)
+        say(f"migration {accepted.id}: cancelling at the next step boundary")
+        store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
+        await follow(nc, accepted.id, 600)
+        found = await store.get(accepted.id)
+    if found is None:
+        raise RuntimeFailure(f"migration {args.id} has no record")
+    return found[0]
+
+
+def cancel(args: argparse.Namespace) -> int:
+    """Exit 0 once rolled back, 1 if it ended otherwise, 2 if refused (unknown, committed, over)."""
+    try:
+        record = asyncio.run(_cancel(args))
+    except Rejected as rejected:
+        if args.json:
+            detail = rejected.reply.error
+            print(json.dumps({"error": {"field": detail.field, "reason": detail.reason}}))
+        raise from_detail(rejected.reply.error) from None
+    if args.json:
+        print(json.dumps(record.public()))
+    else:
+        print(f"{record.id} {record.state}")
+    return 0 if record.state == "rolled_back" else 1

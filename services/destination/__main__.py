@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from schemas import subjects
 from schemas.v1.containers import ContainerCreated, CreateContainer
-from schemas.v1.migrations import StepCommand
+from schemas.v1.migrations import HostCheck, HostCheckReply, StepCommand
 from services import bus
+from services import preflight as host_checks
 from services.destination import handlers
 from services.saga_runner import SagaRunner
 from services.steps import Progress, StepHandler, StepOutcome
@@ -21,6 +22,17 @@ async def register(ctx: WorkerContext) -> None:
         ctx.host_subject(subjects.CREATE_CONTAINER),
         CreateContainer,
         create_container,
+        on_error=ctx.log_error,
+    )
+
+    async def check_destination(cmd: HostCheck) -> HostCheckReply:
+        return await host_checks.check(cmd, ctx.migration)
+
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(f"{subjects.HOST_CHECK}.destination"),
+        HostCheck,
+        check_destination,
         on_error=ctx.log_error,
     )
 

@@ -99,6 +99,45 @@ class MigrationHost:
         ports = sorted(netlock.listening_ports(state.pid))
         return {"listening_ports": json.dumps(ports), "source_pid": state.pid}
 
+    async def check(
+        self, name: str, side: str, needed_bytes: int
+    ) -> tuple[list[tuple[str, bool, str]], int]:
+        """Dry-run checks for this host's part; returns (check, ok, detail) and memory use."""
+        results: list[tuple[str, bool, str]] = []
+        try:
+            await criu.check()
+            results.append(("criu", True, "criu check: looks good"))
+        except RuntimeFailure as exc:
+            results.append(("criu", False, exc.reason))
+        state = await self.runc.state(name)
+        memory = 0
+        if side == "source":
+            running = state is not None and state.status == "running" and state.pid is not None
+            detail = "running" if running else (state.status if state else "not known to runc")
+            results.append(("container running here", running, detail))
+            if running and state is not None and state.pid is not None:
+                memory = container_memory(state.pid)
+                ports = sorted(netlock.listening_ports(state.pid))
+                results.append(("listening ports", True, f"{ports}"))
+        else:
+            results.append(
+                (
+                    "no container of that name here",
+                    state is None,
+                    "free" if state is None else state.status,
+                )
+            )
+            free = shutil.disk_usage(self.config.state_dir).free
+            enough = free >= needed_bytes * 2
+            results.append(
+                (
+                    "disk space",
+                    enough,
+                    f"{free / 2**20:.0f} MiB free, about {needed_bytes / 2**20:.0f} MiB needed",
+                )
+            )
+        return results, memory
+
     async def dump(self, name: str, migration_id: str, page_server: str) -> dict[str, int | float]:
         """Freeze and dump; pages stream to the destination. The source copy stops here."""
         paths = self.mpaths(migration_id)
@@ -403,3 +442,20 @@ def _fail(span: trace.Span, failure: RuntimeFailure) -> None:
     span.set_attribute("ferry.retryable", failure.retryable)
     if failure.log_tail:
         span.add_event("criu.log", {"lines": failure.log_tail.splitlines()[-20:]})
+
+
+def container_memory(pid: int) -> int:
+    """Resident memory of the container's process tree rooted at `pid`, in bytes."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        pending.extend(int(c) for c in children)
+    return total

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from nats.aio.msg import Msg
+from pydantic import BaseModel
 
 from schemas import subjects
 from schemas.v1.containers import ContainerList, ListContainers
-from schemas.v1.migrations import StepCommand
+from schemas.v1.migrations import HostCheck, HostCheckReply, StepCommand
 from services import bus
+from services import preflight as host_checks
 from services.errors import FerryError, RuntimeFailure
 from services.intake import Intake
 from services.kvstores import KvMigrationStore
@@ -30,25 +34,46 @@ async def register(ctx: WorkerContext) -> None:
     )
 
     intake = Intake(
+        ctx.nc,
         ctx.js,
         ctx.placements,
         KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET)),
         ctx.directory,
     )
 
-    async def take_request(msg: Msg) -> None:
-        try:
-            reply = (await intake.accept(msg.data)).model_dump_json().encode()
-        except FerryError as exc:
-            ctx.log_error(subjects.MIGRATION_REQUEST, exc)
-            reply = bus.error_reply(exc)
-        except Exception as exc:  # a bug must still answer, or the requester waits in vain
-            log.exception("intake crashed")
-            reply = bus.error_reply(RuntimeFailure(f"internal error: {exc}"))
-        if msg.reply:
-            await msg.respond(reply)
+    def answering(
+        subject: str, work: Callable[[bytes], Awaitable[BaseModel]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        async def answer(msg: Msg) -> None:
+            try:
+                reply = (await work(msg.data)).model_dump_json().encode()
+            except FerryError as exc:
+                ctx.log_error(subject, exc)
+                reply = bus.error_reply(exc)
+            except Exception as exc:  # a bug must still answer, or the requester waits in vain
+                log.exception("%s crashed", subject)
+                reply = bus.error_reply(RuntimeFailure(f"internal error: {exc}"))
+            if msg.reply:
+                await msg.respond(reply)
 
-    await ctx.nc.subscribe(subjects.MIGRATION_REQUEST, queue=subjects.INTAKE_QUEUE, cb=take_request)
+        return answer
+
+    for subject, work in (
+        (subjects.MIGRATION_REQUEST, intake.accept),
+        (subjects.MIGRATION_CANCEL, intake.cancel),
+    ):
+        await ctx.nc.subscribe(subject, queue=subjects.INTAKE_QUEUE, cb=answering(subject, work))
+
+    async def check_source(cmd: HostCheck) -> HostCheckReply:
+        return await host_checks.check(cmd, ctx.migration)
+
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(f"{subjects.HOST_CHECK}.source"),
+        HostCheck,
+        check_source,
+        on_error=ctx.log_error,
+    )
 
     async def preflight(cmd: StepCommand, progress: Progress) -> StepOutcome:
         return await handlers.preflight(cmd, progress, ctx.migration, ctx.directory)

@@ -192,3 +192,97 @@ def test_any_sequence_of_outcomes_ends_safely(outcomes: list[str]) -> None:
         assert all(s.status == "done" for s in record.steps)
     if record.state == "rolled_back":
         assert not record.committed
+
+
+# Which copy of the container runs, as the steps' side effects leave it.
+STARTS_DESTINATION = {("restore", "forward")}
+STOPS_SOURCE = {("dump", "forward")}
+STOPS_DESTINATION = {("stop_destination", "compensation"), ("discard_destination", "compensation")}
+STARTS_SOURCE = {("resume_source", "compensation")}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_duplicated_reordered_and_redelivered_outcomes_keep_one_copy_running(
+    data: st.DataObject,
+) -> None:
+    """A delivery model with crashes: outcomes arrive late, twice, or for commands that were
+    already superseded; a worker may crash before acking (the command comes back). The engine
+    must only ever act on the current command, so the side effects it lets happen never leave
+    two copies running, and the saga ends with exactly one."""
+    decision = begin(STOP_AND_COPY, new_record(), now=0.0)
+    record = decision.record
+    inbox: list[StepCommand] = list(decision.commands)  # published, not yet acked
+    delivered: list[StepCommand] = []  # every command some worker ran
+    source_runs, destination_runs = True, False
+    for _ in range(300):
+        if record.state in ("completed", "rolled_back", "failed") and not inbox:
+            break
+        pool = inbox + delivered
+        cmd = data.draw(st.sampled_from(pool)) if pool else None
+        if cmd is None:
+            break
+        action = data.draw(st.sampled_from(["ok", "ok", "ok", "transient", "fatal", "crash"]))
+        if cmd in inbox:
+            inbox.remove(cmd)
+        delivered.append(cmd)
+        if action == "crash":  # ran (maybe), never acked: JetStream delivers it again
+            inbox.append(cmd)
+            continue
+        if action == "ok":
+            decision = step_succeeded(STOP_AND_COPY, record, cmd, {}, now=1.0)
+        else:
+            error = StepError(action, action == "transient")
+            decision = step_failed(STOP_AND_COPY, record, cmd, error, now=1.0)
+        if decision.changed and action == "ok":
+            key = (cmd.step, cmd.kind)
+            source_runs = (source_runs and key not in STOPS_SOURCE) or key in STARTS_SOURCE
+            destination_runs = (
+                destination_runs and key not in STOPS_DESTINATION
+            ) or key in STARTS_DESTINATION
+            assert not (source_runs and destination_runs), f"two copies after {key}"
+        record = decision.record
+        inbox.extend(c for c in decision.commands if c not in inbox)
+    # Drive whatever is still pending to the end with successes.
+    for _ in range(100):
+        if record.state in ("completed", "rolled_back", "failed"):
+            break
+        cmd = pending_commands(record)[0]
+        decision = step_succeeded(STOP_AND_COPY, record, cmd, {}, now=2.0)
+        key = (cmd.step, cmd.kind)
+        source_runs = (source_runs and key not in STOPS_SOURCE) or key in STARTS_SOURCE
+        destination_runs = (
+            destination_runs and key not in STOPS_DESTINATION
+        ) or key in STARTS_DESTINATION
+        record = decision.record
+    assert record.state in ("completed", "rolled_back", "failed")
+    if record.state == "completed":
+        assert destination_runs and not source_runs
+    if record.state == "rolled_back":
+        assert source_runs and not destination_runs
+    compensations = [s.name for s in record.steps if s.kind == "compensation"]
+    order = ["stop_destination", "resume_source", "discard_destination"]
+    assert compensations == [c for c in order if c in compensations]
+
+
+def test_cancel_stops_at_the_next_step_boundary_and_compensates() -> None:
+    from workflows.saga import request_cancel
+
+    decision = run_until("transfer")
+    record = request_cancel(decision.record, "operator asked", now=3.0)
+    assert record.cancel_requested == "operator asked"
+    after = step_succeeded(STOP_AND_COPY, record, only(decision), {}, now=4.0)
+    cmd = only(after)
+    assert (cmd.kind, cmd.step) == ("compensation", "resume_source")
+    while after.commands:
+        after = step_succeeded(STOP_AND_COPY, after.record, only(after), {}, now=5.0)
+    assert after.record.state == "rolled_back"
+    assert after.record.error == "cancelled: operator asked"
+
+
+def test_cancel_is_refused_after_the_commit() -> None:
+    from workflows.saga import request_cancel
+
+    decision = run_until("open_network")
+    with pytest.raises(ValueError, match="commit"):
+        request_cancel(decision.record, "too late", now=1.0)
