@@ -31,6 +31,9 @@ class HostConfig:
     bridge: str = "br0"
     cgroup_parent: str = "/ferry"
     transfer_port: int = 7441
+    watchdog_interval_s: float = 2.0
+    collector_interval_s: float = 30.0
+    collector_min_age_s: float = 60.0
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -46,6 +49,9 @@ class HostConfig:
             bridge=os.environ.get("FERRY_BRIDGE", "br0"),
             cgroup_parent=os.environ.get("FERRY_CGROUP_PARENT", "/ferry"),
             transfer_port=int(os.environ.get("FERRY_TRANSFER_PORT", "7441")),
+            watchdog_interval_s=float(os.environ.get("FERRY_WATCHDOG_INTERVAL_S", "2")),
+            collector_interval_s=float(os.environ.get("FERRY_COLLECTOR_INTERVAL_S", "30")),
+            collector_min_age_s=float(os.environ.get("FERRY_COLLECTOR_MIN_AGE_S", "60")),
         )
 
     @property

@@ -127,6 +127,12 @@ class KvMigrationStore:
         except KeyWrongLastSequenceError as exc:
             raise Conflict(f"migration {record.id} changed concurrently") from exc
 
+    async def is_live(self, migration_id: str) -> bool | None:
+        found = await self.get(migration_id)
+        if found is None:
+            return None
+        return found[0].state in ("running", "compensating")
+
     async def all(self) -> list[MigrationRecord]:
         try:
             keys = await self.kv.keys()

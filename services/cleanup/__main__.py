@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from schemas import subjects
 from schemas.v1.containers import ContainerRemoved, RemoveContainer
 from schemas.v1.migrations import StepCommand
-from services import bus
-from services.cleanup import handlers
+from services import bus, watchdog
+from services.cleanup import collector, handlers
+from services.kvstores import KvMigrationStore
 from services.saga_runner import SagaRunner
 from services.steps import Progress, StepOutcome
-from services.worker import WorkerContext, main
+from services.worker import WorkerContext, log, main
 
 
 async def register(ctx: WorkerContext) -> None:
@@ -28,6 +31,21 @@ async def register(ctx: WorkerContext) -> None:
         return await handlers.clean_source(cmd, progress, ctx.migration)
 
     ctx.spawn(SagaRunner(ctx, {"clean_source": clean_source}).run())
+
+    migrations = KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET))
+    ctx.spawn(watchdog.run(ctx.js, migrations, interval=ctx.config.watchdog_interval_s))
+
+    async def collect_forever() -> None:
+        while True:
+            try:
+                await collector.collect(
+                    ctx.containers, ctx.placements, migrations, ctx.config.collector_min_age_s
+                )
+            except Exception as exc:  # never let a sweep take the worker down
+                log.warning("leftover collection failed: %s", exc)
+            await asyncio.sleep(ctx.config.collector_interval_s)
+
+    ctx.spawn(collect_forever())
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ async def stop_destination(
     cmd: StepCommand, progress: Progress, host: MigrationHost
 ) -> StepOutcome:
     """Compensation: the restored copy stops (before the commit only)."""
-    await host.stop_restored(cmd.container)
+    await host.stop_restored(cmd.container, cmd.migration_id)
     return StepOutcome()
 
 

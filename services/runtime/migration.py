@@ -8,9 +8,12 @@ Every operation is idempotent: a redelivered command finds its work done and say
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -219,6 +222,8 @@ class MigrationHost:
         name = placement.name
         paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
         veth = netns.host_veth_name(name)
+        if kill_migration_processes(self.config.state_dir, migration_id):
+            await asyncio.sleep(0.2)  # let the kernel release what a killed CRIU held
         state = await self.runc.state(name)
         if state is not None and state.status == "running":
             await netlock.remove_criu_lock(cpaths.netns)
@@ -418,14 +423,16 @@ class MigrationHost:
             log.warning("IPv6 neighbour advertisement failed: %s", ndp.stderr.strip())
         return announced
 
-    async def stop_restored(self, name: str) -> None:
+    async def stop_restored(self, name: str, migration_id: str) -> None:
         """The destination copy goes away (before the commit only)."""
+        kill_migration_processes(self.config.state_dir, migration_id)
         await self.runc.delete(name)
 
     async def discard(self, name: str, migration_id: str) -> None:
         """Remove everything this host holds for an incoming container that will not stay."""
         paths = self.mpaths(migration_id)
         criu.stop_page_server(paths.images)
+        kill_migration_processes(self.config.state_dir, migration_id)
         await self.containers.discard_local(name)
         shutil.rmtree(paths.root, ignore_errors=True)
 
@@ -459,3 +466,26 @@ def container_memory(pid: int) -> int:
             continue
         pending.extend(int(c) for c in children)
     return total
+
+
+def kill_migration_processes(state_dir: Path, migration_id: str) -> int:
+    """SIGKILL whatever still works on this migration here (a page server, runc, CRIU):
+    a step that was abandoned must not finish behind its compensation's back."""
+    marker = f"{state_dir}/migrations/{migration_id}".encode()
+    # Only this host's processes: simulated hosts share /proc but not their mount namespace.
+    own_mounts = os.stat("/proc/self/ns/mnt").st_ino
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+            if marker in cmdline and os.stat(f"{entry.path}/ns/mnt").st_ino != own_mounts:
+                continue
+        except OSError:
+            continue
+        if marker in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+    return killed

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import InvalidInput, RuntimeFailure
+from services.retrying import transient
 from services.runtime.proc import arun
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, async
         ) from exc
 
 
+@transient
 async def push(
     address: str, port: int, migration_id: str, name: str, members: Sequence[Member], scratch: Path
 ) -> Sent:
@@ -153,6 +155,7 @@ async def push(
     return Sent(bytes=size, sha256=sha256, seconds=loop.time() - started)
 
 
+@transient
 async def pull(
     address: str, port: int, migration_id: str, name: str, into: Path, scratch: Path
 ) -> Sent:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from services.runtime.netns import host_veth_name
 from tests.support.bus import request_raw
 from tests.support.cli import ferry
 from tests.support.inventory import host_links, host_mounts
@@ -49,7 +50,7 @@ def _assert_nothing_left_on(lab: str, host: str, name: str) -> None:
     assert not (state / "netns" / name).exists()
     assert not list((state / "migrations").glob("*")), "images left behind"
     assert not [m for m in host_mounts(lab, host) if f"/{name}" in m]
-    assert not [link for link in host_links(lab, host) if link.startswith("vf")]
+    assert host_veth_name(name) not in host_links(lab, host)
 
 
 def _placements(lab: str) -> list[dict[str, Any]]:

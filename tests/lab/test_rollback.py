@@ -82,3 +82,70 @@ def test_fault_injection_is_refused_unless_the_lab_allows_it(lab2: str) -> None:
     assert refused.json()["error"]["field"] == "inject_fault"
     again = ferry(lab2, "lab", "up", "--hosts", "2", "--allow-faults")
     assert again.code == 2 and "--allow-faults" in again.stderr
+
+
+def test_dry_run_reports_each_hosts_checks_and_changes_nothing(
+    fault_lab: str, rootfs: Path
+) -> None:
+    run = ferry(
+        fault_lab, "container", "run", "--host", "h1", "--name", "drill", "--rootfs", str(rootfs),
+        "--", "/bin/memapp", "7000",
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    before = (_placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
+    report = ferry(fault_lab, "migrate", "drill", "--to", "h2", "--dry-run", "--json")
+    assert report.code == 0, report.stderr
+    body = report.json()
+    assert body["ok"] is True and body["dry_run"] is True
+    checks = {(c["host"], c["check"]): c for c in body["checks"]}
+    assert checks[("h1", "criu")]["ok"] and checks[("h2", "criu")]["ok"]
+    assert checks[("h1", "container running here")]["ok"]
+    assert checks[("h2", "disk space")]["ok"]
+    unknown = ferry(fault_lab, "migrate", "drill", "--to", "h7", "--dry-run", "--json")
+    assert unknown.code == 2 and unknown.json()["error"]["field"] == "destination"
+    after = (_placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
+    assert after == before
+
+
+async def test_cancel_rolls_back_before_the_commit_and_is_refused_after(fault_lab: str) -> None:
+    import asyncio
+    import json
+
+    import nats
+
+    from tests.support.bus import nats_url
+
+    here = {c["name"]: c for c in _placements(fault_lab)}["drill"]["host"]
+    there = "h2" if here == "h1" else "h1"
+    nc = await nats.connect(nats_url(fault_lab))
+    try:
+        request = {"schema_version": 1, "container": "drill", "destination": there}
+        accepted = json.loads(
+            (
+                await nc.request(
+                    "ferry.v1.migrations.request", json.dumps(request).encode(), timeout=15
+                )
+            ).data
+        )
+        cancel = json.loads((await nc.request(
+            "ferry.v1.migrations.cancel", json.dumps({"id": accepted["id"]}).encode(),
+            timeout=15)).data)  # fmt: skip
+    finally:
+        await nc.close()
+    assert cancel == {"schema_version": 1, "id": accepted["id"], "state": "cancelling"}
+    for _ in range(200):
+        record = ferry(fault_lab, "status", accepted["id"], "--json", check=True).json()
+        if record["state"] != "running" and record["state"] != "compensating":
+            break
+        await asyncio.sleep(0.1)
+    assert record["state"] == "rolled_back", record
+    assert record["error"].startswith("cancelled")
+    placed = {c["name"]: c for c in _placements(fault_lab)}["drill"]
+    assert (placed["host"], placed["state"]) == (here, "running")
+    _assert_nothing_left_on(fault_lab, there, "drill")
+
+    done = ferry(fault_lab, "migrate", "drill", "--to", there, "--json", timeout=300)
+    assert done.code == 0, done.stderr
+    refused = ferry(fault_lab, "cancel", done.json()["id"], "--json")
+    assert refused.code == 2 and refused.json()["error"]["field"] == "id"
+    assert ferry(fault_lab, "cancel", "nosuch").code == 2
