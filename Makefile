@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test lint typecheck workloads schemas demo clean
+.PHONY: setup test lint typecheck workloads schemas demo chaos clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -24,6 +24,10 @@ typecheck:
 ## demo: a stateful server moves h1 -> h2 -> h1 while a client talks to it.
 demo: workloads
 	$(PY) -m deploy.demo
+
+## chaos: every fault kind at every saga step, on a real lab; prints the table (~40 min).
+chaos: workloads
+	$(PY) -m deploy.chaos --repeat 8 --json bench/chaos.json
 
 ## schemas: export JSON Schema and the AsyncAPI document after changing schemas/.
 schemas:

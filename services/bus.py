@@ -5,6 +5,7 @@ Everything that speaks NATS goes through here, so no handler has to.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -71,7 +72,11 @@ STREAMS = (
 
 # A crashed worker's command comes back after the first backoff; a live worker sends
 # in-progress acks while it works, so long steps are not redelivered under its feet.
-COMMAND_BACKOFF_S = [10.0, 20.0, 40.0, 60.0]
+# FERRY_COMMAND_BACKOFF_S shortens it for chaos runs (a new lab: an existing durable keeps
+# the config it was created with).
+COMMAND_BACKOFF_S = [
+    float(s) for s in os.environ.get("FERRY_COMMAND_BACKOFF_S", "10,20,40,60").split(",")
+]
 COMMAND_MAX_DELIVER = 5
 IN_PROGRESS_EVERY_S = 3.0
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from schemas import subjects
 from schemas.v1.migrations import MigrationRecord, StepCommand, StepProgress
-from services import bus, tracing
+from services import bus, faults, tracing
 from services.errors import Conflict, FerryError
 from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.saga_publish import publish_decision
@@ -56,6 +56,7 @@ class SagaRunner:
         self.handlers = handlers
         self.slots = asyncio.Semaphore(MAX_PARALLEL_STEPS)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.running: set[tuple[str, str, str, int]] = set()
 
     async def stores(self) -> tuple[KvMigrationStore, KvPlacementStore]:
         js = self.ctx.js
@@ -112,6 +113,38 @@ class SagaRunner:
             )
             await msg.ack()
             return
+        key = (command.migration_id, command.kind, command.step, command.attempt)
+        if key in self.running:
+            # The same command delivered twice: the first delivery is at work on it.
+            log.warning("duplicate delivery of %s %s ignored", command.step, command.migration_id)
+            await msg.ack()
+            return
+        self.running.add(key)
+        try:
+            await self._handle_current(msg, command, record, migrations, placements)
+        finally:
+            self.running.discard(key)
+
+    async def _handle_current(
+        self,
+        msg: Msg,
+        command: StepCommand,
+        record: MigrationRecord,
+        migrations: KvMigrationStore,
+        placements: KvPlacementStore,
+    ) -> None:
+        definition = definition_of(record)
+        state_dir = self.ctx.config.state_dir
+        if faults.fires(command, f"duplicate:{command.step}", state_dir):
+            await bus.publish_command(
+                self.ctx.js, self.ctx.config.host, self.ctx.role, command,
+                subjects.command_msg_id(
+                    command.migration_id, command.kind, command.step, command.attempt
+                ) + ".duplicate",
+                dict(msg.headers or {}),
+            )  # fmt: skip
+        if faults.fires(command, f"kill:{command.step}:before", state_dir):
+            faults.die()
         handler = self.handlers.get(command.step)
         parent = propagate.extract(dict(msg.headers or {}))
         label = "compensate" if command.kind == "compensation" else "step"
@@ -139,6 +172,8 @@ class SagaRunner:
                 )
             else:
                 outcome_or_error = await self._run_handler(msg, command, handler, definition)
+            if faults.fires(command, f"kill:{command.step}:after", state_dir):
+                faults.die()  # the side effect happened; the record never heard of it
             decision = await self._advance(migrations, command, outcome_or_error)
             _annotate(span, outcome_or_error, decision)
         if decision.finished and decision.changed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from schemas.v1.base import Message, Part
 from schemas.v1.containers import ContainerNameStr, HostNameStr
@@ -18,8 +18,14 @@ StepKind = Literal["forward", "compensation"]
 StepStatus = Literal["pending", "running", "done", "failed", "compensated", "skipped"]
 MigrationState = Literal["running", "compensating", "completed", "rolled_back", "failed"]
 Fact = str | int | float | bool | None
-FaultPoint = Literal["restore"]
-FAULT_POINTS: tuple[FaultPoint, ...] = ("restore",)
+# Test-only faults (hosts must run with FERRY_ALLOW_FAULTS=1):
+#   restore                 the destination's CRIU restore fails (a damaged image)
+#   kill:STEP:before|after  the worker running STEP is SIGKILLed before/after its side effect
+#   duplicate:STEP          STEP's command is delivered twice
+#   corrupt:transfer        the first transfer's bytes are damaged on the way
+FAULT_PATTERN = r"^(restore|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))$"
+FAULT_EXAMPLES = ("restore", "kill:dump:before", "duplicate:restore", "corrupt:transfer")
+FaultPoint = Annotated[str, StringConstraints(pattern=FAULT_PATTERN)]
 
 
 class MigrationRequest(Message):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from schemas.v1.migrations import FAULT_POINTS
+from schemas.v1.migrations import FAULT_EXAMPLES
 from services.cli import container_commands, lab_commands, migrate_commands, trace_commands
 from services.cli.errors import EXIT_REJECTED, exit_code, one_line
 from services.errors import FerryError
@@ -92,8 +92,9 @@ def build_parser() -> Parser:
     )
     migrate.add_argument(
         "--inject-fault",
-        choices=list(FAULT_POINTS),
-        help="test only: make this step fail for real (lab started with --allow-faults)",
+        metavar="FAULT",
+        help="test only (lab started with --allow-faults): make a real fault happen, e.g. "
+        + ", ".join(FAULT_EXAMPLES),
     )
     migrate.add_argument(
         "--dry-run", action="store_true", help="pre-flight only: would it work, and if not, why"

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,7 +196,12 @@ class MigrationHost:
         return facts
 
     async def push_bundle(
-        self, name: str, migration_id: str, address: str, port: int
+        self,
+        name: str,
+        migration_id: str,
+        address: str,
+        port: int,
+        damage: Callable[[], bool] | None = None,
     ) -> transfer.Sent:
         """Images, bundle config and the overlay's upper dir, to the destination."""
         paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
@@ -208,7 +214,13 @@ class MigrationHost:
             "fs.sync", attributes={"ferry.peer": f"{address}:{port}"}
         ) as span:
             sent = await transfer.push(
-                address, port, migration_id, "bundle", members, self.config.state_dir / "tmp"
+                address,
+                port,
+                migration_id,
+                "bundle",
+                members,
+                self.config.state_dir / "tmp",
+                damage=damage,
             )
             span.set_attribute("ferry.bytes", sent.bytes)
             span.set_attribute("ferry.seconds", round(sent.seconds, 4))

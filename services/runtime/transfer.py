@@ -16,7 +16,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +130,13 @@ async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, async
 
 @transient
 async def push(
-    address: str, port: int, migration_id: str, name: str, members: Sequence[Member], scratch: Path
+    address: str,
+    port: int,
+    migration_id: str,
+    name: str,
+    members: Sequence[Member],
+    scratch: Path,
+    damage: Callable[[], bool] | None = None,
 ) -> Sent:
     """Send `members` to the peer, which unpacks them into migrations/<id>/incoming/<name>."""
     _check(migration_id, name)
@@ -139,6 +145,11 @@ async def push(
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         tar_path = Path(tmp) / f"{name}.tar"
         size, sha256 = await pack(members, tar_path)
+        if damage is not None and damage():
+            # Test-only fault: bytes change after the digest was taken, as on a bad link.
+            with tar_path.open("r+b") as f:
+                f.seek(size // 2)
+                f.write(b"\xff\x00\xff\x00")
         started = loop.time()
         reader, writer = await _connect(address, port)
         try:
@@ -195,8 +206,10 @@ class TransferServer:
         return await asyncio.start_server(self._handle, address, port, reuse_address=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        header_text = "no header"
         try:
             header = await _header(reader)
+            header_text = f"migration {header.get('migration_id')} {header.get('name')}"
             migration_id, name = str(header.get("migration_id")), str(header.get("name"))
             _check(migration_id, name)
             if header.get("op") == "push":
@@ -206,7 +219,7 @@ class TransferServer:
             else:
                 raise InvalidInput(f"unknown op {header.get('op')!r}")
         except Exception as exc:
-            log.warning("transfer request failed: %s", exc)
+            log.warning("transfer request failed: %s (%s)", exc, header_text)
             with contextlib.suppress(Exception):
                 writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
                 await writer.drain()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from schemas.v1.migrations import StepCommand
+from services import faults
 from services.runtime.migration import MigrationHost
 from services.steps import Progress, StepOutcome
 from services.stores import PeerDirectory
@@ -14,7 +15,8 @@ async def transfer(
     """Images, bundle config and filesystem changes go to the destination, sha256-checked."""
     address = await peers.address_of(cmd.destination)
     await progress(f"sending images and filesystem changes to {address}", None, None)
-    sent = await host.push_bundle(cmd.container, cmd.migration_id, address, port)
+    damage = faults.OneShot(faults.fires(cmd, "corrupt:transfer", host.config.state_dir))
+    sent = await host.push_bundle(cmd.container, cmd.migration_id, address, port, damage)
     rate = sent.bytes / sent.seconds if sent.seconds > 0 else 0.0
     await progress(f"sent {sent.bytes} bytes ({rate / 2**20:.1f} MiB/s)", sent.bytes, sent.bytes)
     return StepOutcome(
