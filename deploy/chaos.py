@@ -46,27 +46,66 @@ CHAOS_ENV = {
 NAME = "victim"
 
 
+COMPENSATIONS = ("stop_destination", "resume_source", "discard_destination")
+ROLES = ("source", "transfer", "destination", "cleanup")
+# Which role runs each step, and on which side of the move.
+RUNS = {
+    "preflight": ("source", "source"),
+    "prepare_destination": ("destination", "destination"),
+    "dump": ("source", "source"),
+    "transfer": ("transfer", "source"),
+    "restore": ("destination", "destination"),
+    "verify": ("destination", "destination"),
+    "commit": ("destination", "destination"),
+    "open_network": ("destination", "destination"),
+    "clean_source": ("cleanup", "source"),
+    "stop_destination": ("destination", "destination"),
+    "resume_source": ("source", "source"),
+    "discard_destination": ("destination", "destination"),
+}
+
+
 @dataclass(frozen=True)
 class Cell:
+    """One fault at one step: `before` its side effect (at its start) or `after` it."""
+
     fault: str  # kill | duplicate | nats-restart | net-cut | corrupt | disk-full | restore-fails
     step: str
     when: str  # before | after | during
+    role: str = ""  # for kill: whose worker dies
 
     @property
     def label(self) -> str:
-        return f"{self.fault}:{self.step}:{self.when}"
+        who = f"[{self.role}]" if self.role else ""
+        return f"{self.fault}{who}:{self.step}:{self.when}"
 
-    def inject(self) -> str | None:
-        """The fault Ferry itself fires (test-only switch), if any."""
-        if self.fault == "kill":
-            return f"kill:{self.step}:{self.when}"
+    @property
+    def compensating(self) -> bool:
+        return self.step in COMPENSATIONS
+
+    @property
+    def kind(self) -> str:
+        return "compensation" if self.compensating else "forward"
+
+    def injected(self) -> list[str]:
+        """Faults Ferry fires itself (test-only switch)."""
+        faults = []
+        if self.compensating or self.fault == "restore-fails":
+            faults.append("restore")  # a failing restore is what makes compensations run
+        if self.fault == "kill" and self.role == RUNS[self.step][0]:
+            faults.append(f"kill:{self.step}:{self.when}")
         if self.fault == "duplicate":
-            return f"duplicate:{self.step}"
+            faults.append(f"duplicate:{self.step}")
         if self.fault == "corrupt":
-            return "corrupt:transfer"
-        if self.fault == "restore-fails":
-            return "restore"
-        return None
+            faults.append("corrupt:transfer")
+        return faults
+
+    @property
+    def external(self) -> bool:
+        """Fired by the harness when the migration reaches the step (not by Ferry)."""
+        if self.fault == "kill":
+            return self.role != RUNS[self.step][0]
+        return self.fault in ("nats-restart", "net-cut")
 
 
 @dataclass
@@ -87,21 +126,25 @@ class Outcome:
         return self.running_now == 0 or not self.memory_intact
 
 
+ALL_STEPS = STEPS + COMPENSATIONS
+
+
 def grid(quick: bool) -> list[Cell]:
     if quick:
         return [
-            Cell("kill", "dump", "after"),
+            Cell("kill", "dump", "after", "source"),
+            Cell("kill", "resume_source", "before", "destination"),
             Cell("duplicate", "restore", "before"),
             Cell("restore-fails", "restore", "during"),
             Cell("corrupt", "transfer", "during"),
-            Cell("nats-restart", "transfer", "during"),
-            Cell("net-cut", "transfer", "during"),
+            Cell("nats-restart", "transfer", "before"),
+            Cell("net-cut", "transfer", "before"),
             Cell("disk-full", "dump", "during"),
         ]
-    cells = [Cell("kill", s, w) for s in STEPS for w in ("before", "after")]
-    cells += [Cell("duplicate", s, "before") for s in STEPS]
-    cells += [Cell("nats-restart", s, "during") for s in STEPS]
-    cells += [Cell("net-cut", s, "during") for s in ("prepare_destination", "dump", "transfer")]
+    cells = [Cell("kill", s, w, r) for s in ALL_STEPS for w in ("before", "after") for r in ROLES]
+    cells += [Cell("duplicate", s, "before") for s in ALL_STEPS]
+    cells += [Cell(f, s, w) for f in ("nats-restart", "net-cut") for s in ALL_STEPS
+              for w in ("before", "after")]  # fmt: skip
     cells += [Cell("corrupt", "transfer", "during"), Cell("restore-fails", "restore", "during")]
     cells += [Cell("disk-full", "dump", "during")]
     return cells
@@ -114,6 +157,56 @@ def ferry(
     return subprocess.run(
         [FERRY, *args], env=env, text=True, capture_output=True, check=check, timeout=timeout
     )
+
+
+class EventTap:
+    """Every migration event, as it is published (a plain NATS subscriber, like any system's)."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.url = nats_url
+        self.events: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _run(self) -> None:
+        import asyncio
+
+        import nats
+
+        async def main() -> None:
+            nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+            async def seen(msg: Any) -> None:
+                with self.changed:
+                    self.events.append(json.loads(msg.data))
+                    self.changed.notify_all()
+
+            await nc.subscribe("ferry.v1.events.>", cb=seen)
+            await nc.flush()
+            self.ready.set()
+            while True:
+                await asyncio.sleep(3600)
+
+        asyncio.run(main())
+
+    def mark(self) -> int:
+        with self.changed:
+            return len(self.events)
+
+    def wait(self, since: int, match: Any, timeout: float) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for event in self.events[since:]:
+                    if match(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
 
 
 class Monitor:
@@ -195,63 +288,55 @@ def nats_pid(lab: str) -> int | None:
     return None
 
 
-def current_step(lab: str, migration_id: str) -> tuple[str, str]:
-    out = ferry(lab, "status", migration_id, "--json", check=False)
-    if out.returncode != 0:
-        return "", "unknown"
-    record = json.loads(out.stdout)
-    running = [s["name"] for s in record["steps"] if s["status"] == "running"]
-    return (running[-1] if running else ""), record["state"]
+def worker_pids(lab: str) -> dict[tuple[str, str], int]:
+    hosts = json.loads(ferry(lab, "hosts", "--json").stdout)
+    return {(h["name"], role): pid for h in hosts for role, pid in h["workers"].items() if pid}
 
 
 def run_cell(
-    lab: str, cell: Cell, source: str, destination: str, ip: str, before: dict[str, Any]
+    lab: str,
+    tap: EventTap,
+    cell: Cell,
+    source: str,
+    destination: str,
+    ip: str,
+    memory: dict[str, Any],
 ) -> Outcome:
     outcome = Outcome(cell=cell.label, direction=f"{source}->{destination}")
     started = time.monotonic()
+    pids = worker_pids(lab)
     monitor = Monitor(lab, (source, destination))
     watcher = threading.Thread(target=monitor.run, daemon=True)
     watcher.start()
-    tmpfs = f"/var/lib/ferry-lab/{lab}/hosts/{destination}/migrations"
     dest_mnt = ["nsenter", f"--mount=/run/ferry-lab/{lab}/mnt/{destination}", "--"]
     if cell.fault == "disk-full":
         subprocess.run([*dest_mnt, "mount", "-t", "tmpfs", "-o", "size=512k", "chaosfull",
                         "/var/lib/ferry/migrations"], check=True)  # fmt: skip
     args = ["migrate", NAME, "--to", destination, "--json"]
-    if cell.inject():
-        args += ["--inject-fault", str(cell.inject())]
+    if cell.injected():
+        args += ["--inject-fault", "+".join(cell.injected())]
+    since = tap.mark()
     env = {**os.environ, **CHAOS_ENV, "FERRY_LAB": lab}
-    reached = step_watch(lab, cell.step) if cell.fault in ("nats-restart", "net-cut") else None
-    proc = subprocess.Popen([FERRY, *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    migration_id = ""
+    cli = subprocess.Popen([FERRY, *args], env=env, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        if reached is not None:
-            hit, ids = reached
-            if hit.wait(60):
-                migration_id = ids[0]
-                outcome.fired, outcome.evidence = _external_fault(lab, cell, source, destination)
-            else:
-                outcome.evidence = f"{cell.step} was never reached"
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        accepted = tap.wait(since, lambda e: e["type"] == "accepted", 30)
+        migration_id = accepted["migration_id"] if accepted else ""
+        if cell.external and migration_id:
+            host = source if RUNS[cell.step][1] == "source" else destination
+            outcome.fired, outcome.evidence = _external_fault(
+                lab, tap, since, cell, migration_id, host, source, destination, pids
+            )
+        finished = tap.wait(
+            since, lambda e: e["type"] == "finished" and e["migration_id"] == migration_id, 240
+        )
+        outcome.state = finished["state"] if finished else "unfinished"
     finally:
+        if cli.poll() is None:
+            cli.terminate()
+        _, err = cli.communicate()
         if cell.fault == "disk-full":
             subprocess.run([*dest_mnt, "umount", "-l", "/var/lib/ferry/migrations"], check=False)
-    with contextlib.suppress(ValueError):
-        record = json.loads(out)
-        migration_id = record.get("id", migration_id)
-    # The move is over for the CLI; wait until the saga says so too (the CLI may have lost
-    # its connection while NATS was down).
-    deadline = time.monotonic() + 180
-    while migration_id and time.monotonic() < deadline:
-        _, state = current_step(lab, migration_id)
-        if state not in ("running", "compensating", "unknown"):
-            break
-        time.sleep(0.5)
-    outcome.state = current_step(lab, migration_id)[1] if migration_id else "rejected"
     time.sleep(0.5)
     monitor.stop.set()
     watcher.join()
@@ -261,10 +346,10 @@ def run_cell(
     try:
         now = query(ip, timeout=10)
         outcome.memory_intact = (
-            now["token"] == before["token"] and now["requests"] > before["requests"]
+            now["token"] == memory["token"] and now["requests"] > memory["requests"]
             and now["buffer_ok"] is True
         )  # fmt: skip
-        before.update(now)
+        memory.update(now)
     except OSError:
         outcome.memory_intact = False
     placed = hosts_running[0] if len(hosts_running) == 1 else ""
@@ -277,61 +362,54 @@ def run_cell(
         errors = " ".join(s.get("error") or "" for s in record.get("steps", []))
         # The page server could not write into the 512 KiB tmpfs: the dump fails.
         outcome.fired = any(w in errors for w in ("checkpoint", "page", "space"))
-        outcome.evidence = f"destination disk full: {errors[:120]}"
-    if cell.inject() and not outcome.fired:
-        outcome.fired, outcome.evidence = _ferry_fault_evidence(
-            lab, cell, migration_id, source, destination, err
-        )
+        outcome.evidence = f"destination disk full: {errors[:100]}"
+    elif not cell.external:
+        outcome.fired, outcome.evidence = _ferry_fault_evidence(lab, cell, migration_id, err)
     outcome.seconds = round(time.monotonic() - started, 1)
-    del tmpfs
     return outcome
 
 
-def step_watch(lab: str, step: str) -> tuple[threading.Event, list[str]]:
-    """Set an event the moment any migration starts `step` (read off the event subjects)."""
-    import asyncio
+def _external_fault(
+    lab: str,
+    tap: EventTap,
+    since: int,
+    cell: Cell,
+    migration_id: str,
+    host: str,
+    source: str,
+    destination: str,
+    pids: dict[tuple[str, str], int],
+) -> tuple[bool, str]:
+    """Fire the fault the moment the migration starts (before) or finishes (after) the step."""
 
-    import nats
+    def reached(e: dict[str, Any]) -> bool:
+        if e.get("migration_id") != migration_id or e.get("step") != cell.step:
+            return False
+        if e.get("kind") != cell.kind:
+            return False
+        wanted = "step_started" if cell.when == "before" else "step_finished"
+        return e["type"] == wanted and (cell.when == "before" or e.get("status") == "done")
 
-    hit = threading.Event()
-    ids: list[str] = []
-    spec = read_spec(LabLayout(lab))
-    assert spec is not None
-    ready = threading.Event()
-
-    def watch() -> None:
-        async def main() -> None:
-            nc = await nats.connect(spec.nats_url)
-
-            async def seen(msg: Any) -> None:
-                event = json.loads(msg.data)
-                started = event.get("type") == "step_started" and event.get("step") == step
-                if started and event.get("kind") == "forward" and not hit.is_set():
-                    ids.append(event["migration_id"])
-                    hit.set()
-
-            await nc.subscribe("ferry.v1.events.>", cb=seen)
-            await nc.flush()
-            ready.set()
-            deadline = time.monotonic() + 120
-            while not hit.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            await nc.close()
-
-        asyncio.run(main())
-
-    threading.Thread(target=watch, daemon=True).start()
-    ready.wait(10)
-    return hit, ids
-
-
-def _external_fault(lab: str, cell: Cell, source: str, destination: str) -> tuple[bool, str]:
-    """Fire a NATS or network fault now: the migration has just started the cell's step."""
+    if tap.wait(since, reached, 60) is None:
+        return False, f"{cell.step} was never reached"
+    if cell.fault == "kill":
+        pid = pids.get((host, cell.role))
+        if pid is None:
+            return False, f"no {cell.role} worker on {host}"
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            new = worker_pids(lab).get((host, cell.role))
+            if new and new != pid:
+                return True, f"{cell.role} on {host}: pid {pid} killed, restarted as {new}"
+            time.sleep(0.3)
+        return False, f"{cell.role} on {host} was not restarted"
     if cell.fault == "nats-restart":
         old = nats_pid(lab)
         if old:
             os.kill(old, signal.SIGKILL)
-        time.sleep(1.0)
+        time.sleep(0.5)
         spec = read_spec(LabLayout(lab))
         hosts = str(len(spec.hosts)) if spec else "2"
         ferry(lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
@@ -340,42 +418,34 @@ def _external_fault(lab: str, cell: Cell, source: str, destination: str) -> tupl
     spec = read_spec(LabLayout(lab))
     assert spec is not None
     peer = spec.address(destination)
-    rule = [
-        "iptables",
-        "-w",
-        "OUTPUT",
-        "-d",
-        peer,
-        "-m",
-        "comment",
-        "--comment",
-        "ferry-chaos",
-        "-j",
-        "DROP",
-    ]
-    ns = ["nsenter", f"--net=/run/netns/{lab}-{source}"]
-    subprocess.run([*ns, rule[0], rule[1], "-I", *rule[2:]], check=True)
+    rule = ["OUTPUT", "-d", peer, "-m", "comment", "--comment", "ferry-chaos", "-j", "DROP"]
+    ns = ["nsenter", f"--net=/run/netns/{lab}-{source}", "iptables", "-w"]
+    subprocess.run([*ns, "-I", *rule], check=True)
     time.sleep(3.0)
-    counters = subprocess.run([*ns, "iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n"],
+    counters = subprocess.run([*ns, "-L", "OUTPUT", "-v", "-x", "-n"],
                               capture_output=True, text=True).stdout  # fmt: skip
-    subprocess.run([*ns, rule[0], rule[1], "-D", *rule[2:]], check=False)
+    subprocess.run([*ns, "-D", *rule], check=False)
     dropped = sum(int(line.split()[0]) for line in counters.splitlines() if "ferry-chaos" in line)
-    return dropped > 0, f"{dropped} packets dropped between {source} and {destination}"
+    return True, f"{source}->{destination} cut for 3 s ({dropped} packets dropped)"
 
 
-def _ferry_fault_evidence(
-    lab: str, cell: Cell, migration_id: str, source: str, destination: str, err: str
-) -> tuple[bool, str]:
-    """Ferry's own faults leave a marker on the host that fired them and a line in its log."""
-    fault = str(cell.inject())
-    for host in (source, destination):
-        marker = Path(
-            f"/var/lib/ferry-lab/{lab}/hosts/{host}/chaos/{migration_id}.{fault.replace(':', '-')}"
+def _ferry_fault_evidence(lab: str, cell: Cell, migration_id: str, err: str) -> tuple[bool, str]:
+    """Ferry's own faults leave a marker on the host that fired them."""
+    markers = [f for f in cell.injected() if f != "restore"]
+    for fault in markers:
+        for marker in Path(f"/var/lib/ferry-lab/{lab}/hosts").glob(
+            f"*/chaos/{migration_id}.{fault.replace(':', '-')}"
+        ):
+            return True, f"{fault} fired on {marker.parts[-3]}"
+    if not markers and "restore" in cell.injected():
+        record = json.loads(
+            ferry(lab, "status", migration_id, "--json", check=False).stdout or "{}"
         )
-        if marker.exists():
-            return True, f"fired on {host}"
-    if fault == "restore" and "restore of" in err:
-        return True, "restore failed on the destination"
+        restore: dict[str, Any] = next(
+            (s for s in record.get("steps", []) if s["name"] == "restore"), {}
+        )
+        if "restore of" in (restore.get("error") or ""):
+            return True, "CRIU restore failed on the destination"
     return False, "no marker: the fault did not fire"
 
 
@@ -392,15 +462,15 @@ def table(outcomes: list[Outcome]) -> str:
         c["leftovers"] += bool(o.leftovers)
         c["fired"] += o.fired
     cols = ["runs", "fired", "completed", "rolled back", "failed", "lost", "ran twice", "leftovers"]
-    lines = [f"{'fault':<14} {'step':<20} " + " ".join(f"{c:>11}" for c in cols)]
+    lines = [f"{'fault':<28} {'step':<20} " + " ".join(f"{c:>11}" for c in cols)]
     for label, c in rows.items():
-        fault, step, _when = label.split(":")
-        name = f"{fault}:{_when}" if fault in ("kill",) else fault
-        lines.append(f"{name:<14} {step:<20} " + " ".join(f"{c[k]:>11}" for k in cols))
+        fault, step, when = label.split(":")
+        name = f"{fault}:{when}"
+        lines.append(f"{name:<28} {step:<20} " + " ".join(f"{c[k]:>11}" for k in cols))
     total = Counter[str]()
     for c in rows.values():
         total.update(c)
-    lines.append(f"{'total':<14} {len(rows):<20} " + " ".join(f"{total[k]:>11}" for k in cols))
+    lines.append(f"{'total':<28} {len(rows):<20} " + " ".join(f"{total[k]:>11}" for k in cols))
     return "\n".join(lines)
 
 
@@ -424,6 +494,9 @@ def main() -> int:
                         str(rootfs), "--", "/bin/memapp", "7000", "8")  # fmt: skip
         ip = run.stdout.strip().splitlines()[-1]
         memory = wait_until_serving(ip)
+        spec = read_spec(LabLayout(lab))
+        assert spec is not None
+        tap = EventTap(spec.nats_url)
         cells = grid(args.quick)
         plan = [(c, r) for c in cells for r in range(args.repeat)]
         print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {lab}", file=sys.stderr)
@@ -431,7 +504,7 @@ def main() -> int:
             placed = {c["name"]: c for c in json.loads(ferry(lab, "containers", "--json").stdout)}
             source = placed[NAME]["host"]
             destination = "h2" if source == "h1" else "h1"
-            outcome = run_cell(lab, cell, source, destination, ip, memory)
+            outcome = run_cell(lab, tap, cell, source, destination, ip, memory)
             outcomes.append(outcome)
             flag = "" if (outcome.fired and not outcome.lost and not outcome.ran_twice
                           and not outcome.leftovers) else "  <-- look"  # fmt: skip

@@ -23,9 +23,15 @@ def enabled() -> bool:
     return os.environ.get("FERRY_ALLOW_FAULTS") == "1"
 
 
+def carried(cmd: StepCommand) -> set[str]:
+    """The faults the migration carries ("restore+kill:resume_source:before" is two)."""
+    value = cmd.facts.get("inject_fault")
+    return set(value.split("+")) if isinstance(value, str) and enabled() else set()
+
+
 def fires(cmd: StepCommand, fault: str, state_dir: Path) -> bool:
-    """True exactly once for the migration if `fault` is the one it carries."""
-    if not enabled() or cmd.kind != "forward" or cmd.facts.get("inject_fault") != fault:
+    """True exactly once for the migration if it carries `fault`."""
+    if fault not in carried(cmd):
         return False
     marker = state_dir / "chaos" / f"{cmd.migration_id}.{fault.replace(':', '-')}"
     if marker.exists():

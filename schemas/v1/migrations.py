@@ -23,7 +23,9 @@ Fact = str | int | float | bool | None
 #   kill:STEP:before|after  the worker running STEP is SIGKILLed before/after its side effect
 #   duplicate:STEP          STEP's command is delivered twice
 #   corrupt:transfer        the first transfer's bytes are damaged on the way
-FAULT_PATTERN = r"^(restore|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))$"
+#   several at once, joined with "+" (e.g. restore+kill:resume_source:before)
+_ONE_FAULT = r"(restore|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))"
+FAULT_PATTERN = rf"^{_ONE_FAULT}(\+{_ONE_FAULT})*$"
 FAULT_EXAMPLES = ("restore", "kill:dump:before", "duplicate:restore", "corrupt:transfer")
 FaultPoint = Annotated[str, StringConstraints(pattern=FAULT_PATTERN)]
 

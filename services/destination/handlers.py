@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from schemas.v1.containers import ContainerCreated, CreateContainer
 from schemas.v1.migrations import StepCommand
+from services import faults
 from services.errors import RuntimeFailure
 from services.runtime.containers import HostContainers
 from services.runtime.migration import MigrationHost
@@ -35,7 +36,7 @@ async def restore(
         placement,
         cmd.migration_id,
         fact_float(cmd, "frozen_at"),
-        sabotage=cmd.facts.get("inject_fault") == "restore",
+        sabotage="restore" in faults.carried(cmd),
     )
     await progress(f"{cmd.container} restored, network held until the commit", None, None)
     return StepOutcome(facts=dict(facts))
