@@ -177,7 +177,12 @@ class EventTap:
         import nats
 
         async def main() -> None:
-            nc = await nats.connect(self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+            async def quiet(_: Exception) -> None:
+                return None  # NATS restarts are part of the show
+
+            nc = await nats.connect(
+                self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet
+            )
 
             async def seen(msg: Any) -> None:
                 with self.changed:
@@ -327,10 +332,7 @@ def run_cell(
             outcome.fired, outcome.evidence = _external_fault(
                 lab, tap, since, cell, migration_id, host, source, destination, pids
             )
-        finished = tap.wait(
-            since, lambda e: e["type"] == "finished" and e["migration_id"] == migration_id, 240
-        )
-        outcome.state = finished["state"] if finished else "unfinished"
+        outcome.state = _wait_for_end(lab, tap, since, migration_id, 240)
     finally:
         if cli.poll() is None:
             cli.terminate()
@@ -367,6 +369,27 @@ def run_cell(
         outcome.fired, outcome.evidence = _ferry_fault_evidence(lab, cell, migration_id, err)
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
+
+
+def _wait_for_end(lab: str, tap: EventTap, since: int, migration_id: str, timeout: float) -> str:
+    """The migration's final state: from its event, or from its record if the event is late."""
+    deadline = time.monotonic() + timeout
+    while migration_id and time.monotonic() < deadline:
+        finished = tap.wait(
+            since, lambda e: e["type"] == "finished" and e["migration_id"] == migration_id, 2
+        )
+        if finished:
+            return str(finished["state"])
+        record = json.loads(
+            ferry(lab, "status", migration_id, "--json", check=False).stdout or "{}"
+        )
+        if record.get("state") in ("completed", "rolled_back", "failed"):
+            # The record is written before the end is announced: give the event a moment.
+            late = tap.wait(
+                since, lambda e: e["type"] == "finished" and e["migration_id"] == migration_id, 15
+            )
+            return str(record["state"]) if late else f"{record['state']} (no event)"
+    return "unfinished"
 
 
 def _external_fault(

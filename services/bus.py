@@ -245,9 +245,12 @@ async def publish_command(
     )
 
 
-async def publish_event(js: JetStreamContext, migration_id: str, event: BaseModel) -> None:
+async def publish_event(
+    js: JetStreamContext, migration_id: str, event: BaseModel, msg_id: str | None = None
+) -> None:
     await js.publish(
         subjects.event_subject(migration_id),
         event.model_dump_json().encode(),
         stream=subjects.EVENTS_STREAM,
+        headers={"Nats-Msg-Id": msg_id} if msg_id else None,
     )

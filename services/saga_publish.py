@@ -5,6 +5,7 @@ from __future__ import annotations
 from nats.js import JetStreamContext
 
 from schemas import subjects
+from schemas.v1.migrations import Finished, MigrationRecord
 from services import bus
 from services.tracecontext import headers_for
 from workflows.saga import Decision, SagaDefinition
@@ -35,4 +36,20 @@ async def publish_decision(
             headers,
         )
     for event in decision.events:
-        await bus.publish_event(js, record.id, event)
+        # The end is announced once, however often a crash makes us announce it again.
+        msg_id = f"{record.id}.finished" if getattr(event, "type", "") == "finished" else None
+        await bus.publish_event(js, record.id, event, msg_id)
+
+
+async def announce_end(js: JetStreamContext, record: MigrationRecord) -> None:
+    """Re-announce a finished migration (deduplicated): the first announcement may have been
+    lost when the bus went down between the record's last write and the event."""
+    finished = Finished(
+        migration_id=record.id,
+        at=record.updated_at,
+        state=record.state,
+        freeze_ms=record.freeze_ms,
+        bytes_moved=record.bytes_moved,
+        error=record.error,
+    )
+    await bus.publish_event(js, record.id, finished, f"{record.id}.finished")

@@ -24,7 +24,7 @@ from schemas.v1.migrations import MigrationRecord, StepCommand, StepProgress
 from services import bus, faults, tracing
 from services.errors import Conflict, FerryError
 from services.kvstores import KvMigrationStore, KvPlacementStore
-from services.saga_publish import publish_decision
+from services.saga_publish import announce_end, publish_decision
 from services.steps import StepHandler, StepOutcome
 from services.worker import WorkerContext
 from workflows.saga import (
@@ -111,6 +111,8 @@ class SagaRunner:
             await publish_decision(
                 self.ctx.js, definition, Decision(record, pending_commands(record))
             )
+            if record.state in ("completed", "rolled_back", "failed"):
+                await announce_end(self.ctx.js, record)
             await msg.ack()
             return
         key = (command.migration_id, command.kind, command.step, command.attempt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -30,6 +31,7 @@ from services.errors import FerryError, NotFound, RuntimeFailure, Unavailable, f
 from services.kvstores import KvMigrationStore
 
 INTAKE_TIMEOUT_S = 15.0
+RECORD_POLL_S = 3.0
 EVENTS = TypeAdapter(Event)
 
 
@@ -113,15 +115,29 @@ async def follow(nc: NATS, migration_id: str, deadline_s: float) -> None:
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.ALL,
     )
+    store = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
+    give_up = time.monotonic() + deadline_s
     try:
-        await asyncio.wait_for(done.wait(), deadline_s)
-    except TimeoutError as exc:
-        raise RuntimeFailure(
-            f"migration {migration_id} has not finished after {deadline_s:.0f}s;"
-            f" follow it with `ferry status {migration_id}`"
-        ) from exc
+        while not done.is_set():
+            # Events are the fast path; the record is the truth if one went missing
+            # (the bus restarting between the record's last write and its event).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), RECORD_POLL_S)
+            if done.is_set():
+                break
+            with contextlib.suppress(Exception):
+                found = await store.get(migration_id)
+                if found and found[0].state in ("completed", "rolled_back", "failed"):
+                    say(f"{found[0].state} (read from the record)")
+                    break
+            if time.monotonic() > give_up:
+                raise RuntimeFailure(
+                    f"migration {migration_id} has not finished after {deadline_s:.0f}s;"
+                    f" follow it with `ferry status {migration_id}`"
+                )
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
 async def _migrate(args: argparse.Namespace) -> MigrationRecord:
