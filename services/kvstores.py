@@ -76,6 +76,21 @@ class KvAddressPool:
             return ip
         raise Unavailable(f"no free address left in the pool ({len(candidates)} in all)")
 
+    async def owners(self) -> dict[str, str]:
+        try:
+            keys = await self.kv.keys()
+        except Exception:  # nats-py raises NoKeysError for an empty bucket
+            return {}
+        found = {}
+        for key in keys:
+            try:
+                entry = await self.kv.get(key)
+            except KeyNotFoundError:
+                continue
+            if entry.value:
+                found[key.replace("-", ".")] = entry.value.decode()
+        return found
+
     async def release(self, ip: str, owner: str) -> None:
         key = subjects.ip_key(ip)
         try:

@@ -9,7 +9,7 @@ from schemas.v1.containers import ContainerRemoved, RemoveContainer
 from schemas.v1.migrations import StepCommand
 from services import bus, watchdog
 from services.cleanup import collector, handlers
-from services.kvstores import KvMigrationStore
+from services.kvstores import KvAddressPool, KvMigrationStore
 from services.saga_runner import SagaRunner
 from services.steps import Progress, StepOutcome
 from services.worker import WorkerContext, log, main
@@ -35,12 +35,20 @@ async def register(ctx: WorkerContext) -> None:
     migrations = KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET))
     ctx.spawn(watchdog.run(ctx.js, migrations, interval=ctx.config.watchdog_interval_s))
 
+    addresses = KvAddressPool(await bus.bucket(ctx.js, subjects.IPAM_BUCKET))
+
     async def collect_forever() -> None:
+        suspects: set[str] = set()
         while True:
             try:
                 await collector.collect(
                     ctx.containers, ctx.placements, migrations, ctx.config.collector_min_age_s
                 )
+                released, suspects = await collector.collect_addresses(
+                    addresses, ctx.placements, suspects
+                )
+                if released:
+                    log.info("released orphan addresses %s", released)
             except Exception as exc:  # never let a sweep take the worker down
                 log.warning("leftover collection failed: %s", exc)
             await asyncio.sleep(ctx.config.collector_interval_s)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from services.runtime import netlock
 from services.runtime.containers import HostContainers
 from services.runtime.migration import kill_migration_processes
 from services.runtime.netns import destroy, host_veth_name
@@ -37,9 +38,14 @@ class Collected:
     migrations: list[str] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
+    network_holds: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
 
     def any(self) -> bool:
-        return bool(self.migrations or self.containers or self.netns)
+        return bool(
+            self.migrations or self.containers or self.netns or self.network_holds
+            or self.addresses
+        )  # fmt: skip
 
 
 def _age(path: Path, now: float) -> float:
@@ -77,6 +83,13 @@ async def collect(
             if placement.migration_id and await migrations.is_live(placement.migration_id):
                 continue  # a move is under way: its saga owns both copies
             if placement.host == config.host:
+                # It runs here and nothing is moving it: no hold or CRIU lock may stay on
+                # its network (a left-over chain would cut it off from every client).
+                netns_path = config.netns_dir / name
+                if netns_path.exists() and await netlock.is_held(netns_path):
+                    await netlock.release(netns_path)
+                    await netlock.remove_criu_lock(netns_path)
+                    done.network_holds.append(name)
                 continue
         elif _age(config.containers_dir / name, now) < min_age:
             continue  # being created right now: its placement is about to appear
@@ -94,3 +107,29 @@ async def collect(
     if done.any():
         log.info("collected leftovers: %s", done)
     return done
+
+
+class AddressLedger(Protocol):
+    """Datacenter address reservations, each with the container that owns it."""
+
+    async def owners(self) -> dict[str, str]: ...
+
+    async def release(self, ip: str, owner: str) -> None: ...
+
+
+async def collect_addresses(
+    ledger: AddressLedger, placements: PlacementStore, suspects: set[str]
+) -> tuple[list[str], set[str]]:
+    """Release reservations whose owner has no placement — confirmed on two sweeps in a row,
+    so a create that reserved its address a moment ago is never robbed."""
+    released: list[str] = []
+    still: set[str] = set()
+    for ip, owner in (await ledger.owners()).items():
+        if await placements.get(owner) is not None:
+            continue
+        if ip in suspects:
+            await ledger.release(ip, owner)
+            released.append(ip)
+        else:
+            still.add(ip)
+    return released, still
