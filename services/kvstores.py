@@ -15,6 +15,14 @@ from schemas.v1.migrations import MigrationRecord
 from services.errors import Conflict, NotFound, Unavailable
 
 
+async def _keys(kv: KeyValue) -> list[str]:
+    """A bucket's keys; none when it is empty (nats-py raises NoKeysError) or unreadable."""
+    try:
+        return list(await kv.keys())
+    except Exception:
+        return []
+
+
 class KvPlacementStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -51,10 +59,7 @@ class KvPlacementStore:
         await self.kv.delete(name)
 
     async def all(self) -> list[Placement]:
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError for an empty bucket
-            return []
+        keys = await _keys(self.kv)
         found = []
         for key in keys:
             got = await self.get(key)
@@ -77,10 +82,7 @@ class KvAddressPool:
         raise Unavailable(f"no free address left in the pool ({len(candidates)} in all)")
 
     async def owners(self) -> dict[str, str]:
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError for an empty bucket
-            return {}
+        keys = await _keys(self.kv)
         found = {}
         for key in keys:
             try:
@@ -149,10 +151,7 @@ class KvMigrationStore:
         return found[0].state in ("running", "compensating")
 
     async def all(self) -> list[MigrationRecord]:
-        try:
-            keys = await self.kv.keys()
-        except Exception:  # nats-py raises NoKeysError for an empty bucket
-            return []
+        keys = await _keys(self.kv)
         records = []
         for key in keys:
             got = await self.get(key)
@@ -182,10 +181,7 @@ class KvHostDirectory:
         return registration.address
 
     async def known_hosts(self) -> list[str]:
-        try:
-            return sorted(await self.registry.keys())
-        except Exception:
-            return []
+        return sorted(await _keys(self.registry))
 
     async def alive(self, host: str) -> bool:
         try:

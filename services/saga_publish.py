@@ -12,9 +12,7 @@ from workflows.saga import Decision, SagaDefinition
 
 
 def command_role(definition: SagaDefinition, step: str, kind: str) -> str:
-    if kind == "forward":
-        return definition.step(step).role
-    return definition.compensation(step)[1].role
+    return definition.action(step, kind).role
 
 
 async def publish_decision(

@@ -197,11 +197,7 @@ class SagaRunner:
                     "retry backoff", attributes={"ferry.wait_s": round(wait, 3)}
                 ):
                     await asyncio.sleep(wait)
-            timeout = (
-                definition.step(command.step).timeout_s
-                if command.kind == "forward"
-                else definition.compensation(command.step)[1].timeout_s
-            )
+            timeout = definition.action(command.step, command.kind).timeout_s
 
             async def progress(
                 text: str, done: int | None = None, total: int | None = None

@@ -37,11 +37,7 @@ def overdue(record: MigrationRecord, now: float, grace: float = GRACE_S) -> Deci
         return None
     if now > record.deadline + grace and record.state == "running" and not record.committed:
         return cancelled(definition, record, "deadline passed without the move finishing", now)
-    timeout = (
-        definition.step(entry.name).timeout_s
-        if entry.kind == "forward"
-        else definition.compensation(entry.name)[1].timeout_s
-    )
+    timeout = definition.action(entry.name, entry.kind).timeout_s
     started = entry.started_at or record.updated_at
     if now <= started + timeout + grace:
         return None

@@ -93,6 +93,10 @@ class SagaDefinition:
                 return step, step.compensation
         raise KeyError(name)
 
+    def action(self, name: str, kind: str) -> Step | Compensation:
+        """The step or compensation a command names: its role, timeout and retry policy."""
+        return self.step(name) if kind == "forward" else self.compensation(name)[1]
+
     @property
     def total_timeout_s(self) -> float:
         forward = sum(s.timeout_s * s.retry.max_attempts for s in self.steps)
@@ -361,11 +365,7 @@ def step_failed(
     entry = _is_current(record, command.step, command.kind, command.attempt)
     if entry is None:
         return Decision(record, pending_commands(record), changed=False)
-    policy = (
-        defn.step(entry.name).retry
-        if entry.kind == "forward"
-        else defn.compensation(entry.name)[1].retry
-    )
+    policy = defn.action(entry.name, entry.kind).retry
     duration = _duration_ms(entry, now)
     will_retry = error.retryable and entry.attempts < policy.max_attempts
     failed_event = StepFinished(

@@ -65,11 +65,11 @@ class Writer:
             self.written += 1
 
 
-@pytest.fixture
-def redis_on_h1(lab2: str, redis_rootfs: Path) -> Iterator[str]:
+def start_redis(lab: str, rootfs: Path) -> str:
+    """Run redis-server as container "redis" on h1; its address once it answers PING."""
     run = ferry(
-        lab2, "container", "run", "--host", "h1", "--name", "redis", "--rootfs",
-        str(redis_rootfs), "--", *REDIS_ARGS,
+        lab, "container", "run", "--host", "h1", "--name", "redis", "--rootfs", str(rootfs),
+        "--", *REDIS_ARGS,
     )  # fmt: skip
     assert run.code == 0, run.stderr
     ip = run.stdout.strip().splitlines()[-1]
@@ -77,12 +77,16 @@ def redis_on_h1(lab2: str, redis_rootfs: Path) -> Iterator[str]:
     while True:
         try:
             if connect(ip).ping():
-                break
+                return ip
         except redis.ConnectionError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-    yield ip
+
+
+@pytest.fixture
+def redis_on_h1(lab2: str, redis_rootfs: Path) -> Iterator[str]:
+    yield start_redis(lab2, redis_rootfs)
     ferry(lab2, "container", "rm", "redis")
 
 

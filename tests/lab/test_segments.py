@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.workloads import REDIS_ARGS, build_redis_rootfs
+from deploy.workloads import build_redis_rootfs
 from tests.conftest import new_lab_name
-from tests.lab.test_connections import Writer, connect
+from tests.lab.test_connections import Writer, connect, start_redis
 from tests.support.cli import ferry
 from tests.support.inventory import lab_inventory
 
@@ -59,23 +59,8 @@ def test_hosts_sit_on_different_segments(zones: str) -> None:
 
 
 def test_redis_moves_across_segments_with_its_client_connected(zones: str, tmp_path: Path) -> None:
-    rootfs = build_redis_rootfs(tmp_path / "rootfs")
-    run = ferry(
-        zones, "container", "run", "--host", "h1", "--name", "redis", "--rootfs", str(rootfs),
-        "--", *REDIS_ARGS,
-    )  # fmt: skip
-    assert run.code == 0, run.stderr
-    ip = run.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client = connect(ip)
-            client.ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    ip = start_redis(zones, build_redis_rootfs(tmp_path / "rootfs"))
+    client = connect(ip)
     client_id = client.client_id()
     writer = Writer(client)
     thread = threading.Thread(target=writer.run)
