@@ -63,6 +63,9 @@ class Step:
     timeout_s: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     compensation: Compensation | None = None
+    # After the commit only: if this step fails for good, run these in order and hand the
+    # container back to the source (post-copy's stopped source is still there).
+    fallback: tuple[Compensation, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class SagaDefinition:
         for step in self.steps[commit + 1 :]:
             if step.compensation is not None:
                 raise ValueError(f"{step.name} runs after the commit: nothing may roll it back")
+        for step in self.steps[: commit + 1]:
+            if step.fallback:
+                raise ValueError(f"{step.name} runs before the commit: compensate it instead")
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
@@ -91,6 +97,10 @@ class SagaDefinition:
         for step in self.steps:
             if step.compensation is not None and step.compensation.name == name:
                 return step, step.compensation
+        for step in self.steps:
+            for action in step.fallback:
+                if action.name == name:
+                    return step, action
         raise KeyError(name)
 
     def action(self, name: str, kind: str) -> Step | Compensation:
@@ -101,9 +111,9 @@ class SagaDefinition:
     def total_timeout_s(self) -> float:
         forward = sum(s.timeout_s * s.retry.max_attempts for s in self.steps)
         back = sum(
-            s.compensation.timeout_s * s.compensation.retry.max_attempts
+            c.timeout_s * c.retry.max_attempts
             for s in self.steps
-            if s.compensation
+            for c in ((s.compensation,) if s.compensation else s.fallback)
         )
         return forward + back
 
@@ -274,7 +284,7 @@ def step_succeeded(
         updates["freeze_ms"] = freeze
     if entry.kind == "forward" and entry.name == defn.commit_after:
         updates["committed"] = True
-    if entry.kind == "compensation":
+    if entry.kind == "compensation" and _falling_back(defn, record) is None:
         forward, _ = defn.compensation(entry.name)
         steps = tuple(
             s.model_copy(update={"status": "compensated"})
@@ -332,7 +342,49 @@ def _to_compensate(defn: SagaDefinition, record: MigrationRecord) -> list[Step]:
     ]
 
 
+def _falling_back(defn: SagaDefinition, record: MigrationRecord) -> Step | None:
+    """The step after the commit whose failure is being answered by its fallback, if any."""
+    if not record.committed:
+        return None
+    failed = [s for s in record.steps if s.kind == "forward" and s.status == "failed"]
+    for entry in reversed(failed):
+        step = defn.step(entry.name)
+        if step.fallback:
+            return step
+    return None
+
+
+def _next_fallback(
+    defn: SagaDefinition, record: MigrationRecord, step: Step, now: float
+) -> Decision:
+    """The next action of `step`'s fallback; when all ran, the source has the container."""
+    index = max(i for i, s in enumerate(record.steps) if s.name == step.name)
+    done = [s for s in record.steps[index + 1 :] if s.kind == "compensation" and s.status == "done"]
+    if len(done) < len(step.fallback):
+        action = step.fallback[len(done)]
+        entry = StepRecord(
+            name=action.name,
+            kind="compensation",
+            role=action.role,
+            host=host_of(record, action.side),
+            status="running",
+            attempts=1,
+            started_at=now,
+        )
+        return _start_entry(record.model_copy(update={"state": "compensating"}), entry, now)
+    steps = _replace_last(record, record.steps[index], status="compensated")
+    failure = record.steps[index].error
+    reason = (
+        f"{step.name} failed after the commit: {failure}; fell back to {record.source}"
+        " (the copy it kept stopped)"
+    )
+    return _finish(record.model_copy(update={"steps": steps}), "rolled_back", now, reason)
+
+
 def _next_compensation(defn: SagaDefinition, record: MigrationRecord, now: float) -> Decision:
+    falling_back = _falling_back(defn, record)
+    if falling_back is not None:
+        return _next_fallback(defn, record, falling_back, now)
     undone = {s.name for s in record.steps if s.kind == "compensation" and s.status == "done"}
     for step in _to_compensate(defn, record):
         assert step.compensation is not None
@@ -398,6 +450,8 @@ def step_failed(
         decision = _finish(
             record, "failed", now, f"compensation {entry.name} failed: {error.reason}"
         )
+    elif record.committed and defn.step(entry.name).fallback:
+        decision = _next_fallback(defn, record, defn.step(entry.name), now)
     elif record.committed:
         # Past the point of no return the destination owns the container: clean up
         # forward only, and say the move needs attention rather than roll it back.
