@@ -30,12 +30,9 @@ from typing import Any
 from deploy.lab.layout import LabLayout, read_spec
 from deploy.workloads import build_rootfs, query, wait_until_serving
 from services.runtime.netns import host_veth_name
+from workflows.definitions import DEFINITIONS
 
 FERRY = str(Path(sys.executable).parent / "ferry")
-STEPS = (
-    "preflight", "prepare_destination", "dump", "transfer", "restore", "verify", "commit",
-    "open_network", "clean_source",
-)  # fmt: skip
 CHAOS_ENV = {
     # Shortened so a killed worker's command comes back within seconds (configuration only).
     "FERRY_COMMAND_BACKOFF_S": "1,2,4,8",
@@ -46,23 +43,25 @@ CHAOS_ENV = {
 NAME = "victim"
 
 
-COMPENSATIONS = ("stop_destination", "resume_source", "discard_destination")
+STRATEGIES = ("stop-and-copy", "post-copy")  # pre-copy cannot run on this kernel
 ROLES = ("source", "transfer", "destination", "cleanup")
-# Which role runs each step, and on which side of the move.
-RUNS = {
-    "preflight": ("source", "source"),
-    "prepare_destination": ("destination", "destination"),
-    "dump": ("source", "source"),
-    "transfer": ("transfer", "source"),
-    "restore": ("destination", "destination"),
-    "verify": ("destination", "destination"),
-    "commit": ("destination", "destination"),
-    "open_network": ("destination", "destination"),
-    "clean_source": ("cleanup", "source"),
-    "stop_destination": ("destination", "destination"),
-    "resume_source": ("source", "source"),
-    "discard_destination": ("destination", "destination"),
-}
+
+
+def _actions(strategy: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A strategy's forward steps and its compensations, from its saga definition."""
+    steps = DEFINITIONS[strategy].steps
+    compensations = tuple(s.compensation.name for s in reversed(steps) if s.compensation)
+    return tuple(s.name for s in steps), compensations
+
+
+COMPENSATIONS = _actions("stop-and-copy")[1]
+# Which role runs each step or compensation, and on which side of the move.
+RUNS: dict[str, tuple[str, str]] = {}
+for _definition in DEFINITIONS.values():
+    for _step in _definition.steps:
+        RUNS[_step.name] = (_step.role, _step.side)
+        if _step.compensation:
+            RUNS[_step.compensation.name] = (_step.compensation.role, _step.compensation.side)
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,13 @@ class Cell:
     step: str
     when: str  # before | after | during
     role: str = ""  # for kill: whose worker dies
+    strategy: str = "stop-and-copy"
 
     @property
     def label(self) -> str:
         who = f"[{self.role}]" if self.role else ""
-        return f"{self.fault}{who}:{self.step}:{self.when}"
+        moved_by = "" if self.strategy == "stop-and-copy" else f"{self.strategy}/"
+        return f"{moved_by}{self.fault}{who}:{self.step}:{self.when}"
 
     @property
     def compensating(self) -> bool:
@@ -126,12 +127,9 @@ class Outcome:
         return self.running_now == 0 or not self.memory_intact
 
 
-ALL_STEPS = STEPS + COMPENSATIONS
-
-
-def grid(quick: bool) -> list[Cell]:
+def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
     if quick:
-        return [
+        cells = [
             Cell("kill", "dump", "after", "source"),
             Cell("kill", "resume_source", "before", "destination"),
             Cell("duplicate", "restore", "before"),
@@ -141,12 +139,25 @@ def grid(quick: bool) -> list[Cell]:
             Cell("net-cut", "transfer", "before"),
             Cell("disk-full", "dump", "during"),
         ]
-    cells = [Cell("kill", s, w, r) for s in ALL_STEPS for w in ("before", "after") for r in ROLES]
-    cells += [Cell("duplicate", s, "before") for s in ALL_STEPS]
-    cells += [Cell(f, s, w) for f in ("nats-restart", "net-cut") for s in ALL_STEPS
-              for w in ("before", "after")]  # fmt: skip
-    cells += [Cell("corrupt", "transfer", "during"), Cell("restore-fails", "restore", "during")]
-    cells += [Cell("disk-full", "dump", "during")]
+        post = [
+            Cell("restore-fails", "restore", "during", strategy="post-copy"),
+            Cell("kill", "resume_source", "after", "source", strategy="post-copy"),
+            Cell("kill", "drain_pages", "before", "destination", strategy="post-copy"),
+        ]
+        return [c for c in cells + post if c.strategy in strategies]
+    cells = []
+    for strategy in strategies:
+        steps, compensations = _actions(strategy)
+        every = steps + compensations
+        cells += [Cell("kill", s, w, r, strategy) for s in every for w in ("before", "after")
+                  for r in ROLES]  # fmt: skip
+        cells += [Cell("duplicate", s, "before", strategy=strategy) for s in every]
+        cells += [Cell(f, s, w, strategy=strategy) for f in ("nats-restart", "net-cut")
+                  for s in every for w in ("before", "after")]  # fmt: skip
+        cells += [Cell("corrupt", "transfer", "during", strategy=strategy),
+                  Cell("restore-fails", "restore", "during", strategy=strategy)]  # fmt: skip
+        if strategy == "stop-and-copy":  # post-copy's dump writes no pages to that disk
+            cells += [Cell("disk-full", "dump", "during")]
     return cells
 
 
@@ -317,7 +328,7 @@ def run_cell(
     if cell.fault == "disk-full":
         subprocess.run([*dest_mnt, "mount", "-t", "tmpfs", "-o", "size=512k", "chaosfull",
                         "/var/lib/ferry/migrations"], check=True)  # fmt: skip
-    args = ["migrate", NAME, "--to", destination, "--json"]
+    args = ["migrate", NAME, "--to", destination, "--strategy", cell.strategy, "--json"]
     if cell.injected():
         args += ["--inject-fault", "+".join(cell.injected())]
     since = tap.mark()
@@ -485,15 +496,15 @@ def table(outcomes: list[Outcome]) -> str:
         c["leftovers"] += bool(o.leftovers)
         c["fired"] += o.fired
     cols = ["runs", "fired", "completed", "rolled back", "failed", "lost", "ran twice", "leftovers"]
-    lines = [f"{'fault':<28} {'step':<20} " + " ".join(f"{c:>11}" for c in cols)]
+    lines = [f"{'fault':<40} {'step':<20} " + " ".join(f"{c:>11}" for c in cols)]
     for label, c in rows.items():
         fault, step, when = label.split(":")
         name = f"{fault}:{when}"
-        lines.append(f"{name:<28} {step:<20} " + " ".join(f"{c[k]:>11}" for k in cols))
+        lines.append(f"{name:<40} {step:<20} " + " ".join(f"{c[k]:>11}" for k in cols))
     total = Counter[str]()
     for c in rows.values():
         total.update(c)
-    lines.append(f"{'total':<28} {len(rows):<20} " + " ".join(f"{total[k]:>11}" for k in cols))
+    lines.append(f"{'total':<40} {len(rows):<20} " + " ".join(f"{total[k]:>11}" for k in cols))
     return "\n".join(lines)
 
 
@@ -505,6 +516,9 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, default=Path("bench/chaos.json"))
     parser.add_argument("--lab", default=os.environ.get("FERRY_LAB", "chaos"))
+    parser.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="comma-separated, default: all"
+    )
     args = parser.parse_args()
     lab = args.lab
     ferry(lab, "lab", "down", check=False)
@@ -520,7 +534,7 @@ def main() -> int:
         spec = read_spec(LabLayout(lab))
         assert spec is not None
         tap = EventTap(spec.nats_url)
-        cells = grid(args.quick)
+        cells = grid(args.quick, tuple(args.strategies.split(",")))
         plan = [(c, r) for c in cells for r in range(args.repeat)]
         print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {lab}", file=sys.stderr)
         for n, (cell, _) in enumerate(plan, 1):

@@ -35,6 +35,7 @@ def ip_key(ip: str) -> str:
 # Migrations.
 MIGRATION_REQUEST = f"{PREFIX}.migrations.request"  # request/reply, answered by source workers
 MIGRATION_CANCEL = f"{PREFIX}.migrations.cancel"  # request/reply, same queue group
+PAGE_SERVER = "migration.page-server"  # per host: a page server for one pre-copy round
 HOST_CHECK = "migration.check"  # per host: can this host play its part (dry run)
 INTAKE_QUEUE = "ferry-intake"  # queue group: any one host's source worker answers
 MIGRATIONS_BUCKET = "ferry-migrations"  # "<id>" -> MigrationRecord

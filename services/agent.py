@@ -26,6 +26,7 @@ from schemas.v1.hosts import (
 from services import bus
 from services.config import HostConfig
 from services.errors import Unavailable
+from services.runtime.features import host_features
 from services.worker import setup_logging
 
 log = logging.getLogger("ferry.agent")
@@ -102,8 +103,13 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
     await bus.ensure_topology(js)
     kv = await bus.bucket(js, subjects.HOSTS_BUCKET)
     registry = await bus.bucket(js, subjects.REGISTRY_BUCKET)
+    features, missing = await host_features()
     registration = HostRegistration(
-        host=config.host, address=config.address, registered_at=time.time()
+        host=config.host,
+        address=config.address,
+        registered_at=time.time(),
+        features=features,
+        missing=missing,
     )
     await registry.put(config.host, registration.to_bytes())
     while not stopping.is_set():

@@ -59,10 +59,6 @@ class HostConfig:
         return self.state_dir / "runc"
 
     @property
-    def criu_config(self) -> Path:
-        return self.state_dir / "criu" / "runc.conf"
-
-    @property
     def layers_dir(self) -> Path:
         return self.state_dir / "layers"
 

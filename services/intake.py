@@ -17,12 +17,13 @@ from opentelemetry import propagate
 from pydantic import ValidationError
 
 from schemas import subjects
+from schemas.v1.hosts import HostRegistration
 from schemas.v1.migrations import (
-    BUILT_STRATEGIES,
     CancelAccepted,
     CancelRequest,
     CheckResult,
     DryRunReport,
+    Fact,
     HostCheck,
     HostCheckReply,
     MigrationAccepted,
@@ -35,8 +36,9 @@ from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavai
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga_publish import publish_decision
 from services.tracecontext import new_traceparent
+from workflows.definitions import DEFINITIONS
 from workflows.saga import begin, request_cancel
-from workflows.stop_and_copy import DEFINITIONS
+from workflows.strategy import HostFeatures, StrategyUnavailable, choose
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
@@ -65,11 +67,6 @@ def parse_request(data: bytes) -> MigrationRequest:
             "fault injection is off on these hosts (start the lab with --allow-faults)",
             field="inject_fault",
         )
-    if request.strategy not in BUILT_STRATEGIES:
-        raise InvalidInput(
-            f"{request.strategy} is not available yet; built: {', '.join(BUILT_STRATEGIES)}",
-            field="strategy",
-        )
     return request
 
 
@@ -82,6 +79,25 @@ async def _host_check(nc: NATS, host: str, check: HostCheck) -> HostCheckReply:
     except FerryError as exc:
         failed = CheckResult(host=host, check="host answers", ok=False, detail=exc.reason)
         return HostCheckReply(checks=(failed,))
+
+
+def _features(host: str, registration: HostRegistration | None) -> HostFeatures:
+    if registration is None:
+        return HostFeatures(host, (), {})
+    return HostFeatures(host, registration.features, registration.missing)
+
+
+def _request_facts(request: MigrationRequest) -> dict[str, Fact]:
+    """What the steps need to know of the request."""
+    facts: dict[str, Fact] = {
+        "downtime_budget_ms": request.downtime_budget_ms,
+        "compress": request.compress,
+    }
+    if request.bandwidth_limit_mib_s:
+        facts["bandwidth_limit_bps"] = round(request.bandwidth_limit_mib_s * 2**20)
+    if request.inject_fault:
+        facts["inject_fault"] = request.inject_fault
+    return facts
 
 
 class Intake:
@@ -112,7 +128,8 @@ class Intake:
                 f"{request.container} runs on {placement.host}, not {request.source}",
                 field="source",
             )
-        if await self.hosts.registered(request.destination) is None:
+        destination = await self.hosts.registered(request.destination)
+        if destination is None:
             known = ", ".join(await self.hosts.known_hosts()) or "none"
             raise NotFound(
                 f"unknown host {request.destination!r} (known: {known})", field="destination"
@@ -130,8 +147,18 @@ class Intake:
                 f"{request.container} is {placement.state}{moving}; try again when it is running",
                 field="container",
             )
+        source = await self.hosts.registered(placement.host)
+        try:
+            strategy = choose(
+                request.strategy,
+                request.downtime_budget_ms,
+                _features(placement.host, source),
+                _features(request.destination, destination),
+            )
+        except StrategyUnavailable as exc:
+            raise InvalidInput(str(exc), field="strategy") from exc
         if request.dry_run:
-            return await self.dry_run(request, placement.host)
+            return await self.dry_run(request, placement.host, strategy)
 
         migration_id = uuid.uuid4().hex[:16]
         # The root span's ids are reserved here; the worker that ends the saga records it.
@@ -144,8 +171,8 @@ class Intake:
                 "ferry.container": request.container,
                 "ferry.source": placement.host,
                 "ferry.destination": request.destination,
-                "ferry.strategy": request.strategy,
-                "ferry.strategy_reason": "requested",
+                "ferry.strategy": strategy.chosen,
+                "ferry.strategy_reason": strategy.reason,
                 "ferry.host": os.environ.get("FERRY_HOST", ""),
             },
         ):
@@ -156,26 +183,28 @@ class Intake:
                 revision,
             )
         now = time.time()
-        definition = DEFINITIONS[request.strategy]
+        definition = DEFINITIONS[strategy.chosen]
         record = MigrationRecord(
             id=migration_id,
             container=request.container,
             source=placement.host,
             destination=request.destination,
-            strategy=StrategyChoice(chosen=request.strategy, reason="requested"),
+            strategy=strategy,
             trace_id=trace_id,
             traceparent=traceparent,
             created_at=now,
             updated_at=now,
             deadline=now,
-            facts={"inject_fault": request.inject_fault} if request.inject_fault else {},
+            facts={**_request_facts(request), "strategy": strategy.chosen},
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
         await publish_decision(self.js, definition, decision)
         return MigrationAccepted(id=migration_id)
 
-    async def dry_run(self, request: MigrationRequest, source: str) -> DryRunReport:
+    async def dry_run(
+        self, request: MigrationRequest, source: str, strategy: StrategyChoice
+    ) -> DryRunReport:
         """Pre-flight only: ask both hosts whether they can play their part."""
         on_source = await _host_check(
             self.nc, source, HostCheck(container=request.container, side="source")
@@ -189,7 +218,13 @@ class Intake:
                 needed_bytes=on_source.memory_bytes,
             ),
         )
-        checks = on_source.checks + on_destination.checks
+        chosen = CheckResult(
+            host=f"{source}->{request.destination}",
+            check=f"strategy {strategy.chosen}",
+            ok=True,
+            detail=strategy.reason,
+        )
+        checks = (*on_source.checks, *on_destination.checks, chosen)
         return DryRunReport(ok=all(c.ok for c in checks), checks=checks)
 
     async def cancel(self, data: bytes) -> CancelAccepted:

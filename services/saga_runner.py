@@ -27,6 +27,7 @@ from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.saga_publish import announce_end, publish_decision
 from services.steps import StepHandler, StepOutcome
 from services.worker import WorkerContext
+from workflows.definitions import DEFINITIONS
 from workflows.saga import (
     Decision,
     SagaDefinition,
@@ -36,7 +37,6 @@ from workflows.saga import (
     step_failed,
     step_succeeded,
 )
-from workflows.stop_and_copy import DEFINITIONS
 
 log = logging.getLogger("ferry.saga")
 
@@ -46,6 +46,17 @@ CAS_ATTEMPTS = 20
 
 def definition_of(record: MigrationRecord) -> SagaDefinition:
     return DEFINITIONS[record.strategy.chosen]
+
+
+def rate_and_eta(
+    done: int | None, total: int | None, elapsed_s: float
+) -> tuple[float | None, float | None]:
+    """Average rate since the step began, and the time left at that rate."""
+    if not done or elapsed_s <= 0:
+        return None, None
+    rate = done / elapsed_s
+    eta = max(total - done, 0) / rate if total else None
+    return round(rate), (round(eta, 1) if eta is not None else None)
 
 
 class SagaRunner:
@@ -199,17 +210,23 @@ class SagaRunner:
                     await asyncio.sleep(wait)
             timeout = definition.action(command.step, command.kind).timeout_s
 
+            began = time.monotonic()
+
             async def progress(
                 text: str, done: int | None = None, total: int | None = None
             ) -> None:
+                rate, eta = rate_and_eta(done, total, time.monotonic() - began)
                 event = StepProgress(
                     migration_id=command.migration_id,
                     at=time.time(),
                     step=command.step,
                     host=self.ctx.config.host,
                     message=text,
+                    phase=command.step,
                     bytes_done=done,
                     bytes_total=total,
+                    rate_bps=rate,
+                    eta_s=eta,
                 )
                 with contextlib.suppress(Exception):
                     await bus.publish_event(self.ctx.js, command.migration_id, event)

@@ -38,6 +38,11 @@ def fact_float(cmd: StepCommand, key: str) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
+def strategy_of(cmd: StepCommand) -> str:
+    value = cmd.facts.get("strategy")
+    return value if isinstance(value, str) else "stop-and-copy"
+
+
 def fact_ports(cmd: StepCommand) -> list[int]:
     return [int(p) for p in json.loads(fact_str(cmd, "listening_ports"))]
 

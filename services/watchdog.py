@@ -18,8 +18,8 @@ from schemas.v1.migrations import MigrationRecord
 from services.errors import Conflict
 from services.kvstores import KvMigrationStore
 from services.saga_publish import publish_decision
+from workflows.definitions import DEFINITIONS
 from workflows.saga import Decision, StepError, cancelled, current, pending_commands, step_failed
-from workflows.stop_and_copy import DEFINITIONS
 
 log = logging.getLogger("ferry.watchdog")
 

@@ -45,3 +45,7 @@ class HostRegistration(Message):
     host: str
     address: str
     registered_at: float
+    features: tuple[str, ...] = Field(
+        default=(), description="migration features this host supports (lazy_pages, ...)"
+    )
+    missing: dict[str, str] = Field(default_factory=dict, description="features it lacks, and why")

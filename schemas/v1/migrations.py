@@ -11,7 +11,6 @@ from schemas.v1.base import Message, Part
 from schemas.v1.containers import ContainerNameStr, HostNameStr
 
 Strategy = Literal["stop-and-copy", "post-copy", "pre-copy", "auto"]
-BUILT_STRATEGIES: tuple[Strategy, ...] = ("stop-and-copy",)
 Role = Literal["source", "transfer", "destination", "cleanup"]
 Side = Literal["source", "destination"]
 StepKind = Literal["forward", "compensation"]
@@ -23,10 +22,20 @@ Fact = str | int | float | bool | None
 #   kill:STEP:before|after  the worker running STEP is SIGKILLed before/after its side effect
 #   duplicate:STEP          STEP's command is delivered twice
 #   corrupt:transfer        the first transfer's bytes are damaged on the way
+#   lazy-pages-dies         post-copy: the destination's lazy-pages daemon is killed right
+#                           after the restore, with pages still at the source
 #   several at once, joined with "+" (e.g. restore+kill:resume_source:before)
-_ONE_FAULT = r"(restore|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))"
+_ONE_FAULT = (
+    r"(restore|lazy-pages-dies|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))"
+)
 FAULT_PATTERN = rf"^{_ONE_FAULT}(\+{_ONE_FAULT})*$"
-FAULT_EXAMPLES = ("restore", "kill:dump:before", "duplicate:restore", "corrupt:transfer")
+FAULT_EXAMPLES = (
+    "restore",
+    "kill:dump:before",
+    "duplicate:restore",
+    "corrupt:transfer",
+    "lazy-pages-dies",
+)
 FaultPoint = Annotated[str, StringConstraints(pattern=FAULT_PATTERN)]
 
 
@@ -38,7 +47,24 @@ class MigrationRequest(Message):
     source: HostNameStr | None = Field(
         default=None, description="if given, the host the container must be on now"
     )
-    strategy: Strategy = "stop-and-copy"
+    strategy: Strategy = Field(
+        default="auto",
+        description="auto picks the best strategy both hosts support for the downtime budget",
+    )
+    downtime_budget_ms: int = Field(
+        default=300,
+        ge=10,
+        le=600_000,
+        description="longest freeze the workload tolerates (QEMU's default is 300 ms);"
+        " guides auto and pre-copy's rounds",
+    )
+    bandwidth_limit_mib_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=100_000,
+        description="cap on Ferry's own file and image transfers, in MiB/s",
+    )
+    compress: bool = Field(default=False, description="compress file and image transfers")
     dry_run: bool = Field(
         default=False, description="only run the pre-flight checks; change nothing"
     )
@@ -77,6 +103,20 @@ class HostCheck(Message):
 class HostCheckReply(Message):
     checks: tuple[CheckResult, ...]
     memory_bytes: int = 0
+
+
+class StartPageServer(Message):
+    """Pre-copy: ask the destination for a page server taking one round's pages."""
+
+    migration_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    images: str = Field(pattern=r"^(it-[1-9][0-9]?|images)$", description="it-N or images")
+    parent: str | None = Field(
+        default=None, pattern=r"^\.\./it-[1-9][0-9]?$", description="the previous round's dir"
+    )
+
+
+class PageServerStarted(Message):
+    address: str
 
 
 class CancelRequest(Message):
@@ -186,9 +226,11 @@ class StepProgress(EventBase):
     step: str
     host: str
     message: str
+    phase: str | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
     rate_bps: float | None = None
+    eta_s: float | None = None
 
 
 class StepFinished(EventBase):

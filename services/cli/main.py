@@ -88,8 +88,23 @@ def build_parser() -> Parser:
     migrate.add_argument(
         "--strategy",
         choices=["stop-and-copy", "post-copy", "pre-copy", "auto"],
-        default="stop-and-copy",
+        default="auto",
+        help="auto (default) picks the best one both hosts support; the record says why",
     )
+    migrate.add_argument(
+        "--downtime-budget",
+        type=positive_int,
+        default=300,
+        metavar="MS",
+        help="longest freeze the workload tolerates (default 300 ms, QEMU's default)",
+    )
+    migrate.add_argument(
+        "--bandwidth-limit",
+        type=float,
+        metavar="MIB_S",
+        help="cap Ferry's own file and image transfers at this many MiB/s",
+    )
+    migrate.add_argument("--compress", action="store_true", help="compress file transfers")
     migrate.add_argument(
         "--inject-fault",
         metavar="FAULT",

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from schemas import subjects
 from schemas.v1.containers import ContainerCreated, CreateContainer
-from schemas.v1.migrations import HostCheck, HostCheckReply, StepCommand
+from schemas.v1.migrations import (
+    HostCheck,
+    HostCheckReply,
+    PageServerStarted,
+    StartPageServer,
+    StepCommand,
+)
 from services import bus
 from services import preflight as host_checks
 from services.destination import handlers
@@ -38,6 +44,17 @@ async def register(ctx: WorkerContext) -> None:
 
     host, placements = ctx.migration, ctx.placements
 
+    async def start_page_server(cmd: StartPageServer) -> PageServerStarted:
+        return await handlers.start_page_server(cmd, host)
+
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(subjects.PAGE_SERVER),
+        StartPageServer,
+        start_page_server,
+        on_error=ctx.log_error,
+    )
+
     async def prepare(cmd: StepCommand, progress: Progress) -> StepOutcome:
         return await handlers.prepare_destination(cmd, progress, host, placements)
 
@@ -53,6 +70,12 @@ async def register(ctx: WorkerContext) -> None:
     async def open_network(cmd: StepCommand, progress: Progress) -> StepOutcome:
         return await handlers.open_network(cmd, progress, host, placements)
 
+    async def drain_pages(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.drain_pages(cmd, progress, host)
+
+    async def uncommit(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.uncommit(cmd, progress, placements)
+
     async def stop_destination(cmd: StepCommand, progress: Progress) -> StepOutcome:
         return await handlers.stop_destination(cmd, progress, host)
 
@@ -65,6 +88,8 @@ async def register(ctx: WorkerContext) -> None:
         "verify": verify,
         "commit": commit,
         "open_network": open_network,
+        "drain_pages": drain_pages,
+        "uncommit": uncommit,
         "stop_destination": stop_destination,
         "discard_destination": discard_destination,
     }

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 from schemas.v1.containers import ContainerCreated, CreateContainer
-from schemas.v1.migrations import StepCommand
+from schemas.v1.migrations import PageServerStarted, StartPageServer, StepCommand
 from services import faults
 from services.errors import RuntimeFailure
 from services.runtime.containers import HostContainers
 from services.runtime.migration import MigrationHost
-from services.steps import Progress, StepOutcome, fact_float, fact_ports, placement_of
+from services.steps import (
+    Progress,
+    StepOutcome,
+    fact_float,
+    fact_ports,
+    fact_str,
+    placement_of,
+    strategy_of,
+)
 from services.stores import PlacementStore
+
+DRAIN_TIMEOUT_S = 840.0  # inside the step's 900 s
 
 
 async def create_container(cmd: CreateContainer, containers: HostContainers) -> ContainerCreated:
@@ -22,8 +34,14 @@ async def prepare_destination(
 ) -> StepOutcome:
     """Layer present, network namespace built with its link down, page server listening."""
     placement = await placement_of(cmd, placements)
-    facts = await host.prepare(placement, cmd.migration_id)
-    await progress(f"page server listening on {facts['page_server']}", None, None)
+    strategy = strategy_of(cmd)
+    facts = await host.prepare(placement, cmd.migration_id, page_server=strategy == "stop-and-copy")
+    if strategy == "post-copy":
+        await progress("network namespace ready; pages will be pulled from the source", None, None)
+    elif strategy == "pre-copy":
+        await progress("network namespace ready; a page server starts for each round", None, None)
+    else:
+        await progress(f"page server listening on {facts['page_server']}", None, None)
     return StepOutcome(facts=dict(facts))
 
 
@@ -32,13 +50,26 @@ async def restore(
 ) -> StepOutcome:
     """Restore behind a held network: it runs, but no client can reach it yet."""
     placement = await placement_of(cmd, placements)
+    lazy_from = fact_str(cmd, "lazy_pages") if strategy_of(cmd) == "post-copy" else None
     facts = await host.restore(
         placement,
         cmd.migration_id,
         fact_float(cmd, "frozen_at"),
+        lazy_from=lazy_from,
         sabotage="restore" in faults.carried(cmd),
+        daemon_dies="lazy-pages-dies" in faults.carried(cmd),
     )
-    await progress(f"{cmd.container} restored, network held until the commit", None, None)
+    pulled = f"; its pages come from {lazy_from} as it touches them" if lazy_from else ""
+    await progress(f"{cmd.container} restored, network held until the commit{pulled}", None, None)
+    return StepOutcome(facts=dict(facts))
+
+
+async def drain_pages(cmd: StepCommand, progress: Progress, host: MigrationHost) -> StepOutcome:
+    """Post-copy, after the commit: every page has arrived and the daemon exited 0."""
+    await progress("pulling the pages not touched yet from the source", None, None)
+    facts = await host.drain_pages(cmd.migration_id, timeout=DRAIN_TIMEOUT_S)
+    if facts:
+        await progress(f"all pages arrived after {facts['drain_ms']} ms", None, None)
     return StepOutcome(facts=dict(facts))
 
 
@@ -79,6 +110,25 @@ async def open_network(
         None,
         None,
     )
+    # From the freeze to an open network: what a client waits at the least (two hosts'
+    # clocks are compared here; fine within NTP's error on real machines).
+    frozen_at = fact_float(cmd, "frozen_at")
+    gap = round((time.time() - frozen_at) * 1000) if frozen_at else 0
+    return StepOutcome(facts={"frozen_to_open_ms": gap})
+
+
+async def uncommit(cmd: StepCommand, progress: Progress, placements: PlacementStore) -> StepOutcome:
+    """Post-copy fallback: the placement goes back to the source, by compare-and-set, once
+    the destination's copy has stopped."""
+    found = await placements.get(cmd.container)
+    if found is None:
+        raise RuntimeFailure(f"placement of {cmd.container} vanished; cannot hand it back")
+    placement, revision = found
+    if placement.migration_id != cmd.migration_id:
+        raise RuntimeFailure(f"{cmd.container} is no longer locked by this migration")
+    if placement.host == cmd.destination:
+        await placements.update(placement.model_copy(update={"host": cmd.source}), revision)
+    await progress(f"{cmd.container} belongs to {cmd.source} again", None, None)
     return StepOutcome()
 
 
@@ -96,3 +146,9 @@ async def discard_destination(
     """Compensation: nothing of the incoming container stays on this host."""
     await host.discard(cmd.container, cmd.migration_id)
     return StepOutcome()
+
+
+async def start_page_server(cmd: StartPageServer, host: MigrationHost) -> PageServerStarted:
+    """A page server for one pre-copy round (asked for by the source between rounds)."""
+    address = await host.start_round_page_server(cmd.migration_id, cmd.images, cmd.parent)
+    return PageServerStarted(address=address)

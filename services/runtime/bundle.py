@@ -115,13 +115,25 @@ CRIU_RUNC_CONFIG = """\
 # it is dropped, and the client connects again.
 skip-in-flight
 """
+LEAVE_STOPPED = """\
+# Post-copy: once its pages are served the source stays stopped, not killed.
+leave-stopped
+"""
 
 
-def ensure_criu_config(path: Path) -> Path:
-    """The CRIU options runc passes on (through the org.criu.config annotation)."""
-    if not path.exists() or path.read_text() != CRIU_RUNC_CONFIG:
+def ensure_criu_config(path: Path, *, leave_stopped: bool = False) -> Path:
+    """The CRIU options runc passes on (through the org.criu.config annotation).
+
+    Each container has its own file, so a post-copy dump can ask for `leave-stopped`
+    (the source waits stopped instead of being killed: the way back) without touching
+    any other container's dumps or restores.
+    """
+    text = CRIU_RUNC_CONFIG + (LEAVE_STOPPED if leave_stopped else "")
+    if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(CRIU_RUNC_CONFIG)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.rename(path)
     return path
 
 

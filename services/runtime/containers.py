@@ -53,6 +53,10 @@ class ContainerPaths:
     def work(self) -> Path:
         return self.root / "work"
 
+    @property
+    def criu_config(self) -> Path:
+        return self.root / "criu.conf"
+
 
 class HostContainers:
     """The containers of the host this process runs on."""
@@ -159,7 +163,7 @@ class HostContainers:
             netns_path=paths.netns,
             cgroups_path=f"{self.config.cgroup_parent}/{cmd.name}",
             memory_mib=cmd.memory_mib,
-            criu_config=bundle.ensure_criu_config(self.config.criu_config),
+            criu_config=bundle.ensure_criu_config(paths.criu_config),
         )
         bundle.write_config(paths.bundle, config)
         await self.runc.run_detached(

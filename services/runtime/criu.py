@@ -14,6 +14,7 @@ from services.runtime.proc import arun
 
 CRIU = os.environ.get("FERRY_CRIU", "/usr/local/sbin/criu")
 PAGE_SERVER_READY_S = 10.0
+STATUS_FD = "{status-fd}"  # replaced by the real fd number at start
 
 
 async def check() -> None:
@@ -24,24 +25,23 @@ async def check() -> None:
         raise RuntimeFailure(f"criu check failed: {said[-1] if said else 'no output'}")
 
 
-async def start_page_server(images: Path, address: str, port: int) -> int:
-    """Start a page server that takes one dump's pages, then exits.
+async def start_background(
+    argv: list[str], images: Path, tag: str, ready_timeout_s: float = PAGE_SERVER_READY_S
+) -> int:
+    """Start a long-lived CRIU (or runc-driving-CRIU) process and wait for its `\\0` on
+    --status-fd (the caller puts STATUS_FD where the fd number goes).
 
-    It runs under a small shell that writes its exit code to images/page-server.rc, so
-    whoever restores later learns whether every page arrived, even if this worker has
-    restarted in between. Returns the page server's pid.
+    It runs under a small shell that writes its exit code to images/TAG.rc, so whoever
+    looks later learns how it ended, even if this worker has restarted in between.
+    Returns its pid (also in images/TAG.pid).
     """
     images.mkdir(parents=True, exist_ok=True)
-    (images / "page-server.rc").unlink(missing_ok=True)
+    (images / f"{tag}.rc").unlink(missing_ok=True)
     read_end, write_end = os.pipe()
-    criu = [
-        CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(images),
-        "--address", address, "--port", str(port), "--status-fd", str(write_end),
-        "-v4", "-o", "page-server.log",
-    ]  # fmt: skip
+    command = [str(write_end) if a == STATUS_FD else a for a in argv]
     script = (
-        f"{shlex.join(criu)} & echo $! > {images}/page-server.pid;"
-        f" wait $!; echo $? > {images}/page-server.rc"
+        f"{shlex.join(command)} & echo $! > {images}/{tag}.pid;"
+        f" wait $!; echo $? > {images}/{tag}.rc"
     )
     try:
         subprocess.Popen(
@@ -57,20 +57,64 @@ async def start_page_server(images: Path, address: str, port: int) -> int:
     loop = asyncio.get_running_loop()
     try:
         ready = await asyncio.wait_for(
-            loop.run_in_executor(None, os.read, read_end, 1), PAGE_SERVER_READY_S
+            loop.run_in_executor(None, os.read, read_end, 1), ready_timeout_s
         )
+    except TimeoutError:
+        ready = b"timeout"
     finally:
         os.close(read_end)
     if ready != b"\0":
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int((images / f"{tag}.pid").read_text()), 9)
+        said = "did not get ready in time" if ready == b"timeout" else "exited before it was ready"
+        raise RuntimeFailure(f"{tag} {said}", log_tail=tail(images / f"{tag}.log"))
+    return int((images / f"{tag}.pid").read_text())
+
+
+async def start_page_server(images: Path, address: str, port: int) -> int:
+    """Start a page server that takes one dump's pages, then exits (rc in page-server.rc)."""
+    criu = [
+        CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(images),
+        "--address", address, "--port", str(port), "--status-fd", STATUS_FD,
+        "-v4", "-o", "page-server.log",
+    ]  # fmt: skip
+    try:
+        return await start_background(criu, images, "page-server")
+    except RuntimeFailure as exc:
         raise RuntimeFailure(
-            f"criu page-server did not start: {tail(images / 'page-server.log')}", retryable=True
-        )
-    return int((images / "page-server.pid").read_text())
+            f"criu page-server did not start: {exc.reason}", log_tail=exc.log_tail, retryable=True
+        ) from exc
 
 
-async def page_server_result(images: Path, timeout: float) -> int | None:
-    """The page server's exit code once it has exited, or None if it still runs."""
-    rc_file = images / "page-server.rc"
+async def start_lazy_pages(images: Path, source: str, port: int) -> int:
+    """The destination's lazy-pages daemon: it serves the restored process's page faults
+    from the source's page server and pulls the rest in the background, then exits 0."""
+    criu = [
+        CRIU, "lazy-pages", "--page-server", "--address", source, "--port", str(port),
+        "--images-dir", str(images), "--work-dir", str(images), "--status-fd", STATUS_FD,
+        "-v4", "-o", "lazy-pages.log",
+    ]  # fmt: skip
+    return await start_background(criu, images, "lazy-pages")
+
+
+def background_pid(images: Path, tag: str) -> int | None:
+    """The pid of a background process started here for this migration, if it still runs."""
+    try:
+        pid = int((images / f"{tag}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+    if (images / f"{tag}.rc").exists():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+async def background_result(images: Path, tag: str, timeout: float) -> int | None:
+    """A background process's exit code once it has exited, or None if it still runs."""
+    rc_file = images / f"{tag}.rc"
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         with contextlib.suppress(OSError, ValueError):
@@ -78,6 +122,11 @@ async def page_server_result(images: Path, timeout: float) -> int | None:
         if asyncio.get_running_loop().time() > deadline:
             return None
         await asyncio.sleep(0.05)
+
+
+async def page_server_result(images: Path, timeout: float) -> int | None:
+    """The page server's exit code once it has exited, or None if it still runs."""
+    return await background_result(images, "page-server", timeout)
 
 
 def stop_page_server(images: Path) -> None:
@@ -108,3 +157,29 @@ def load_stats(path: Path) -> dict[str, int]:
     entries = image.get("entries") or [{}]
     section: dict[str, object] = next(iter(entries[0].values()), {})
     return {k: int(v) for k, v in section.items() if isinstance(v, int)}
+
+
+async def feature(name: str) -> tuple[bool, str]:
+    """`criu check --feature NAME`: whether it works here, and CRIU's own words."""
+    done = await arun([CRIU, "check", "--feature", name], check=False, timeout=30)
+    said = " ".join((done.stdout + done.stderr).split())
+    return done.returncode == 0, said
+
+
+def pagemap_pages(images: Path) -> int:
+    """Memory pages a dump describes (its pagemap images), whether written or left lazy.
+
+    A lazy dump's own statistics are not usable (its page server restarts the counters),
+    so post-copy counts what it serves from here.
+    """
+    total = 0
+    try:
+        import pycriu
+
+        for pagemap in images.glob("pagemap-*.img"):
+            with pagemap.open("rb") as f:
+                entries = pycriu.images.load(f).get("entries") or []
+            total += sum(int(e.get("nr_pages", 0)) for e in entries[1:])
+    except Exception:  # a count for the record, never a reason to fail a move
+        return 0
+    return total

@@ -90,8 +90,9 @@ class Runc:
         e = json.loads(done.stdout)
         return RuncState(name=e["id"], status=e["status"], pid=e.get("pid") or None)
 
-    async def kill(self, name: str, signal: str = "KILL") -> None:
-        await arun(self._argv("kill", name, signal), check=False)
+    async def kill(self, name: str, signal: str = "KILL", *, all_processes: bool = False) -> None:
+        every = ["--all"] if all_processes else []
+        await arun(self._argv("kill", *every, name, signal), check=False)
 
     async def delete(self, name: str) -> None:
         """Force-delete: kills what still runs, removes runc's state and the cgroups."""

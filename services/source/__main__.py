@@ -9,7 +9,13 @@ from pydantic import BaseModel
 
 from schemas import subjects
 from schemas.v1.containers import ContainerList, ListContainers
-from schemas.v1.migrations import HostCheck, HostCheckReply, StepCommand
+from schemas.v1.migrations import (
+    HostCheck,
+    HostCheckReply,
+    PageServerStarted,
+    StartPageServer,
+    StepCommand,
+)
 from services import bus
 from services import preflight as host_checks
 from services.errors import FerryError, RuntimeFailure
@@ -86,7 +92,32 @@ async def register(ctx: WorkerContext) -> None:
             cmd, progress, ctx.migration, ctx.placements, ctx.directory, ctx.config.transfer_port
         )
 
-    runner = SagaRunner(ctx, {"preflight": preflight, "dump": dump, "resume_source": resume_source})
+    async def page_server_for(
+        destination: str, migration_id: str, images: str, parent: str | None
+    ) -> str:
+        ask = StartPageServer(migration_id=migration_id, images=images, parent=parent)
+        started = await bus.request(
+            ctx.nc,
+            subjects.host_request(destination, subjects.PAGE_SERVER),
+            ask,
+            PageServerStarted,
+            timeout=30,
+            what="a pre-copy round's page server",
+        )
+        return started.address
+
+    async def precopy_rounds(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.precopy_rounds(cmd, progress, ctx.migration, page_server_for)
+
+    runner = SagaRunner(
+        ctx,
+        {
+            "preflight": preflight,
+            "precopy_rounds": precopy_rounds,
+            "dump": dump,
+            "resume_source": resume_source,
+        },
+    )
     ctx.spawn(runner.run())
 
 

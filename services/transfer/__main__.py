@@ -20,7 +20,12 @@ async def register(ctx: WorkerContext) -> None:
             cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
         )
 
-    ctx.spawn(SagaRunner(ctx, {"transfer": transfer}).run())
+    async def presync_files(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.presync_files(
+            cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
+        )
+
+    ctx.spawn(SagaRunner(ctx, {"presync_files": presync_files, "transfer": transfer}).run())
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def test_every_fault_kind_once_nothing_lost_nothing_doubled_nothing_left(
     )
     print(done.stdout)
     outcomes = json.loads(report.read_text())
-    kinds = {o["cell"].split(":")[0].split("[")[0] for o in outcomes}
+    kinds = {o["cell"].split(":")[0].split("[")[0].split("/")[-1] for o in outcomes}
+    assert any(o["cell"].startswith("post-copy/") for o in outcomes), "post-copy not covered"
     assert kinds == {"kill", "duplicate", "restore-fails", "corrupt", "nats-restart", "net-cut",
                      "disk-full"}, done.stderr[-3000:]  # fmt: skip
     for o in outcomes:

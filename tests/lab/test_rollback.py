@@ -37,8 +37,8 @@ def test_a_failed_restore_rolls_back_to_the_source_with_memory_intact(
     before = wait_until_serving(ip)
 
     failed = ferry(
-        fault_lab, "migrate", "stays", "--to", "h2", "--inject-fault", "restore", "--json",
-        timeout=300,
+        fault_lab, "migrate", "stays", "--to", "h2", "--strategy", "stop-and-copy",
+        "--inject-fault", "restore", "--json", timeout=300,
     )  # fmt: skip
     assert failed.code == 1, failed.stderr
     record = failed.json()
@@ -47,6 +47,7 @@ def test_a_failed_restore_rolls_back_to_the_source_with_memory_intact(
     assert steps == [
         ("preflight", "forward", "done"),
         ("prepare_destination", "forward", "compensated"),
+        ("presync_files", "forward", "done"),
         ("dump", "forward", "compensated"),
         ("transfer", "forward", "done"),
         ("restore", "forward", "compensated"),

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.lab
 
 BUFFER_MIB = 16
 STEPS = [
-    "preflight", "prepare_destination", "dump", "transfer", "restore", "verify", "commit",
-    "open_network", "clean_source",
+    "preflight", "prepare_destination", "presync_files", "dump", "transfer", "restore",
+    "verify", "commit", "open_network", "clean_source",
 ]  # fmt: skip
 
 
@@ -73,7 +73,10 @@ def _spans(lab: str, migration_id: str) -> list[dict[str, Any]]:
 
 
 def test_one_trace_links_every_step_on_every_host(traced_lab: str, app: str) -> None:
-    moved = ferry(traced_lab, "migrate", "traced", "--to", "h2", "--json", timeout=300)
+    moved = ferry(
+        traced_lab, "migrate", "traced", "--to", "h2", "--strategy", "stop-and-copy", "--json",
+        timeout=300,
+    )  # fmt: skip
     assert moved.code == 0, moved.stderr
     record = moved.json()
     spans = _spans(traced_lab, record["id"])
