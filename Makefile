@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test lint typecheck workloads schemas demo chaos clean
+.PHONY: setup test lint typecheck workloads schemas demo chaos bench clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -33,10 +33,19 @@ chaos: workloads
 schemas:
 	$(PY) -m schemas.export
 
+## bench: migrate 64/512/2048 MiB dirtying containers per strategy beside a hand-run baseline
+## (quick: make bench BENCH_ARGS="--sizes 64").
+bench: workloads
+	$(PY) -m deploy.bench.run --json bench/results.json $(BENCH_ARGS)
+
 ## workloads: the small static programs the tests run inside containers.
-workloads: build/memapp
+workloads: build/memapp build/dirtyapp
 
 build/memapp: tests/workloads/memapp.c
+	@mkdir -p build
+	gcc -O2 -static -Wall -Wextra -o $@ $<
+
+build/dirtyapp: tests/workloads/dirtyapp.c
 	@mkdir -p build
 	gcc -O2 -static -Wall -Wextra -o $@ $<
 

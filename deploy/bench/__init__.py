@@ -1,0 +1,1 @@
+"""`make bench`: Ferry's migrations measured beside a hand-run CRIU baseline and raw TCP."""
