@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -361,34 +361,34 @@ class MigrationHost:
             transfer.Member(cpaths.bundle, "config.json"),
         ]
         scratch = self.config.state_dir / "tmp"
-        sent = []
+        manifest_file = paths.root / PRESYNC_MANIFEST
         with tracer.start_as_current_span(
             "fs.sync", attributes={"ferry.peer": f"{address}:{port}"}
         ) as span:
-            sent.append(
-                await transfer.push(
-                    address, port, migration_id, "bundle", members, scratch, damage,
-                    limit_bps=options.limit_bps, compress=options.compress,
-                    on_progress=options.on_progress,
-                )
+            bundle = transfer.push(
+                address, port, migration_id, "bundle", members, scratch, damage,
+                limit_bps=options.limit_bps, compress=options.compress,
+                on_progress=options.on_progress,
             )  # fmt: skip
-            manifest_file = paths.root / PRESYNC_MANIFEST
             if manifest_file.exists():
                 since = json.loads(manifest_file.read_text())
-                sent.append(
-                    await transfer.push_delta(
-                        address, port, migration_id, cpaths.root, "upper", since, scratch,
+                files = transfer.push_delta(
+                    address, port, migration_id, cpaths.root, "upper", since, scratch,
+                    limit_bps=options.limit_bps, compress=options.compress,
+                    on_progress=options.on_progress,
+                )  # fmt: skip
+            else:
+                files = _first(
+                    transfer.push_presync(
+                        address, port, migration_id, cpaths.root, "upper", scratch,
                         limit_bps=options.limit_bps, compress=options.compress,
                         on_progress=options.on_progress,
                     )
                 )  # fmt: skip
-            else:
-                presynced, _ = await transfer.push_presync(
-                    address, port, migration_id, cpaths.root, "upper", scratch,
-                    limit_bps=options.limit_bps, compress=options.compress,
-                    on_progress=options.on_progress,
-                )  # fmt: skip
-                sent.append(presynced)
+            if options.limit_bps:  # one after the other, or the two would share no limit
+                sent = [await bundle, await files]
+            else:  # side by side: this runs inside the freeze window
+                sent = list(await asyncio.gather(bundle, files))
             _transfer_attributes(span, *sent)
         return sent
 
@@ -486,6 +486,11 @@ class MigrationHost:
         cpaths = self.cpaths(placement.name)
         if not cpaths.netns.exists():
             await netns.create(self._network(placement), self.config.bridge, link_up=False)
+        # The hold goes on now, before any freeze: one less thing inside the freeze window.
+        with tracer.start_as_current_span("network.hold"):
+            await netlock.hold(cpaths.netns)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        (paths.root / "held").touch()
         if not page_server:
             paths.root.mkdir(parents=True, exist_ok=True)
             return {}
@@ -547,10 +552,12 @@ class MigrationHost:
         )
         cpaths.bundle.mkdir(parents=True, exist_ok=True)
         (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
-        # Hold first, then link up, then restore: no packet reaches it before the commit.
-        with tracer.start_as_current_span("network.hold"):
-            await netlock.hold(cpaths.netns)
-            await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
+        # Held (since prepare), then link up, then restore: no packet reaches it before
+        # the commit.
+        if not (paths.root / "held").exists():
+            with tracer.start_as_current_span("network.hold"):
+                await netlock.hold(cpaths.netns)
+        await arun(["ip", "link", "set", netns.host_veth_name(name), "up"])
         if lazy_from:
             (paths.root / "lazy").write_text(lazy_from)
             if criu.background_pid(paths.images, "lazy-pages") is None:
@@ -627,24 +634,9 @@ class MigrationHost:
             raise RuntimeFailure(f"{placement.name} no longer listens on {missing}")
         netns_path = self.cpaths(placement.name).netns
         for port in expected_ports:
-            probe = (
-                "import socket,sys;socket.create_connection((sys.argv[1],int(sys.argv[2])),"
-                f"{VERIFY_CONNECT_TIMEOUT_S}).close()"
-            )
-            done = await arun(
-                [
-                    "nsenter",
-                    f"--net={netns_path}",
-                    sys.executable,
-                    "-c",
-                    probe,
-                    placement.ip,
-                    str(port),
-                ],
-                check=False,
-                timeout=VERIFY_CONNECT_TIMEOUT_S + 5,
-            )
-            if done.returncode != 0:
+            if not await netns.connects_from_inside(
+                netns_path, placement.ip, port, VERIFY_CONNECT_TIMEOUT_S
+            ):
                 raise RuntimeFailure(f"{placement.name} does not accept connections on port {port}")
         return {"restored_pid": state.pid}
 
@@ -726,6 +718,10 @@ class MigrationHost:
         """After the commit: the stopped source copy's netns, veth, mounts and files go."""
         await self.containers.discard_local(name)
         shutil.rmtree(self.mpaths(migration_id).root, ignore_errors=True)
+
+
+async def _first(pair: Awaitable[tuple[transfer.Sent, object]]) -> transfer.Sent:
+    return (await pair)[0]
 
 
 def _transfer_attributes(span: trace.Span, *sent: transfer.Sent) -> None:

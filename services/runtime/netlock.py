@@ -7,8 +7,11 @@ restore and no client reaches the destination before the placement has moved.
 
 from __future__ import annotations
 
+import asyncio
+import tempfile
 from pathlib import Path
 
+from services.errors import RuntimeFailure
 from services.runtime.proc import arun
 
 HOLD_CHAIN = "FERRY-HOLD"
@@ -21,36 +24,71 @@ def _in(netns: Path, tool: str) -> list[str]:
     return ["nsenter", f"--net={netns}", tool, "-w"]
 
 
+HOLD_RULES = f"""*filter
+:{HOLD_CHAIN} - [0:0]
+-A {HOLD_CHAIN} -i lo -j ACCEPT
+-A {HOLD_CHAIN} -o lo -j ACCEPT
+-A {HOLD_CHAIN} -m mark --mark {CRIU_MARK} -j ACCEPT
+-A {HOLD_CHAIN} -j DROP
+-I INPUT 1 -j {HOLD_CHAIN}
+-I OUTPUT 1 -j {HOLD_CHAIN}
+COMMIT
+"""
+RELEASE_RULES = f"""*filter
+-D INPUT -j {HOLD_CHAIN}
+-D OUTPUT -j {HOLD_CHAIN}
+-F {HOLD_CHAIN}
+-X {HOLD_CHAIN}
+COMMIT
+"""
+
+
+async def _restore_rules(netns: Path, tool: str, rules: str) -> bool:
+    """Apply a rule set in one atomic iptables-restore (one process, not one per rule)."""
+    with tempfile.NamedTemporaryFile("w", prefix="ferry-rules-", suffix=".txt") as f:
+        f.write(rules)
+        f.flush()
+        done = await arun(
+            ["nsenter", f"--net={netns}", f"{tool}-restore", "-w", "--noflush", f.name],
+            check=False,
+        )
+    return done.returncode == 0
+
+
+async def _hold_one(netns: Path, tool: str) -> None:
+    if f"-j {HOLD_CHAIN}" in (await arun([*_in(netns, tool), "-S", "INPUT"], check=False)).stdout:
+        return  # held already (a redelivered command)
+    if not await _restore_rules(netns, tool, HOLD_RULES):
+        raise RuntimeFailure(f"{tool}: cannot install the {HOLD_CHAIN} chain in {netns}")
+
+
 async def hold(netns: Path) -> None:
     """Drop all traffic except loopback and CRIU's marked packets; idempotent."""
-    for tool in TOOLS:
-        ipt = _in(netns, tool)
-        exists = await arun([*ipt, "-n", "-L", HOLD_CHAIN], check=False)
-        if exists.returncode != 0:
-            await arun([*ipt, "-N", HOLD_CHAIN])
-            await arun([*ipt, "-A", HOLD_CHAIN, "-i", "lo", "-j", "ACCEPT"])
-            await arun([*ipt, "-A", HOLD_CHAIN, "-o", "lo", "-j", "ACCEPT"])
-            await arun([*ipt, "-A", HOLD_CHAIN, "-m", "mark", "--mark", CRIU_MARK, "-j", "ACCEPT"])
-            await arun([*ipt, "-A", HOLD_CHAIN, "-j", "DROP"])
-        for hook in ("INPUT", "OUTPUT"):
-            hooked = await arun([*ipt, "-C", hook, "-j", HOLD_CHAIN], check=False)
-            if hooked.returncode != 0:
-                await arun([*ipt, "-I", hook, "1", "-j", HOLD_CHAIN])
+    await asyncio.gather(*(_hold_one(netns, tool) for tool in TOOLS))
+
+
+async def _remove_chain_with(netns: Path, tool: str, chain: str) -> None:
+    ipt = _in(netns, tool)
+    for hook in ("INPUT", "OUTPUT"):
+        while (await arun([*ipt, "-D", hook, "-j", chain], check=False)).returncode == 0:
+            pass
+    await arun([*ipt, "-F", chain], check=False)
+    await arun([*ipt, "-X", chain], check=False)
 
 
 async def _remove_chain(netns: Path, chain: str) -> None:
     for tool in TOOLS:
-        ipt = _in(netns, tool)
-        for hook in ("INPUT", "OUTPUT"):
-            while (await arun([*ipt, "-D", hook, "-j", chain], check=False)).returncode == 0:
-                pass
-        await arun([*ipt, "-F", chain], check=False)
-        await arun([*ipt, "-X", chain], check=False)
+        await _remove_chain_with(netns, tool, chain)
+
+
+async def _release_one(netns: Path, tool: str) -> None:
+    if not await _restore_rules(netns, tool, RELEASE_RULES):
+        await _remove_chain_with(netns, tool, HOLD_CHAIN)  # not held, or held twice
 
 
 async def release(netns: Path) -> None:
-    """Open the network again; harmless when it was not held."""
-    await _remove_chain(netns, HOLD_CHAIN)
+    """Open the network again (IPv4 and IPv6 at once); harmless when it was not held."""
+    await asyncio.gather(*(_release_one(netns, tool) for tool in TOOLS))
 
 
 async def remove_criu_lock(netns: Path) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import hashlib
 import ipaddress
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +84,37 @@ async def destroy(netns_path: Path, host_veth: str) -> None:
     if os.path.ismount(netns_path):
         await arun(["umount", str(netns_path)], check=False)
     netns_path.unlink(missing_ok=True)
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _connect_from(netns_path: Path, ip: str, port: int, timeout: float) -> None:
+    """Runs on a thread of its own: setns(2) moves only the calling thread, which then
+    ends, so nothing else in the worker ever runs in the container's namespace."""
+    fd = os.open(netns_path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {netns_path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    socket.create_connection((ip, port), timeout).close()
+
+
+async def connects_from_inside(netns_path: Path, ip: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to ip:port succeeds from inside the namespace — without
+    starting a process (a few ms, not tens: this runs inside the freeze window)."""
+    failure: list[OSError] = []
+
+    def attempt() -> None:
+        try:
+            _connect_from(netns_path, ip, port, timeout)
+        except OSError as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=attempt, name="ferry-netns-probe", daemon=True)
+    thread.start()
+    await asyncio.to_thread(thread.join, timeout + 1)
+    return not failure and not thread.is_alive()
