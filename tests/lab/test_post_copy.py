@@ -84,6 +84,9 @@ def test_auto_picks_post_copy_here_and_state_survives_a_round_trip(
             moved = ferry(lazy_lab, "migrate", "lazy", "--to", destination, "--json", timeout=300)
             assert moved.code == 0, moved.stderr
             record = moved.json()
+            # Live progress on stderr: the strategy and why, then bytes, rate and ETA.
+            assert "by post-copy (auto:" in moved.stderr
+            assert "MiB/s ETA" in moved.stderr
             # No --strategy: auto chose post-copy, and says why pre-copy was passed over.
             assert record["strategy"]["chosen"] == "post-copy"
             assert "mem_dirty_track" in record["strategy"]["reason"]
