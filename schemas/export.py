@@ -18,8 +18,13 @@ from schemas.v1.containers import (
     ContainerList,
     ContainerRemoved,
     CreateContainer,
+    Image,
+    LayerList,
+    LayersPulled,
     ListContainers,
+    ListLayers,
     Placement,
+    PullLayers,
     RemoveContainer,
 )
 from schemas.v1.hosts import HostHeartbeat, HostRegistration, WorkerHeartbeat
@@ -51,6 +56,11 @@ MODELS: dict[str, type[BaseModel]] = {
     "ListContainers": ListContainers,
     "ContainerList": ContainerList,
     "Placement": Placement,
+    "Image": Image,
+    "ListLayers": ListLayers,
+    "LayerList": LayerList,
+    "PullLayers": PullLayers,
+    "LayersPulled": LayersPulled,
     "HostHeartbeat": HostHeartbeat,
     "WorkerHeartbeat": WorkerHeartbeat,
     "HostRegistration": HostRegistration,
@@ -145,6 +155,27 @@ def asyncapi() -> dict[str, Any]:
                 "messages": {
                     "request": _message("ListContainers", "Which containers run here"),
                     "reply": _message("ContainerList", "As runc reports them"),
+                },
+            },
+            "layerList": {
+                "address": f"{p}.host.{{host}}.{subjects.LIST_LAYERS}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("ListLayers", "Which layers this host holds"),
+                    "reply": _message("LayerList", "Verified and unpacked, with sizes"),
+                },
+            },
+            "layerPull": {
+                "address": f"{p}.host.{{host}}.{subjects.PULL_LAYERS}",
+                "description": (
+                    f"Fetch layers from the object store {subjects.LAYERS_STORE}, verify their "
+                    "sha256 and unpack them now. Images (name -> layers, lowest first) are in "
+                    f"the KV bucket {subjects.IMAGES_BUCKET}."
+                ),
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("PullLayers", "Get these layers ready here"),
+                    "reply": _message("LayersPulled", "Every layer is here"),
                 },
             },
         },

@@ -9,6 +9,7 @@ HOSTS_BUCKET = "ferry-hosts"  # "<host>" agent heartbeat, "<host>.<role>" worker
 PLACEMENT_BUCKET = "ferry-placement"  # "<container>" -> Placement
 IPAM_BUCKET = "ferry-ipam"  # "<ip with dashes>" -> container name
 LAYERS_STORE = "ferry-layers"  # "<sha256>" -> rootfs tar
+IMAGES_BUCKET = "ferry-images"  # "<image name>" -> Image (its layers, lowest first)
 
 HEARTBEAT_TTL_S = 5.0
 HEARTBEAT_INTERVAL_S = 1.0
@@ -22,6 +23,8 @@ def host_request(host: str, action: str) -> str:
 CREATE_CONTAINER = "container.create"  # destination worker
 REMOVE_CONTAINER = "container.remove"  # cleanup worker
 LIST_CONTAINERS = "container.list"  # source worker
+LIST_LAYERS = "layer.list"  # destination worker: the layers this host holds
+PULL_LAYERS = "layer.pull"  # destination worker: fetch, verify and unpack layers now
 
 
 def worker_key(host: str, role: str) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
-from schemas.v1.containers import Placement
+from schemas.v1.containers import Image, Placement
 from schemas.v1.hosts import HostRegistration
 from schemas.v1.migrations import MigrationRecord
 from services.errors import Conflict, NotFound, Unavailable
@@ -104,17 +105,46 @@ class KvAddressPool:
 
 
 class ObjectStoreLayers:
+    """Layers as hosts fetch them: the JetStream object store, one object per sha256."""
+
     def __init__(self, js: JetStreamContext) -> None:
         self.js = js
 
     async def fetch(self, digest: str, into: Path) -> None:
-        store = await self.js.object_store(subjects.LAYERS_STORE)
         try:
+            store = await self.js.object_store(subjects.LAYERS_STORE)
             with into.open("wb") as f:
                 # writeinto streams chunks to disk; without it nats-py's get is quadratic.
                 await store.get(digest, writeinto=f)
         except ObjectNotFoundError as exc:
             raise NotFound(f"layer {digest[:12]} is not in the layer store", field="layer") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"fetching layer {digest[:12]} failed: {exc!r}") from exc
+
+
+class KvImageStore:
+    """Images by name (KV ferry-images); a rebuild replaces the name's record."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def get(self, name: str) -> Image | None:
+        try:
+            entry = await self.kv.get(name)
+        except KeyNotFoundError:
+            return None
+        return Image.from_bytes(entry.value) if entry.value else None
+
+    async def put(self, image: Image) -> None:
+        await self.kv.put(image.name, image.to_bytes())
+
+    async def all(self) -> list[Image]:
+        found = []
+        for key in await _keys(self.kv):
+            image = await self.get(key)
+            if image is not None:
+                found.append(image)
+        return sorted(found, key=lambda i: i.name)
 
 
 class KvMigrationStore:

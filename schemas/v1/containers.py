@@ -1,36 +1,76 @@
-"""Creating, listing and removing containers on a host."""
+"""Creating, listing and removing containers on a host; images and the layers hosts hold."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message, Part
 
 ContainerNameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 HostNameStr = Annotated[str, StringConstraints(pattern=HOST_PATTERN)]
 LayerDigest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+IMAGE_NAME_PATTERN = NAME_PATTERN
+ImageNameStr = Annotated[str, StringConstraints(pattern=IMAGE_NAME_PATTERN)]
+MAX_LAYERS = 16  # an overlay's lowerdir option must fit in one page with its paths
 
 
-class CreateContainer(Message):
+def _each_layer_once(layers: tuple[str, ...]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    for digest in layers:
+        if digest in seen:
+            raise ValueError(f"layer {digest[:12]} appears twice (overlayfs refuses that)")
+        seen.add(digest)
+    return layers
+
+
+LayerStack = Annotated[
+    tuple[LayerDigest, ...],
+    Field(
+        min_length=1,
+        max_length=MAX_LAYERS,
+        description="sha256 digests of the layers in the layers object store, lowest first",
+        json_schema_extra={"uniqueItems": True},
+    ),
+    AfterValidator(_each_layer_once),
+]
+
+
+class _Layered(Message):
+    """A message that names a container's layers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upcast_single_layer(cls, data: Any) -> Any:
+        """Written before images, with one `layer`: read as a one-layer stack."""
+        if isinstance(data, dict) and "layers" not in data and "layer" in data:
+            return {**data, "layers": [data["layer"]]}
+        return data
+
+
+class CreateContainer(_Layered):
     """Start a new container on the host that receives this request."""
 
     name: ContainerNameStr
-    layer: LayerDigest = Field(description="sha256 of the rootfs tar in the layers object store")
+    layers: LayerStack
+    image: ImageNameStr | None = Field(
+        default=None, description="the image the layers came from, if any (informational)"
+    )
     args: tuple[str, ...] = Field(min_length=1, description="the command and its arguments")
     memory_mib: int | None = Field(default=None, ge=4, le=65536)
     env: tuple[str, ...] = ()
 
 
-class Placement(Message):
+class Placement(_Layered):
     """Where a container runs; the fleet-wide truth, changed only by compare-and-set."""
 
     name: ContainerNameStr
     host: HostNameStr
     ip: str
     mac: str
-    layer: LayerDigest
+    layers: LayerStack
+    image: ImageNameStr | None = None
     args: tuple[str, ...]
     memory_mib: int | None = None
     state: Literal["creating", "running", "migrating", "removing"] = "creating"
@@ -77,3 +117,47 @@ class ContainerList(Message):
 
     host: str
     containers: tuple[RuntimeContainer, ...]
+
+
+class Image(Message):
+    """A named stack of read-only layers (KV ferry-images, key = name); rebuilding moves it."""
+
+    name: ImageNameStr
+    layers: LayerStack
+    base: ImageNameStr | None = Field(default=None, description="the image it was built on")
+    created_at: float
+
+
+class ListLayers(Message):
+    """Ask a host which layers it holds verified and unpacked."""
+
+
+class HostLayer(Part):
+    """One layer as a host holds it."""
+
+    digest: LayerDigest
+    size_bytes: int = Field(ge=0, description="size of the verified layer tar")
+    unpacked_at: float
+
+
+class LayerList(Message):
+    """Reply to ListLayers."""
+
+    host: str
+    layers: tuple[HostLayer, ...]
+
+
+class PullLayers(Message):
+    """Make the receiving host fetch, verify and unpack these layers now, ahead of use."""
+
+    layers: LayerStack
+    image: ImageNameStr | None = None
+
+
+class LayersPulled(Message):
+    """Reply to PullLayers: every layer is now on the host."""
+
+    host: str
+    fetched: tuple[LayerDigest, ...] = Field(description="fetched from the store just now")
+    present: tuple[LayerDigest, ...] = Field(description="already here")
+    bytes_fetched: int = Field(ge=0)

@@ -6,11 +6,8 @@ import argparse
 import asyncio
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
-
-from nats.js.errors import ObjectNotFoundError
 
 from schemas import subjects
 from schemas.v1.base import NAME_PATTERN
@@ -24,9 +21,15 @@ from schemas.v1.containers import (
 )
 from services import bus
 from services.cli.context import Lab, connected, current_lab, say
+from services.cli.image_commands import (
+    check_image_name,
+    find_image,
+    image_store,
+    layer_sizes,
+    upload_layer,
+)
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
 from services.kvstores import KvPlacementStore
-from services.runtime import layers
 
 CREATE_TIMEOUT_S = 180.0
 REMOVE_TIMEOUT_S = 60.0
@@ -43,31 +46,16 @@ def _validate_run(args: argparse.Namespace, lab: Lab) -> list[str]:
             " at most 63; starts with a letter or digit)",
             field="--name",
         )
-    rootfs = Path(args.rootfs)
-    if not rootfs.is_dir():
+    if args.rootfs is not None and not Path(args.rootfs).is_dir():
         raise InvalidInput(f"{args.rootfs} is not a directory", field="--rootfs")
+    if args.image is not None:
+        check_image_name(args.image, "--image")
     if args.memory is not None and not 4 <= args.memory <= 65536:
         raise InvalidInput(f"must be between 4 and 65536 MiB, not {args.memory}", field="--memory")
     command: list[str] = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise InvalidInput("no command given (put it after `--`)", field="CMD")
     return command
-
-
-async def _upload_layer(nc: Any, rootfs: Path) -> str:
-    store = await bus.layers(nc.jetstream())
-    with tempfile.TemporaryDirectory(prefix="ferry-layer-") as tmp:
-        tar_path = Path(tmp) / "layer.tar"
-        digest = await asyncio.to_thread(layers.pack_rootfs, rootfs, tar_path)
-        try:
-            await store.get_info(digest)
-            say(f"layer {digest[:12]} already in the layer store")
-        except ObjectNotFoundError:
-            size = tar_path.stat().st_size
-            say(f"uploading layer {digest[:12]} ({size / 2**20:.1f} MiB) from {rootfs}")
-            with tar_path.open("rb") as f:
-                await store.put(digest, f)
-    return digest
 
 
 async def _run(args: argparse.Namespace) -> ContainerCreated:
@@ -81,11 +69,21 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
                 f"a container named {args.name!r} already exists on {existing[0].host}",
                 field="--name",
             )
-        digest = await _upload_layer(nc, Path(args.rootfs))
+        if args.image is not None:
+            image = await find_image(await image_store(nc), args.image, "--image")
+            await layer_sizes(nc, image.layers)  # a broken image fails here, not on the host
+            stack, from_image = image.layers, image.name
+        else:  # a one-layer image without a name
+            stack, from_image = ((await upload_layer(nc, Path(args.rootfs), "--rootfs"))[0],), None
         request = CreateContainer(
-            name=args.name, layer=digest, args=tuple(command), memory_mib=args.memory
+            name=args.name,
+            layers=stack,
+            image=from_image,
+            args=tuple(command),
+            memory_mib=args.memory,
         )
-        say(f"starting {args.name} on {args.host}")
+        what = f"image {from_image}" if from_image else f"layer {stack[0][:12]}"
+        say(f"starting {args.name} on {args.host} from {what}")
         return await bus.request(
             nc,
             subjects.host_request(args.host, subjects.CREATE_CONTAINER),

@@ -8,7 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from schemas.v1.migrations import FAULT_EXAMPLES
-from services.cli import container_commands, lab_commands, migrate_commands, trace_commands
+from services.cli import (
+    container_commands,
+    image_commands,
+    lab_commands,
+    migrate_commands,
+    trace_commands,
+)
 from services.cli.errors import EXIT_REJECTED, exit_code, one_line
 from services.errors import FerryError
 
@@ -69,10 +75,14 @@ def build_parser() -> Parser:
 
     container = sub.add_parser("container", help="run or remove a container")
     c_sub = container.add_subparsers(dest="container_command", required=True, parser_class=Parser)
-    run = c_sub.add_parser("run", help="copy a root filesystem to a host and start CMD there")
+    run = c_sub.add_parser(
+        "run", help="start CMD on a host, on a root filesystem directory or an image"
+    )
     run.add_argument("--host", required=True)
     run.add_argument("--name", required=True)
-    run.add_argument("--rootfs", required=True, help="directory holding the root filesystem")
+    root = run.add_mutually_exclusive_group(required=True)
+    root.add_argument("--rootfs", help="directory holding the root filesystem (one layer)")
+    root.add_argument("--image", help="an image built with `ferry image build`")
     run.add_argument("--memory", type=positive_int, help="memory limit in MiB")
     run.add_argument("--json", action="store_true")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
@@ -81,6 +91,23 @@ def build_parser() -> Parser:
     rm.add_argument("name", metavar="NAME")
     rm.add_argument("--json", action="store_true")
     rm.set_defaults(run=container_commands.container_rm)
+
+    image = sub.add_parser("image", help="images: named stacks of read-only layers")
+    i_sub = image.add_subparsers(dest="image_command", required=True, parser_class=Parser)
+    build = i_sub.add_parser("build", help="pack DIR into a layer and name the stack an image")
+    build.add_argument("dir", metavar="DIR", help="directory holding the layer's files")
+    build.add_argument("--name", required=True, help="the image's name")
+    build.add_argument("--base", metavar="IMAGE", help="put the layer on top of this image's")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(run=image_commands.image_build)
+    ls = i_sub.add_parser("ls", help="images, their layers and which hosts hold them")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=image_commands.image_ls)
+    pull = i_sub.add_parser("pull", help="fetch, verify and unpack an image's layers on hosts")
+    pull.add_argument("name", metavar="NAME")
+    pull.add_argument("--host", help="only this host (default: every live host)")
+    pull.add_argument("--json", action="store_true")
+    pull.set_defaults(run=image_commands.image_pull)
 
     migrate = sub.add_parser("migrate", help="move a running container to another host")
     migrate.add_argument("name", metavar="NAME")

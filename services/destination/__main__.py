@@ -1,9 +1,16 @@
-"""Wires the destination worker: container creation and destination-side steps."""
+"""Wires the destination worker: container creation, layers, and destination-side steps."""
 
 from __future__ import annotations
 
 from schemas import subjects
-from schemas.v1.containers import ContainerCreated, CreateContainer
+from schemas.v1.containers import (
+    ContainerCreated,
+    CreateContainer,
+    LayerList,
+    LayersPulled,
+    ListLayers,
+    PullLayers,
+)
 from schemas.v1.migrations import (
     HostCheck,
     HostCheckReply,
@@ -28,6 +35,28 @@ async def register(ctx: WorkerContext) -> None:
         ctx.host_subject(subjects.CREATE_CONTAINER),
         CreateContainer,
         create_container,
+        on_error=ctx.log_error,
+    )
+
+    async def list_layers(cmd: ListLayers) -> LayerList:
+        return await handlers.list_layers(cmd, ctx.containers)
+
+    async def pull_layers(cmd: PullLayers) -> LayersPulled:
+        return await handlers.pull_layers(cmd, ctx.containers)
+
+    # Separate subscriptions: a listing is answered while a long pull is still fetching.
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(subjects.LIST_LAYERS),
+        ListLayers,
+        list_layers,
+        on_error=ctx.log_error,
+    )
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(subjects.PULL_LAYERS),
+        PullLayers,
+        pull_layers,
         on_error=ctx.log_error,
     )
 

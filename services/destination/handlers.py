@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import time
 
-from schemas.v1.containers import ContainerCreated, CreateContainer
+from schemas.v1.containers import (
+    ContainerCreated,
+    CreateContainer,
+    LayerList,
+    LayersPulled,
+    ListLayers,
+    PullLayers,
+)
 from schemas.v1.migrations import PageServerStarted, StartPageServer, StepCommand
 from services import faults
 from services.errors import RuntimeFailure
@@ -25,17 +32,38 @@ DRAIN_TIMEOUT_S = 840.0  # inside the step's 900 s
 
 
 async def create_container(cmd: CreateContainer, containers: HostContainers) -> ContainerCreated:
-    """A new container arrives on this host: fetch its layer, give it an address, start it."""
+    """A new container arrives on this host: fetch its layers, give it an address, start it."""
     return await containers.create(cmd)
+
+
+async def list_layers(cmd: ListLayers, containers: HostContainers) -> LayerList:
+    """Which layers this host holds verified and unpacked."""
+    return await containers.list_layers()
+
+
+async def pull_layers(cmd: PullLayers, containers: HostContainers) -> LayersPulled:
+    """Fetch, verify and unpack an image's layers now, before any container needs them."""
+    return await containers.pull_layers(cmd)
 
 
 async def prepare_destination(
     cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
 ) -> StepOutcome:
-    """Layer present, network namespace built with its link down, page server listening."""
+    """Layers present, network namespace built with its link down, page server listening."""
     placement = await placement_of(cmd, placements)
     strategy = strategy_of(cmd)
     facts = await host.prepare(placement, cmd.migration_id, page_server=strategy == "stop-and-copy")
+    fetched = int(facts.get("layers_fetched", 0))
+    if fetched:
+        mib = int(facts.get("layer_bytes_fetched", 0)) / 2**20
+        await progress(
+            f"{fetched} of {len(placement.layers)} layer(s) were missing here: fetched from the"
+            f" layer store once ({mib:.1f} MiB) and verified",
+            None,
+            None,
+        )
+    else:
+        await progress(f"all {len(placement.layers)} layer(s) already here", None, None)
     if strategy == "post-copy":
         await progress("network namespace ready; pages will be pulled from the source", None, None)
     elif strategy == "pre-copy":

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +15,17 @@ from schemas.v1.containers import (
     ContainerList,
     ContainerRemoved,
     CreateContainer,
+    HostLayer,
+    LayerList,
+    LayersPulled,
     Placement,
+    PullLayers,
     RemoveContainer,
     RuntimeContainer,
 )
 from services.config import HostConfig
 from services.errors import Conflict, NotFound, RuntimeFailure
+from services.retrying import transient
 from services.runtime import bundle, layers, netns
 from services.runtime.runc import Runc
 from services.stores import AddressPool, LayerSource, PlacementStore
@@ -56,6 +61,27 @@ class ContainerPaths:
     @property
     def criu_config(self) -> Path:
         return self.root / "criu.conf"
+
+
+@dataclass(frozen=True)
+class LayersReady:
+    """A container's layers on this host, lowest first, and what it took to get them."""
+
+    paths: tuple[Path, ...]
+    fetched: tuple[str, ...]
+    present: tuple[str, ...]
+    bytes_fetched: int
+
+    def facts(self) -> dict[str, int]:
+        return {
+            "layers_fetched": len(self.fetched),
+            "layers_present": len(self.present),
+            "layer_bytes_fetched": self.bytes_fetched,
+        }
+
+    def summary(self) -> str:
+        fetched = f"{len(self.fetched)} fetched and verified ({self.bytes_fetched / 2**20:.1f} MiB)"
+        return f"layers: {fetched}, {len(self.present)} already here"
 
 
 class HostContainers:
@@ -101,15 +127,16 @@ class HostContainers:
                 host=self.config.host,
                 ip=ip,
                 mac=netns.mac_for(ip),
-                layer=cmd.layer,
+                layers=cmd.layers,
+                image=cmd.image,
                 args=cmd.args,
                 memory_mib=cmd.memory_mib,
             )
             revision = await self.placements.claim(placement)
             undo.append(lambda: self.placements.remove(cmd.name))
             undo.append(lambda: self.discard_local(cmd.name))
-            lower = await self.ensure_layer(cmd.layer)
-            pid = await self._build_and_start(cmd, placement, lower)
+            ready = await self.ensure_layers(cmd.layers)
+            pid = await self._build_and_start(cmd, placement, ready.paths)
             await self.placements.update(
                 placement.model_copy(update={"state": "running"}), revision
             )
@@ -125,28 +152,73 @@ class HostContainers:
             name=cmd.name, host=self.config.host, ip=ip, mac=placement.mac, pid=pid
         )
 
-    async def ensure_layer(self, digest: str) -> Path:
-        """The unpacked layer, fetched over the bus the first time this host needs it."""
+    async def ensure_layer(self, digest: str) -> int | None:
+        """Make the layer present here, unpacked: fetched from the layer store and
+        sha256-verified the first time this host needs it, then kept. Returns the bytes
+        fetched, None when it was already here. One fetch per digest at a time, across
+        this host's worker processes."""
+        layers_dir = self.config.layers_dir
+        if (layers_dir / digest).is_dir():
+            return None
         lock = self._layer_locks.setdefault(digest, asyncio.Lock())
-        async with lock:
-            final = self.config.layers_dir / digest
-            if final.is_dir():
-                return final
-            self.config.layers_dir.mkdir(parents=True, exist_ok=True)
-            tar_path = self.config.layers_dir / f".{digest}.tar"
-            try:
-                await self.layer_source.fetch(digest, tar_path)
-                return await asyncio.to_thread(
-                    layers.unpack_layer, tar_path, digest, self.config.layers_dir
-                )
-            finally:
-                tar_path.unlink(missing_ok=True)
+        async with lock, layers.layer_lock(layers_dir, digest):
+            if (layers_dir / digest).is_dir():
+                return None  # another task or worker fetched it while we waited
+            size = await self._fetch_and_unpack(digest)
+        log.info("layer %s fetched from the layer store (%d bytes), verified, unpacked",
+                 digest[:12], size)  # fmt: skip
+        return size
+
+    @transient
+    async def _fetch_and_unpack(self, digest: str) -> int:
+        """One fetch; a layer whose sha256 does not match is refused (retryable)."""
+        tar_path = self.config.layers_dir / f".{digest}.tar"
+        try:
+            await self.layer_source.fetch(digest, tar_path)
+            size = tar_path.stat().st_size
+            await asyncio.to_thread(layers.unpack_layer, tar_path, digest, self.config.layers_dir)
+        finally:
+            tar_path.unlink(missing_ok=True)
+        return size
+
+    async def ensure_layers(self, digests: Sequence[str]) -> LayersReady:
+        """Every layer of a container present here, lowest first; the first failure
+        (typed: a corrupted fetch is retryable, a missing layer is not) stops it."""
+        sizes = {d: await self.ensure_layer(d) for d in digests}
+        return LayersReady(
+            paths=tuple(self.config.layers_dir / d for d in digests),
+            fetched=tuple(d for d in digests if sizes[d] is not None),
+            present=tuple(d for d in digests if sizes[d] is None),
+            bytes_fetched=sum(size or 0 for size in sizes.values()),
+        )
+
+    async def pull_layers(self, cmd: PullLayers) -> LayersPulled:
+        """Fetch, verify and unpack layers ahead of any container that needs them."""
+        ready = await self.ensure_layers(cmd.layers)
+        what = f"image {cmd.image}" if cmd.image else f"{len(cmd.layers)} layer(s)"
+        log.info("pulled %s: %s", what, ready.summary())
+        return LayersPulled(
+            host=self.config.host,
+            fetched=ready.fetched,
+            present=ready.present,
+            bytes_fetched=ready.bytes_fetched,
+        )
+
+    async def list_layers(self) -> LayerList:
+        held = await asyncio.to_thread(layers.held_layers, self.config.layers_dir)
+        return LayerList(
+            host=self.config.host,
+            layers=tuple(
+                HostLayer(digest=h.digest, size_bytes=h.size_bytes, unpacked_at=h.unpacked_at)
+                for h in held
+            ),
+        )
 
     async def _build_and_start(
-        self, cmd: CreateContainer, placement: Placement, lower: Path
+        self, cmd: CreateContainer, placement: Placement, lowers: Sequence[Path]
     ) -> int:
         paths = self.paths(cmd.name)
-        await layers.mount_overlay(lower, paths.upper, paths.work, paths.rootfs)
+        await layers.mount_overlay(lowers, paths.upper, paths.work, paths.rootfs)
         network = netns.ContainerNetwork(
             netns_path=paths.netns,
             host_veth=netns.host_veth_name(cmd.name),

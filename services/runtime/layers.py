@@ -1,22 +1,43 @@
-"""Root filesystems: a content-addressed read-only layer plus a per-container upper dir.
+"""Root filesystems: content-addressed read-only layers plus a per-container upper dir.
 
 Identical layers on every host and an overlay on top is what lets CRIU find files
-byte-identical after a move (only the upper dir has to travel).
+byte-identical after a move (only the upper dir has to travel). A host keeps each layer
+it has verified unpacked under its layers dir, `<digest>/`, beside `<digest>.json` (its
+tar's size and when it was unpacked).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import fcntl
 import hashlib
+import json
 import os
+import re
 import shutil
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import InvalidInput, RuntimeFailure
 from services.runtime.proc import arun
 
 CHUNK = 1 << 20
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+LOCK_POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class HeldLayer:
+    """A layer this host holds verified and unpacked."""
+
+    digest: str
+    size_bytes: int
+    unpacked_at: float
 
 
 def pack_rootfs(rootfs: Path, out: Path) -> str:
@@ -79,16 +100,66 @@ def unpack_layer(tar_path: Path, digest: str, layers_dir: Path) -> Path:
             tar.extractall(staging, members=_safe_members(tar), filter="fully_trusted")
         else:
             tar.extractall(staging, members=_safe_members(tar))
+    meta = {"size_bytes": tar_path.stat().st_size, "unpacked_at": time.time()}
+    meta_path = layers_dir / f"{digest}.json"
+    meta_path.with_suffix(".json.tmp").write_text(json.dumps(meta))
+    meta_path.with_suffix(".json.tmp").rename(meta_path)
     staging.rename(final)
     return final
 
 
-async def mount_overlay(lower: Path, upper: Path, work: Path, target: Path) -> None:
+def held_layers(layers_dir: Path) -> list[HeldLayer]:
+    """Every layer unpacked under layers_dir, oldest first (a half-unpacked one is not)."""
+    found: list[HeldLayer] = []
+    if not layers_dir.is_dir():
+        return found
+    for path in layers_dir.iterdir():
+        if not DIGEST_RE.match(path.name) or not path.is_dir():
+            continue
+        try:
+            meta = json.loads((layers_dir / f"{path.name}.json").read_text())
+            size, at = int(meta["size_bytes"]), float(meta["unpacked_at"])
+        except (OSError, ValueError, KeyError, TypeError):  # unpacked before sizes were kept
+            size = sum(p.lstat().st_size for p in path.rglob("*"))
+            at = path.stat().st_mtime
+        found.append(HeldLayer(digest=path.name, size_bytes=size, unpacked_at=at))
+    return sorted(found, key=lambda layer: (layer.unpacked_at, layer.digest))
+
+
+@contextlib.asynccontextmanager
+async def layer_lock(layers_dir: Path, digest: str) -> AsyncIterator[None]:
+    """One fetch of `digest` at a time on this host, across every worker process."""
+    layers_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layers_dir / f".{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                await asyncio.sleep(LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def overlay_options(lowers: Sequence[Path], upper: Path, work: Path) -> str:
+    """Mount options for layers given lowest first: overlayfs wants the uppermost first."""
+    if not lowers:
+        raise RuntimeFailure("an overlay needs at least one lower layer")
+    lowerdir = ":".join(str(p) for p in reversed(lowers))
+    return f"lowerdir={lowerdir},upperdir={upper},workdir={work}"
+
+
+async def mount_overlay(lowers: Sequence[Path], upper: Path, work: Path, target: Path) -> None:
+    """Mount the layers (lowest first) read-only under a writable upper dir at `target`."""
+    options = overlay_options(lowers, upper, work)
     for d in (upper, work, target):
         d.mkdir(parents=True, exist_ok=True)
     if os.path.ismount(target):
         return
-    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
     await arun(["mount", "-t", "overlay", "overlay", "-o", options, str(target)])
 
 

@@ -428,6 +428,10 @@ class MigrationHost:
                 await transfer.pull(
                     peer, port, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
                 )
+        # The overlay normally stays mounted on the source until clean_source; mount it
+        # again if it went (its layers are kept on this host; fetched if ever removed).
+        ready = await self.containers.ensure_layers(placement.layers)
+        await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
         # CRIU's lock from the dump still holds the netns; its restore removes it at the end.
         await arun(["ip", "link", "set", veth, "up"], check=False)
         await self._restore(name, paths, cpaths)
@@ -474,7 +478,7 @@ class MigrationHost:
     async def prepare(
         self, placement: Placement, migration_id: str, *, page_server: bool = True
     ) -> dict[str, int | str]:
-        """Layer present, netns with the container's IP and MAC (link down), and for
+        """Layers present, netns with the container's IP and MAC (link down), and for
         stop-and-copy a page server up (post-copy pulls its pages from the source instead)."""
         await criu.check()
         existing = await self.runc.state(placement.name)
@@ -482,7 +486,13 @@ class MigrationHost:
             raise Conflict(f"{placement.name} already exists on {self.config.host}")
         paths = self.mpaths(migration_id)
         port_file = paths.root / "page-server.port"
-        await self.containers.ensure_layer(placement.layer)
+        # Layers are not part of what moves: a host lacking one fetches it from the layer
+        # store once, sha256-verified, and keeps it for every later container and move.
+        with tracer.start_as_current_span("layers.ensure") as span:
+            ready = await self.containers.ensure_layers(placement.layers)
+            for key, value in ready.facts().items():
+                span.set_attribute(f"ferry.{key}", value)
+        facts: dict[str, int | str] = dict(ready.facts())
         cpaths = self.cpaths(placement.name)
         if not cpaths.netns.exists():
             await netns.create(self._network(placement), self.config.bridge, link_up=False)
@@ -493,16 +503,16 @@ class MigrationHost:
         (paths.root / "held").touch()
         if not page_server:
             paths.root.mkdir(parents=True, exist_ok=True)
-            return {}
+            return facts
         if port_file.exists() and (paths.images / "page-server.pid").exists():
-            return {"page_server": f"{self.config.address}:{port_file.read_text()}"}
+            return {**facts, "page_server": f"{self.config.address}:{port_file.read_text()}"}
         port = free_port(self.config.address)
         with tracer.start_as_current_span(
             "criu.page_server", attributes={"ferry.listen": f"{self.config.address}:{port}"}
         ):
             await criu.start_page_server(paths.images, self.config.address, port)
         port_file.write_text(str(port))
-        return {"page_server": f"{self.config.address}:{port}"}
+        return {**facts, "page_server": f"{self.config.address}:{port}"}
 
     async def restore(
         self,
@@ -543,8 +553,8 @@ class MigrationHost:
             cpaths.root.mkdir(parents=True, exist_ok=True)
             shutil.move(str(synced), cpaths.upper)
         shutil.rmtree(cpaths.work, ignore_errors=True)
-        lower = await self.containers.ensure_layer(placement.layer)
-        await layers.mount_overlay(lower, cpaths.upper, cpaths.work, cpaths.rootfs)
+        ready = await self.containers.ensure_layers(placement.layers)  # here since prepare
+        await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
         config = json.loads((incoming / "config.json").read_text())
         config["linux"]["cgroupsPath"] = f"{self.config.cgroup_parent}/{name}"
         config.setdefault("annotations", {})["org.criu.config"] = str(

@@ -21,6 +21,13 @@ from services.errors import Conflict, InvalidInput, NotFound, RuntimeFailure, Un
             "--memory",
         ),
         (["teleport"], "teleport"),
+        (
+            ["container", "run", "--host", "h1", "--name", "x", "--rootfs", "/", "--image", "a"],
+            "--image",
+        ),
+        (["image", "build", "--name", "app"], "DIR"),
+        (["image", "build", "/"], "--name"),
+        (["image"], "image"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(
@@ -49,6 +56,8 @@ def test_no_lab_means_empty_lists(
     assert capsys.readouterr().out.strip() == "[]"
     assert main(["hosts", "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
+    assert main(["image", "ls", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
 
 
 def test_error_classes_map_to_exit_codes() -> None:
@@ -58,3 +67,24 @@ def test_error_classes_map_to_exit_codes() -> None:
     assert exit_code(Unavailable("x")) == 1
     assert exit_code(RuntimeFailure("x")) == 1
     assert one_line(InvalidInput("unknown host", field="--host")) == "ferry: --host: unknown host"
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["image", "build", "/", "--name", "Bad Name"], "--name"),
+        (["image", "build", "/", "--name", "app", "--base", "Base"], "--base"),
+        (["image", "build", "/nonexistent-dir", "--name", "app"], "DIR"),
+        (["image", "pull", "Nope!"], "NAME"),
+    ],
+)
+def test_bad_image_input_exits_2_before_any_lab_is_touched(
+    argv: list[str],
+    mentions: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FERRY_LAB", "nolabzz")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and mentions in err[0]

@@ -26,7 +26,7 @@ class Placements:
         if name not in self.names:
             return None
         return Placement(name=name, host="h1", ip="10.0.0.100", mac="02:fe:0a:00:00:64",
-                         layer="a" * 64, args=("/bin/app",)), 1  # fmt: skip
+                         layers=("a" * 64,), args=("/bin/app",)), 1  # fmt: skip
 
     async def claim(self, placement: Placement) -> int:
         raise NotImplementedError

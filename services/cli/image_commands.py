@@ -1,0 +1,291 @@
+"""`ferry image build|ls|pull`: named stacks of read-only layers, present on hosts ahead of use.
+
+A layer is a directory packed into a deterministic tar, stored once in the `ferry-layers`
+object store under its sha256; an image is a name for a stack of them (KV `ferry-images`).
+Hosts fetch, verify and unpack a layer the first time they need it, or ahead of time with
+`image pull`, and keep it: a migration never carries a layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import ObjectNotFoundError
+
+from schemas import subjects
+from schemas.v1.containers import (
+    IMAGE_NAME_PATTERN,
+    MAX_LAYERS,
+    Image,
+    LayerList,
+    LayersPulled,
+    ListLayers,
+    PullLayers,
+)
+from services import bus
+from services.cli.context import connected, current_lab, say
+from services.errors import FerryError, InvalidInput, NotFound, RuntimeFailure, Unavailable
+from services.kvstores import KvHostDirectory, KvImageStore
+from services.runtime import layers
+
+PULL_TIMEOUT_S = 600.0
+LIST_TIMEOUT_S = 5.0
+SHORT = 12
+
+
+def check_image_name(name: str, field: str) -> str:
+    if not re.match(IMAGE_NAME_PATTERN, name):
+        raise InvalidInput(
+            f"{name!r} is not a valid image name (lowercase letters, digits, '.', '_', '-';"
+            " at most 63; starts with a letter or digit)",
+            field=field,
+        )
+    return name
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+async def image_store(nc: NATS) -> KvImageStore:
+    js = nc.jetstream()
+    await bus.ensure_topology(js)  # a lab started before images existed lacks the bucket
+    return KvImageStore(await bus.bucket(js, subjects.IMAGES_BUCKET))
+
+
+async def find_image(images: KvImageStore, name: str, field: str) -> Image:
+    image = await images.get(name)
+    if image is None:
+        known = ", ".join(i.name for i in await images.all()) or "none"
+        raise NotFound(f"no image named {name!r} (known: {known})", field=field)
+    return image
+
+
+async def layer_sizes(nc: NATS, digests: tuple[str, ...]) -> dict[str, int]:
+    """Each layer's size in the store; a layer missing there is a broken image."""
+    store = await bus.layers(nc.jetstream())
+    sizes = {}
+    for digest in digests:
+        try:
+            sizes[digest] = int((await store.get_info(digest)).size or 0)
+        except ObjectNotFoundError:
+            raise RuntimeFailure(
+                f"layer {digest[:SHORT]} is missing from the layer store"
+            ) from None
+    return sizes
+
+
+async def upload_layer(nc: NATS, rootfs: Path, field: str) -> tuple[str, int]:
+    """Pack `rootfs` and put it in the layer store unless it is there; (digest, tar size)."""
+    if not rootfs.is_dir():
+        raise InvalidInput(f"{rootfs} is not a directory", field=field)
+    store = await bus.layers(nc.jetstream())
+    with tempfile.TemporaryDirectory(prefix="ferry-layer-") as tmp:
+        tar_path = Path(tmp) / "layer.tar"
+        digest = await asyncio.to_thread(layers.pack_rootfs, rootfs, tar_path)
+        size = tar_path.stat().st_size
+        try:
+            await store.get_info(digest)
+            say(f"layer {digest[:SHORT]} already in the layer store")
+        except ObjectNotFoundError:
+            say(f"uploading layer {digest[:SHORT]} ({_mib(size)}) from {rootfs}")
+            with tar_path.open("rb") as f:
+                await store.put(digest, f)
+    return digest, size
+
+
+def _image_json(image: Image, sizes: dict[str, int]) -> dict[str, Any]:
+    return {
+        "name": image.name,
+        "base": image.base,
+        "created_at": image.created_at,
+        "layers": [{"digest": d, "size_bytes": sizes[d]} for d in image.layers],
+        "size_bytes": sum(sizes[d] for d in image.layers),
+    }
+
+
+# ---- build --------------------------------------------------------------------------------
+
+
+async def _build(args: argparse.Namespace) -> dict[str, Any]:
+    name = check_image_name(args.name, "--name")
+    base_name = check_image_name(args.base, "--base") if args.base else None
+    rootfs = Path(args.dir)
+    if not rootfs.is_dir():
+        raise InvalidInput(f"{args.dir} is not a directory", field="DIR")
+    lab = current_lab()
+    async with connected(lab) as nc:
+        images = await image_store(nc)
+        below: tuple[str, ...] = ()
+        if base_name is not None:
+            below = (await find_image(images, base_name, "--base")).layers
+            if len(below) >= MAX_LAYERS:
+                raise InvalidInput(
+                    f"image {base_name!r} already has {len(below)} layers, the most an image"
+                    " may have",
+                    field="--base",
+                )
+        digest, _ = await upload_layer(nc, rootfs, "DIR")
+        if digest in below:
+            raise InvalidInput(
+                f"{rootfs} packs to layer {digest[:SHORT]}, which image {base_name!r} already"
+                " holds",
+                field="DIR",
+            )
+        image = Image(name=name, layers=(*below, digest), base=base_name, created_at=time.time())
+        await images.put(image)
+        sizes = await layer_sizes(nc, image.layers)
+    return _image_json(image, sizes)
+
+
+def image_build(args: argparse.Namespace) -> int:
+    built = asyncio.run(_build(args))
+    if args.json:
+        print(json.dumps(built))
+        return 0
+    on = f" on {built['base']}" if built["base"] else ""
+    say(f"image {built['name']}{on}: {len(built['layers'])} layer(s), {_mib(built['size_bytes'])}")
+    for layer in built["layers"]:  # lowest first
+        print(layer["digest"])
+    return 0
+
+
+# ---- ls -----------------------------------------------------------------------------------
+
+
+async def live_hosts(nc: NATS) -> tuple[list[str], list[str]]:
+    """(every registered host, the live ones)."""
+    js = nc.jetstream()
+    directory = KvHostDirectory(
+        await bus.bucket(js, subjects.REGISTRY_BUCKET), await bus.bucket(js, subjects.HOSTS_BUCKET)
+    )
+    known = await directory.known_hosts()
+    alive = [h for h in known if await directory.alive(h)]
+    return known, alive
+
+
+async def _held_by(nc: NATS, host: str) -> set[str] | None:
+    try:
+        listed = await bus.request(
+            nc,
+            subjects.host_request(host, subjects.LIST_LAYERS),
+            ListLayers(),
+            LayerList,
+            timeout=LIST_TIMEOUT_S,
+            what=f"list layers on {host}",
+        )
+    except FerryError as exc:
+        say(f"warning: {exc.reason}")
+        return None
+    return {layer.digest for layer in listed.layers}
+
+
+def _present(image: Image, held: set[str] | None) -> list[str] | None:
+    """The image's layers a host holds; None when the host could not be asked."""
+    return None if held is None else [d for d in image.layers if d in held]
+
+
+async def _ls() -> list[dict[str, Any]]:
+    try:
+        lab = current_lab()
+    except FerryError:
+        return []
+    async with connected(lab) as nc:
+        all_images = await (await image_store(nc)).all()
+        known, alive = await live_hosts(nc)
+        held = dict(
+            zip(alive, await asyncio.gather(*(_held_by(nc, h) for h in alive)), strict=True)
+        )
+        rows = []
+        for image in all_images:
+            try:
+                sizes = await layer_sizes(nc, image.layers)
+            except RuntimeFailure as exc:
+                say(f"warning: image {image.name}: {exc.reason}")
+                sizes = {d: 0 for d in image.layers}
+            row = _image_json(image, sizes)
+            row["hosts"] = {host: _present(image, held.get(host)) for host in known}
+            rows.append(row)
+    return rows
+
+
+def image_ls(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_ls())
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    hosts = sorted({h for row in rows for h in row["hosts"]})
+    print(f"{'IMAGE':<20} {'LAYERS':<27} {'SIZE':>10}  " + " ".join(f"{h:<6}" for h in hosts))
+    for row in rows:
+        digests = [layer["digest"][:SHORT] for layer in row["layers"]]
+        shown = ",".join(digests) if len(digests) <= 2 else f"{digests[-1]} (+{len(digests) - 1})"
+        per_host = []
+        for h in hosts:
+            present = row["hosts"][h]
+            per_host.append("down  " if present is None else f"{len(present)}/{len(digests):<4}")
+        print(f"{row['name']:<20} {shown:<27} {_mib(row['size_bytes']):>10}  " + " ".join(per_host))
+    return 0
+
+
+# ---- pull ---------------------------------------------------------------------------------
+
+
+async def _pull_one(nc: NATS, host: str, image: Image) -> tuple[str, LayersPulled | FerryError]:
+    try:
+        pulled = await bus.request(
+            nc,
+            subjects.host_request(host, subjects.PULL_LAYERS),
+            PullLayers(layers=image.layers, image=image.name),
+            LayersPulled,
+            timeout=PULL_TIMEOUT_S,
+            what=f"pull {image.name} on {host}",
+        )
+    except FerryError as exc:
+        return host, exc
+    return host, pulled
+
+
+async def _pull(args: argparse.Namespace) -> list[tuple[str, LayersPulled | FerryError]]:
+    name = check_image_name(args.name, "NAME")
+    lab = current_lab()
+    if args.host is not None and args.host not in lab.spec.hosts:
+        known = ", ".join(lab.spec.hosts)
+        raise InvalidInput(f"unknown host {args.host!r} (lab has {known})", field="--host")
+    async with connected(lab) as nc:
+        image = await find_image(await image_store(nc), name, "NAME")
+        await layer_sizes(nc, image.layers)  # every layer is in the store
+        if args.host is not None:
+            targets = [args.host]
+        else:
+            targets = (await live_hosts(nc))[1]
+            if not targets:
+                raise Unavailable("no live host to pull onto")
+        say(f"pulling {name} ({len(image.layers)} layer(s)) onto {', '.join(targets)}")
+        return list(await asyncio.gather(*(_pull_one(nc, h, image) for h in targets)))
+
+
+def image_pull(args: argparse.Namespace) -> int:
+    """Exit 0 when every host has every layer, 1 when any host failed (each one says why)."""
+    results = asyncio.run(_pull(args))
+    rows: list[dict[str, Any]] = []
+    for host, result in results:
+        if isinstance(result, FerryError):
+            say(f"ferry: {host}: {result.reason}")
+            rows.append({"host": host, "error": result.detail().model_dump(mode="json")})
+            continue
+        say(
+            f"{host}: {len(result.fetched)} layer(s) fetched and verified"
+            f" ({_mib(result.bytes_fetched)}), {len(result.present)} already there"
+        )
+        rows.append(result.model_dump(mode="json", exclude={"schema_version"}))
+    if args.json:
+        print(json.dumps(rows))
+    return 1 if any("error" in row for row in rows) else 0
