@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test lint typecheck workloads schemas demo chaos bench clean
+.PHONY: setup test lint typecheck workloads schemas demo demo-minecraft chaos bench clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -24,6 +24,11 @@ typecheck:
 ## demo: a stateful server moves h1 -> h2 -> h1 while a client talks to it.
 demo: workloads
 	$(PY) -m deploy.demo
+
+## demo-minecraft: a flying-squid server moves to another network segment and back while
+## mineflayer bots play; prints per bot: connected, longest tick gap, chats, blocks kept.
+demo-minecraft:
+	$(PY) -m deploy.minecraft.play --bots 4 --json bench/minecraft.json
 
 ## chaos: 159 cells (fault x step x before/after), each run in both directions (~45 min).
 chaos: workloads

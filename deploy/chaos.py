@@ -508,6 +508,17 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def _flag(outcome: Outcome) -> str:
+    """What is wrong with a run, for the progress line; empty when nothing is."""
+    wrong = [
+        *([] if outcome.fired else ["did not fire"]),
+        *([f"LOST ({outcome.running_now} running)"] if outcome.lost else []),
+        *(["RAN TWICE"] if outcome.ran_twice else []),
+        *([f"left {', '.join(outcome.leftovers)}"] if outcome.leftovers else []),
+    ]
+    return f"  <-- {'; '.join(wrong)}" if wrong else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one cell per fault kind")
@@ -519,6 +530,7 @@ def main() -> int:
     parser.add_argument(
         "--strategies", default=",".join(STRATEGIES), help="comma-separated, default: all"
     )
+    parser.add_argument("--only", default="", help="only cells whose label contains this")
     args = parser.parse_args()
     lab = args.lab
     ferry(lab, "lab", "down", check=False)
@@ -534,7 +546,9 @@ def main() -> int:
         spec = read_spec(LabLayout(lab))
         assert spec is not None
         tap = EventTap(spec.nats_url)
-        cells = grid(args.quick, tuple(args.strategies.split(",")))
+        cells = [
+            c for c in grid(args.quick, tuple(args.strategies.split(","))) if args.only in c.label
+        ]
         plan = [(c, r) for c in cells for r in range(args.repeat)]
         print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {lab}", file=sys.stderr)
         for n, (cell, _) in enumerate(plan, 1):
@@ -543,8 +557,7 @@ def main() -> int:
             destination = "h2" if source == "h1" else "h1"
             outcome = run_cell(lab, tap, cell, source, destination, ip, memory)
             outcomes.append(outcome)
-            flag = "" if (outcome.fired and not outcome.lost and not outcome.ran_twice
-                          and not outcome.leftovers) else "  <-- look"  # fmt: skip
+            flag = _flag(outcome)
             print(
                 f"[{n}/{len(plan)}] {cell.label:<32} {outcome.direction} {outcome.state:<11}"
                 f" {outcome.seconds:>5}s {outcome.evidence}{flag}",

@@ -375,6 +375,14 @@ step_ferry_link() {
     log "ferry: linked $FERRY_LINK -> $target"
 }
 
+# The Minecraft demo's server and bots (flying-squid, mineflayer): pinned npm packages into
+# build/minecraft. Needs the machine's Node.js 20 and the npm registry.
+step_minecraft() {
+    command -v node >/dev/null || die "node is not installed: the Minecraft demo needs Node.js 20"
+    bash "$REPO/deploy/minecraft/setup.sh" || die "the Minecraft kit did not install (see above)"
+    log "minecraft: flying-squid and mineflayer in $REPO/build/minecraft, ok"
+}
+
 main() {
     local t0=$EPOCHREALTIME
     ((EUID == 0)) || die "run as root (sudo make setup): it installs packages and /usr/local/sbin/criu"
@@ -387,6 +395,7 @@ main() {
     step_pycriu
     step_nats
     step_ferry_link
+    step_minecraft
     local runc_v
     runc_v=$(runc --version 2>/dev/null | awk '/^runc version/ {print $3; exit}')
     log "took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
