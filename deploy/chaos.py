@@ -225,6 +225,25 @@ class EventTap:
                 self.changed.wait(left)
 
 
+PF_EXITING = 0x4
+SIGKILL_BIT = 1 << 8  # signal 9, in /proc's pending-signal masks
+
+
+def _runs_user_code(pid: str) -> bool:
+    """Running or able to run — not stopped, not frozen, not on its way out. A stopped task
+    that was just sent SIGKILL shows R for a moment, but never returns to its own code:
+    post-copy's stopped source copy does exactly that when it is removed."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (OSError, IndexError):
+        return False
+    if fields[0] not in ("R", "S", "D") or int(fields[6]) & PF_EXITING:
+        return False
+    pending = [line.split()[1] for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return not any(int(mask, 16) & SIGKILL_BIT for mask in pending)
+
+
 class Monitor:
     """Samples, from /proc and the cgroups, on which hosts the container runs un-frozen."""
 
@@ -243,12 +262,7 @@ class Monitor:
                 pids = (base / "cgroup.procs").read_text().split()
             except OSError:
                 continue
-            live = []
-            for pid in pids:
-                with contextlib.suppress(OSError, IndexError):
-                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                    if state in ("R", "S", "D"):
-                        live.append(pid)
+            live = [pid for pid in pids if _runs_user_code(pid)]
             if live and not frozen:
                 found.append(host)
         return found

@@ -838,8 +838,16 @@ class TransferServer:
         migration_id: str,
         name: str,
     ) -> None:
-        incoming = migration_dir(self.state_dir, migration_id) / "incoming"
-        incoming.mkdir(parents=True, exist_ok=True)
+        root = migration_dir(self.state_dir, migration_id)
+        incoming = root / "incoming"
+        try:
+            # Never recreate a migration's directory: a push that arrives after the
+            # destination was discarded (a retry still in flight) must not leave files.
+            incoming.mkdir(exist_ok=True)
+        except FileNotFoundError:
+            raise RuntimeFailure(
+                f"migration {migration_id} is not prepared on this host (or was discarded)"
+            ) from None
         what = f"{header['size']} bytes, {header.get('encoding', IDENTITY)}"
         with tempfile.TemporaryDirectory(dir=incoming) as tmp:
             tar_path = await _receive_payload(reader, header, Path(tmp))

@@ -54,6 +54,12 @@ class Peer:
     def incoming(self, migration_id: str, name: str) -> Path:
         return migration_dir(self.state_dir, migration_id) / "incoming" / name
 
+    def prepared(self) -> str:
+        """A new migration this host has prepared for (it takes files only for those)."""
+        migration_id = new_id()
+        migration_dir(self.state_dir, migration_id).mkdir(parents=True)
+        return migration_id
+
 
 class Relay:
     """A TCP hop in front of the real server that notes when each piece of bytes went by."""
@@ -160,7 +166,7 @@ async def test_a_limited_push_keeps_to_the_limit_over_every_window(
     async def note(done: int, total: int) -> None:
         calls.append((time.monotonic(), done, total))
 
-    mid = new_id()
+    mid = peer.prepared()
     sent = await push(
         LOOPBACK,
         relay.port,
@@ -204,7 +210,7 @@ async def test_a_limited_push_keeps_to_the_limit_over_every_window(
 async def test_a_limited_pull_is_paced_by_the_server(
     tmp_path: Path, peer: Peer, relay: Relay
 ) -> None:
-    mid, limit = new_id(), 4 << 20
+    mid, limit = peer.prepared(), 4 << 20
     images = migration_dir(peer.state_dir, mid) / "images"
     images.mkdir(parents=True)
     pages = os.urandom(4 << 20)
@@ -239,7 +245,7 @@ async def test_a_compressed_push_arrives_identical_and_smaller_on_the_wire(
     src.mkdir()
     text = b"".join(f"line {i}: the counter keeps counting\n".encode() for i in range(200_000))
     (src / "log.txt").write_bytes(text)
-    mid = new_id()
+    mid = peer.prepared()
     sent = await push(
         LOOPBACK,
         relay.port,
@@ -268,7 +274,7 @@ async def test_without_zstd_compression_falls_back_to_gzip(
     src.mkdir()
     text = b"abc" * 1_000_000
     (src / "data").write_bytes(text)
-    mid = new_id()
+    mid = peer.prepared()
     sent = await push(
         LOOPBACK, peer.port, mid, "bundle", [Member(src, "data")], tmp_path / "s", compress=True
     )
@@ -278,7 +284,7 @@ async def test_without_zstd_compression_falls_back_to_gzip(
         await push(
             LOOPBACK,
             peer.port,
-            new_id(),
+            peer.prepared(),
             "bundle",
             [Member(src, "data")],
             tmp_path / "s",
@@ -288,7 +294,7 @@ async def test_without_zstd_compression_falls_back_to_gzip(
 
 
 async def test_a_compressed_pull_arrives_identical(tmp_path: Path, peer: Peer) -> None:
-    mid = new_id()
+    mid = peer.prepared()
     images = migration_dir(peer.state_dir, mid) / "images"
     images.mkdir(parents=True)
     pages = bytes(4096) * 512 + os.urandom(4096)
@@ -400,7 +406,7 @@ async def replay(port: int, data: bytes) -> dict[str, object]:
 async def test_presync_then_delta_leaves_an_equal_tree_and_sends_only_changes(
     tmp_path: Path, peer: Peer, relay: Relay
 ) -> None:
-    base, mid, scratch = tmp_path / "src", new_id(), tmp_path / "scratch"
+    base, mid, scratch = tmp_path / "src", peer.prepared(), tmp_path / "scratch"
     upper = upper_dir(base)
     await asyncio.sleep(RACY_NS / 1e9 + 0.1)  # no entry is racy: the count below is exact
     sent, since = await push_presync(LOOPBACK, peer.port, mid, base, "upper", scratch)
@@ -430,7 +436,7 @@ async def test_presync_then_delta_leaves_an_equal_tree_and_sends_only_changes(
 async def test_a_corrupted_delta_is_refused_and_a_clean_one_then_lands(
     tmp_path: Path, peer: Peer, compress: bool
 ) -> None:
-    base, mid, scratch = tmp_path / "src", new_id(), tmp_path / "scratch"
+    base, mid, scratch = tmp_path / "src", peer.prepared(), tmp_path / "scratch"
     upper = upper_dir(base)
     _, since = await push_presync(LOOPBACK, peer.port, mid, base, "upper", scratch)
     there = peer.incoming(mid, "presync") / "upper"
@@ -469,7 +475,7 @@ async def test_a_delta_without_its_presync_is_refused(tmp_path: Path, peer: Peer
     base = tmp_path / "src"
     upper = upper_dir(base)
     with pytest.raises(RuntimeFailure, match="no presync"):
-        await push_delta(LOOPBACK, peer.port, new_id(), base, "upper", {}, tmp_path / "s")
+        await push_delta(LOOPBACK, peer.port, peer.prepared(), base, "upper", {}, tmp_path / "s")
     assert upper.is_dir()
 
 
@@ -480,3 +486,16 @@ def test_a_racy_entry_travels_again_though_its_stat_did_not_change() -> None:
     now = {".": root, "racy": file, "settled": file}
     plan = plan_delta(json.loads(json.dumps(since)), now)
     assert (plan.send, plan.remove, plan.deleted) == ((".", "racy"), (), 0)
+
+
+async def test_a_push_for_a_migration_this_host_has_not_prepared_is_refused(
+    tmp_path: Path, peer: Peer
+) -> None:
+    """A retry still in flight after the destination was discarded must leave nothing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(b"late")
+    late = new_id()
+    with pytest.raises(RuntimeFailure, match="not prepared on this host"):
+        await push(LOOPBACK, peer.port, late, "bundle", [Member(src, "data")], tmp_path / "s")
+    assert not migration_dir(peer.state_dir, late).exists()
