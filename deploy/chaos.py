@@ -533,6 +533,18 @@ def _flag(outcome: Outcome) -> str:
     return f"  <-- {'; '.join(wrong)}" if wrong else ""
 
 
+def placed_host(lab: str, attempts: int = 10) -> str:
+    """Where the placement says the victim runs (the listing can fail while the bus is busy)."""
+    for _ in range(attempts):
+        listed = ferry(lab, "containers", "--json", check=False)
+        with contextlib.suppress(ValueError):
+            placed = {c["name"]: c for c in json.loads(listed.stdout)}
+            if NAME in placed:
+                return str(placed[NAME]["host"])
+        time.sleep(1.0)
+    raise RuntimeError(f"{NAME} has no placement any more: {listed.stderr.strip()[-300:]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one cell per fault kind")
@@ -566,8 +578,7 @@ def main() -> int:
         plan = [(c, r) for c in cells for r in range(args.repeat)]
         print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {lab}", file=sys.stderr)
         for n, (cell, _) in enumerate(plan, 1):
-            placed = {c["name"]: c for c in json.loads(ferry(lab, "containers", "--json").stdout)}
-            source = placed[NAME]["host"]
+            source = placed_host(lab)
             destination = "h2" if source == "h1" else "h1"
             outcome = run_cell(lab, tap, cell, source, destination, ip, memory)
             outcomes.append(outcome)
@@ -583,9 +594,10 @@ def main() -> int:
                 break
     finally:
         ferry(lab, "lab", "down", check=False)
+        # Whatever ran is evidence, even when the harness itself stopped early.
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(o) | {"lost": o.lost} for o in outcomes], indent=2))
     print(table(outcomes))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps([asdict(o) | {"lost": o.lost} for o in outcomes], indent=2))
     bad = [o for o in outcomes if o.lost or o.ran_twice or o.leftovers or not o.fired]
     return 1 if bad else 0
 

@@ -50,7 +50,8 @@ def wait_until_serving(ip: str, port: int = PORT, timeout: float = 15.0) -> dict
             time.sleep(0.1)
 
 
-def _shared_libraries(binary: Path) -> list[Path]:
+def shared_libraries(binary: Path) -> list[Path]:
+    """The shared libraries `binary` loads, as ldd resolves them on this machine."""
     out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
     libs = []
     for line in out.splitlines():
@@ -65,7 +66,7 @@ def build_binary_rootfs(target: Path, binaries: list[Path]) -> Path:
     """A root filesystem holding host binaries and the shared libraries they load."""
     build_rootfs(target)
     for binary in binaries:
-        for path in [binary, *_shared_libraries(binary)]:
+        for path in [binary, *shared_libraries(binary)]:
             real = path.resolve()
             dest = target / str(path).lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)

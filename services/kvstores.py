@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
+from nats.js.errors import (
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+    ObjectNotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from schemas import subjects
@@ -15,13 +21,25 @@ from schemas.v1.hosts import HostRegistration
 from schemas.v1.migrations import MigrationRecord
 from services.errors import Conflict, NotFound, Unavailable
 
+KEYS_ATTEMPTS = 3
+
 
 async def _keys(kv: KeyValue) -> list[str]:
-    """A bucket's keys; none when it is empty (nats-py raises NoKeysError) or unreadable."""
-    try:
-        return list(await kv.keys())
-    except Exception:
-        return []
+    """A bucket's keys; none when it is empty (nats-py raises NoKeysError for that).
+
+    Listing keys runs a short-lived consumer that can time out while the bus is busy or
+    restarting: try again, then say so — an empty answer would read as "nothing there".
+    """
+    for attempt in range(1, KEYS_ATTEMPTS + 1):
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            return []
+        except (NatsError, TimeoutError) as exc:
+            if attempt == KEYS_ATTEMPTS:
+                raise Unavailable(f"cannot list the keys of a bucket: {exc!r}") from exc
+            await asyncio.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
 
 
 class KvPlacementStore:

@@ -18,10 +18,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from deploy.workloads import shared_libraries
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -59,17 +60,6 @@ class Layers:
     app: Path
 
 
-def _shared_libraries(binary: Path) -> list[Path]:
-    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
-    libs = []
-    for line in out.splitlines():
-        parts = line.split()
-        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
-        if path.startswith("/"):
-            libs.append(Path(path))
-    return libs
-
-
 def build_runtime_layer(target: Path) -> Path:
     """busybox, node and node's shared libraries; the bare directories runc mounts over."""
     for d in ("bin", "usr/bin", "proc", "dev", "sys", "tmp", "etc"):
@@ -79,7 +69,7 @@ def build_runtime_layer(target: Path) -> Path:
         link = target / "bin" / tool
         if not link.is_symlink():
             link.symlink_to("busybox")
-    for path in [NODE, *_shared_libraries(NODE)]:
+    for path in [NODE, *shared_libraries(NODE)]:
         dest = target / str(path).lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path.resolve(), dest)

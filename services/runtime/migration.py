@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
@@ -155,12 +156,8 @@ class MigrationHost:
             )
         return results, memory
 
-    async def dump(
-        self, name: str, migration_id: str, page_server: str, *, parent: str | None = None
-    ) -> dict[str, int | float]:
-        """Freeze and dump; pages stream to the destination. The source copy stops here.
-        After pre-copy rounds, `parent` (../it-N) makes it send only what changed since."""
-        paths = self.mpaths(migration_id)
+    async def _dump_done_or_ready(self, name: str, paths: MigrationPaths) -> dict[str, Any] | None:
+        """An earlier delivery's dump result, or None once it is safe to dump now."""
         done_marker = paths.root / "dump.done"
         if done_marker.exists():
             return dict(json.loads(done_marker.read_text()))
@@ -168,6 +165,18 @@ class MigrationHost:
         if state is None or state.status != "running":
             raise RuntimeFailure(f"{name} is not running on {self.config.host}; refusing to dump")
         paths.images.mkdir(parents=True, exist_ok=True)
+        return None
+
+    async def dump(
+        self, name: str, migration_id: str, page_server: str, *, parent: str | None = None
+    ) -> dict[str, int | float]:
+        """Freeze and dump; pages stream to the destination. The source copy stops here.
+        After pre-copy rounds, `parent` (../it-N) makes it send only what changed since."""
+        paths = self.mpaths(migration_id)
+        done_marker = paths.root / "dump.done"
+        earlier = await self._dump_done_or_ready(name, paths)
+        if earlier is not None:
+            return earlier
         span = tracer.start_span("criu.dump", attributes={"ferry.page_server": page_server})
         frozen_at = time.time()
         proc = await asyncio.create_subprocess_exec(
@@ -269,12 +278,9 @@ class MigrationHost:
         the pages are served: the way back until the destination is verified."""
         paths, cpaths = self.mpaths(migration_id), self.cpaths(name)
         done_marker = paths.root / "dump.done"
-        if done_marker.exists():
-            return dict(json.loads(done_marker.read_text()))
-        state = await self.runc.state(name)
-        if state is None or state.status != "running":
-            raise RuntimeFailure(f"{name} is not running on {self.config.host}; refusing to dump")
-        paths.images.mkdir(parents=True, exist_ok=True)
+        earlier = await self._dump_done_or_ready(name, paths)
+        if earlier is not None:
+            return earlier
         port = free_port(self.config.address)
         # Tells resume that the source waits stopped, and where its page server listens.
         (paths.root / "lazy").write_text(f"{self.config.address}:{port}")
