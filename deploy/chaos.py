@@ -226,13 +226,18 @@ class EventTap:
 
 
 PF_EXITING = 0x4
-SIGKILL_BIT = 1 << 8  # signal 9, in /proc's pending-signal masks
+# Signals 9 and 19 in /proc's pending-signal masks: a task with either pending is handling
+# it in the kernel and never returns to its own code first.
+SIGKILL_BIT, SIGSTOP_BIT = 1 << 8, 1 << 18
+ON_ITS_WAY_OUT_OR_TO_A_STOP = SIGKILL_BIT | SIGSTOP_BIT
 
 
 def _runs_user_code(pid: str) -> bool:
-    """Running or able to run — not stopped, not frozen, not on its way out. A stopped task
-    that was just sent SIGKILL shows R for a moment, but never returns to its own code:
-    post-copy's stopped source copy does exactly that when it is removed."""
+    """Running or able to run — not stopped, not frozen, not on its way out or to a stop.
+
+    Post-copy's source shows R for a moment twice while its copy already runs elsewhere:
+    when CRIU lets go of it with SIGSTOP pending (leave-stopped), and when the stopped copy
+    is removed with SIGKILL. Neither runs a single instruction of the workload."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
@@ -241,7 +246,7 @@ def _runs_user_code(pid: str) -> bool:
     if fields[0] not in ("R", "S", "D") or int(fields[6]) & PF_EXITING:
         return False
     pending = [line.split()[1] for line in status if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return not any(int(mask, 16) & SIGKILL_BIT for mask in pending)
+    return not any(int(mask, 16) & ON_ITS_WAY_OUT_OR_TO_A_STOP for mask in pending)
 
 
 class Monitor:

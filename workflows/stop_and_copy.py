@@ -34,8 +34,20 @@ PREPARE_DESTINATION = Step(
     retry=QUICK,
     compensation=DISCARD_DESTINATION,
 )
+# Undoes a pre-sync that no dump followed: the source's migration directory goes (after a
+# dump, resuming the source removes it).
+FORGET_PRESYNC = Compensation(
+    "forget_presync", role="transfer", side="source", timeout_s=30, retry=QUICK
+)
 # While the container still runs: its filesystem changes go ahead of the freeze.
-PRESYNC_FILES = Step("presync_files", role="transfer", side="source", timeout_s=600, retry=QUICK)
+PRESYNC_FILES = Step(
+    "presync_files",
+    role="transfer",
+    side="source",
+    timeout_s=600,
+    retry=QUICK,
+    compensation=FORGET_PRESYNC,
+)
 # Freeze and dump. Not retried: a second dump of a container that may already be gone is
 # unsafe. Its compensation brings the source back (thaw, SIGCONT or restore from images).
 DUMP = Step(

@@ -350,6 +350,17 @@ class MigrationHost:
         (paths.root / PRESYNC_MANIFEST).write_text(json.dumps(since))
         return sent
 
+    def forget_presync(self, migration_id: str) -> bool:
+        """Remove what a pre-sync left on the source, unless a dump happened here (then
+        resuming the source owns that directory). Returns whether anything went."""
+        paths = self.mpaths(migration_id)
+        dumped = any((paths.root / marker).exists() for marker in ("dump.done", "lazy"))
+        if dumped or (paths.images / "inventory.img").exists() or not paths.root.exists():
+            return False
+        kill_migration_processes(self.config.state_dir, migration_id)
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return True
+
     async def push_bundle(
         self,
         name: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from schemas.v1.migrations import StepCommand
 from services.runtime.transfer import TransferServer
 from services.saga_runner import SagaRunner
-from services.steps import Progress, StepOutcome
+from services.steps import Progress, StepHandler, StepOutcome
 from services.transfer import handlers
 from services.worker import WorkerContext, main
 
@@ -25,7 +25,15 @@ async def register(ctx: WorkerContext) -> None:
             cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
         )
 
-    ctx.spawn(SagaRunner(ctx, {"presync_files": presync_files, "transfer": transfer}).run())
+    async def forget_presync(cmd: StepCommand, progress: Progress) -> StepOutcome:
+        return await handlers.forget_presync(cmd, progress, ctx.migration)
+
+    steps: dict[str, StepHandler] = {
+        "presync_files": presync_files,
+        "transfer": transfer,
+        "forget_presync": forget_presync,
+    }
+    ctx.spawn(SagaRunner(ctx, steps).run())
 
 
 if __name__ == "__main__":

@@ -63,3 +63,10 @@ async def transfer(
         },
         bytes_moved=total,
     )
+
+
+async def forget_presync(cmd: StepCommand, progress: Progress, host: MigrationHost) -> StepOutcome:
+    """Compensation: no file of a pre-sync that no dump followed stays on the source."""
+    if host.forget_presync(cmd.migration_id):
+        await progress(f"removed the pre-sync of {cmd.container} on {cmd.source}", None, None)
+    return StepOutcome()

@@ -128,12 +128,13 @@ def test_a_restore_failing_during_post_copy_gives_the_source_back_intact(
         assert steps == [
             ("preflight", "forward", "done"),
             ("prepare_destination", "forward", "compensated"),
-            ("presync_files", "forward", "done"),
+            ("presync_files", "forward", "compensated"),
             ("dump", "forward", "compensated"),
             ("transfer", "forward", "done"),
             ("restore", "forward", "compensated"),
             ("stop_destination", "compensation", "done"),
             ("resume_source", "compensation", "done"),
+            ("forget_presync", "compensation", "done"),
             ("discard_destination", "compensation", "done"),
         ]
         restore = next(s for s in record["steps"] if s["name"] == "restore")

@@ -47,12 +47,13 @@ def test_a_failed_restore_rolls_back_to_the_source_with_memory_intact(
     assert steps == [
         ("preflight", "forward", "done"),
         ("prepare_destination", "forward", "compensated"),
-        ("presync_files", "forward", "done"),
+        ("presync_files", "forward", "compensated"),
         ("dump", "forward", "compensated"),
         ("transfer", "forward", "done"),
         ("restore", "forward", "compensated"),
         ("stop_destination", "compensation", "done"),
         ("resume_source", "compensation", "done"),
+        ("forget_presync", "compensation", "done"),
         ("discard_destination", "compensation", "done"),
     ]
     restore = next(s for s in record["steps"] if s["name"] == "restore")

@@ -93,7 +93,7 @@ def test_failure_before_commit_compensates_in_reverse_and_rolls_back() -> None:
         assert cmd.kind == "compensation"
         undone.append(cmd.step)
         decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, {}, now=4.0)
-    assert undone == ["stop_destination", "resume_source", "discard_destination"]
+    assert undone == ["stop_destination", "resume_source", "forget_presync", "discard_destination"]
     record = decision.record
     assert record.state == "rolled_back" and not record.committed
     assert "restore said no" in (record.error or "")
@@ -186,7 +186,7 @@ def test_any_sequence_of_outcomes_ends_safely(outcomes: list[str]) -> None:
     compensations = [s.name for s in record.steps if s.kind == "compensation"]
     if record.committed:
         assert compensations == []
-    order = ["stop_destination", "resume_source", "discard_destination"]
+    order = ["stop_destination", "resume_source", "forget_presync", "discard_destination"]
     assert compensations == [c for c in order if c in compensations]
     if record.state == "completed":
         assert all(s.status == "done" for s in record.steps)
@@ -261,7 +261,7 @@ def test_duplicated_reordered_and_redelivered_outcomes_keep_one_copy_running(
     if record.state == "rolled_back":
         assert source_runs and not destination_runs
     compensations = [s.name for s in record.steps if s.kind == "compensation"]
-    order = ["stop_destination", "resume_source", "discard_destination"]
+    order = ["stop_destination", "resume_source", "forget_presync", "discard_destination"]
     assert compensations == [c for c in order if c in compensations]
 
 
