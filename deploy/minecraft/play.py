@@ -3,7 +3,7 @@
     make demo-minecraft            # = python -m deploy.minecraft.play --bots 4
     python -m deploy.minecraft.play [--bots 3] [--strategy stop-and-copy --strategy post-copy]
 
-Brings up a lab of two hosts on two routed network segments (FERRY_LAB, default `minecraft`),
+Brings up a lab of two hosts on two routed network segments (FERRY_LAB, default `mcdemo`),
 builds the server's image (a node runtime layer, the flying-squid app layer on top) and pulls it
 onto both hosts ahead of time, runs the server on h1, connects mineflayer bots from the root
 network namespace, then for each strategy moves the server h1 -> h2 -> h1. Before each move
@@ -307,7 +307,7 @@ def main() -> int:
         "--segments", type=int, default=2, help='network segments ("clouds") the hosts sit on'
     )
     args = parser.parse_args()
-    lab = os.environ.get("FERRY_LAB", "minecraft")
+    lab = os.environ.get("FERRY_LAB", "mcdemo")
 
     print(f"== lab {lab}: two hosts on {args.segments} network segments", flush=True)
     up = ["lab", "up", "--hosts", "2", "--segments", str(args.segments)]
