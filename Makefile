@@ -30,7 +30,7 @@ demo: workloads
 demo-minecraft:
 	$(PY) -m deploy.minecraft.play --bots 4 --json bench/minecraft.json
 
-## chaos: 356 cells (strategy x fault x step x before/after), directions alternating (~30 min).
+## chaos: 382 cells (strategy x fault x step x before/after), directions alternating (~30 min).
 chaos: workloads
 	$(PY) -m deploy.chaos --repeat 1 --json bench/chaos.json
 
