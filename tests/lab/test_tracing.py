@@ -134,7 +134,12 @@ def test_a_failed_restore_shows_the_step_host_error_criu_log_and_compensation(
     assert "restore of traced failed" in text
     assert "Magic doesn't match for inventory.img" in text, "CRIU's own log line is missing"
     after = "\n".join(lines[failing:])
-    for compensation in ("stop_destination", "resume_source", "discard_destination"):
+    for compensation in (
+        "stop_destination",
+        "resume_source",
+        "forget_presync",
+        "discard_destination",
+    ):
         assert f"compensate {compensation}" in after
 
     spans = _spans(traced_lab, record["id"])
@@ -145,7 +150,7 @@ def test_a_failed_restore_shows_the_step_host_error_criu_log_and_compensation(
     )
     assert any(e["name"] == "criu.log" for e in criu_restore["events"])
     compensations = [s for s in spans if s["name"].startswith("compensate ")]
-    assert len(compensations) == 3
+    assert len(compensations) == 4
     assert all(c["start"] >= step["end"] for c in compensations)
 
     listed = ferry(traced_lab, "trace", "--failed", "--json", check=True).json()
