@@ -30,7 +30,8 @@ from services.config import HostConfig
 from services.errors import Conflict, RuntimeFailure
 from services.runtime import bundle, criu, layers, netlock, netns, precopy, tcprepair, transfer
 from services.runtime.containers import ContainerPaths, HostContainers
-from services.runtime.proc import arun
+from services.runtime.proc import arun, process_state
+from services.runtime.proc import tree as proc_tree
 from services.runtime.runc import log_errors
 
 tracer = trace.get_tracer("ferry")
@@ -477,11 +478,11 @@ class MigrationHost:
             await arun([self.runc.binary, "--root", str(self.runc.root), "resume", name])
         await netlock.remove_criu_lock(cpaths.netns)
         repaired = 0
-        for pid in tcprepair.tree(state.pid):
+        for pid in proc_tree(state.pid):
             with contextlib.suppress(OSError):
                 repaired += await asyncio.to_thread(tcprepair.repair_off, pid)
         await arun(["ip", "link", "set", netns.host_veth_name(name), "up"], check=False)
-        stopped = tcprepair.process_state(state.pid) in ("T", "t")
+        stopped = process_state(state.pid) in ("T", "t")
         await self.runc.kill(name, "CONT", all_processes=True)
         shutil.rmtree(paths.root, ignore_errors=True)
         return (
@@ -784,17 +785,11 @@ async def _poke(address: str) -> None:
 def container_memory(pid: int) -> int:
     """Resident memory of the container's process tree rooted at `pid`, in bytes."""
     total = 0
-    pending = [pid]
-    while pending:
-        current = pending.pop()
-        try:
+    for current in proc_tree(pid):
+        with contextlib.suppress(OSError):
             for line in Path(f"/proc/{current}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
-        except OSError:
-            continue
-        pending.extend(int(c) for c in children)
     return total
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.errors import RuntimeFailure
 
@@ -87,3 +89,24 @@ async def arun(
     if check and proc.returncode != 0:
         raise _failure(argv, proc.returncode, stdout, stderr)
     return Completed(tuple(argv), proc.returncode, stdout, stderr)
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (via /proc's children lists)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state from /proc/PID/stat ("T" = stopped), or "" if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[0]

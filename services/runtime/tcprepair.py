@@ -70,24 +70,3 @@ def repair_off(pid: int) -> int:
     finally:
         os.close(pidfd)
     return done
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (via /proc's children lists)."""
-    found, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        found.append(current)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pending.extend(int(c) for c in (task / "children").read_text().split())
-    return found
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state from /proc/PID/stat ("T" = stopped), or "" if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[0]
