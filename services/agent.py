@@ -1,7 +1,8 @@
 """A host's agent: runs the four workers, restarts any that dies, heartbeats the host.
 
-In production systemd would run this (deploy/systemd/); in the lab, `ferry lab up`
-starts one per simulated host inside that host's namespaces.
+In the lab, `ferry lab up` starts one per simulated host inside that host's namespaces.
+On a real host a service manager would run it; a systemd unit for it comes with the
+real-deployment work (none exists yet).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""A host's configuration, read from the environment (systemd unit, or the lab)."""
+"""A host's configuration, read from the environment (set by the lab; a real deployment's
+service unit, still to come, would set the same variables)."""
 
 from __future__ import annotations
 

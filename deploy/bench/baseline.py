@@ -1,7 +1,7 @@
-"""The hand-run baseline: DESIGN.md part C's recipes, with runc and CRIU and no Ferry.
+"""The hand-run baseline: the recipes of docs/recipes.md, with runc and CRIU and no Ferry.
 
 Inside a running lab's hosts (a host = its netns plus its pinned mount namespace, entered
-with `nsenter`, never `ip netns exec`: DESIGN A.14) it builds a runc container by hand —
+with `nsenter`, never `ip netns exec`: machine facts F9) it builds a runc container by hand —
 the same busybox + dirtyapp rootfs, its own runc `--root` under the host's
 /var/lib/ferry/baseline/, an external netns file holding eth0 (a veth into the host's br0,
 which is bridged to the datacenter, so the same IP and MAC work on every host), stdio
@@ -9,7 +9,7 @@ which is bridged to the datacenter, so the same IP and MAC work on every host), 
 
   page-server  stop-and-copy: `criu page-server` on the destination, `runc checkpoint
                --page-server --tcp-established` on the source, the small images copied over
-               TCP, CRIU's lock chain installed on the destination (A.10), link up,
+               TCP, CRIU's lock chain installed on the destination (F8), link up,
                `runc restore -d`.
   lazy-pages   post-copy: `runc checkpoint --lazy-pages --page-server --status-fd` on the
                source, images copied, `criu lazy-pages --page-server` + `runc restore -d
@@ -60,7 +60,7 @@ PAGE_PORT = 17201  # the destination's page server, or the source's lazy-pages s
 COPY_PORT = 17202  # the image copy
 RAW_PORT = 17203  # the raw TCP yardstick
 CRIU_MARK = "0xC114"
-PIPE_MAX_NEEDED = 4194304  # DESIGN A.4: the source's page server must grow its pipe
+PIPE_MAX_NEEDED = 4194304  # machine facts F4: the source's page server must grow its pipe
 RUNC_CRIU_FLAGS = ["--tcp-established", "--manage-cgroups-mode", "soft"]
 CLIENT_LEAD_S = 1.0  # the client runs this long before and after the move
 
@@ -90,7 +90,7 @@ class Hosts:
         return cls(layout, spec)
 
     def prefix(self, host: str) -> list[str]:
-        """Run a command on `host`: its network and its mount namespace (DESIGN A.14)."""
+        """Run a command on `host`: its network and its mount namespace (machine facts F9)."""
         return [
             "nsenter",
             f"--net={self.layout.netns_path(host)}",
@@ -128,7 +128,7 @@ class Hosts:
     ) -> Proc:
         """Start a host command in its own process group (so it can be ended, children
         included, by its id). Without a log its stdio is /dev/null: runc hands its own stdio
-        to the container, and CRIU can dump nothing else (DESIGN A.8)."""
+        to the container, and CRIU can dump nothing else (machine facts F2)."""
         with open(log or os.devnull, "ab") as out:
             popen = subprocess.Popen(
                 [*self.prefix(host), *argv], stdin=subprocess.DEVNULL, stdout=out,
@@ -243,7 +243,7 @@ def app_args(size_mib: int, dirty_mib_s: float) -> list[str]:
 def oci_config(
     name: str, args: list[str], netns: Path, cgroups_path: str, memory_mib: int
 ) -> dict[str, Any]:
-    """A plain runc spec: own pid/ipc/uts/mount namespaces, the external netns (DESIGN A.2)."""
+    """A plain runc spec: own pid/ipc/uts/mount namespaces, an external netns (machine facts F2)."""
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     return {
         "ociVersion": "1.0.2",
@@ -452,7 +452,7 @@ class HandRun:
         )
 
     def prelock(self, host: str) -> None:
-        """CRIU's own lock chain, before the link comes up (DESIGN A.10); CRIU's restore
+        """CRIU's own lock chain, before the link comes up (machine facts F8); CRIU's restore
         removes it when it finishes."""
         lines = []
         for tool in ("iptables", "ip6tables"):
@@ -765,7 +765,7 @@ def check_pipe_max() -> None:
     if value < PIPE_MAX_NEEDED:
         raise BaselineError(
             f"fs.pipe-max-size is {value}; the lazy-pages source needs {PIPE_MAX_NEEDED}"
-            " (DESIGN A.4; `make setup` sets it)"
+            " (docs/machine-facts.md#F4; `make setup` sets it)"
         )
 
 

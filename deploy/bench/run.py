@@ -3,7 +3,7 @@
 For each size (MiB of touched memory that a writer keeps dirtying) and each strategy, a
 dirtyapp container starts on h1 and moves to h2 with `ferry migrate --strategy S --json`
 while a client asks it about a different page every millisecond. Then the matching recipe
-of DESIGN.md part C runs by hand on the same lab (stop-and-copy <-> page-server, post-copy
+of docs/recipes.md runs by hand on the same lab (stop-and-copy <-> page-server, post-copy
 <-> lazy-pages: deploy/bench/baseline.py), and the same number of bytes is copied over raw
 TCP between the same two host namespaces. It prints a table and writes JSON.
 
@@ -85,7 +85,7 @@ def memory_limit(size_mib: int) -> int:
 
 
 def warm_up(size_mib: int) -> float:
-    """First touch of guest memory on this VM runs at ~320 MB/s (DESIGN A.7): touch what the
+    """First touch of guest memory on this VM runs at ~320 MB/s (machine facts F16): touch what the
     runs will use (source, destination, images, baseline) once, untimed. Returns seconds."""
     available = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -346,7 +346,7 @@ class FerryBench:
         if run.status != "completed" or not run.migration_id:
             return
         # CRIU's frozen_time: from the record's facts when `--json` shows them, else from the
-        # trace's dump span. Post-copy's lazy dump has none worth reading (DESIGN A.16).
+        # trace's dump span. Post-copy's lazy dump has none worth reading (machine facts F15).
         facts = record.get("facts")
         facts = facts if isinstance(facts, dict) else {}
         run.criu = criu_dump_attributes(self.lab, run.migration_id)
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     started_at = dt.datetime.now(dt.UTC)
     if not args.no_warmup:
-        say(f"warming up memory for {max(sizes)} MiB runs (DESIGN A.7)")
+        say(f"warming up memory for {max(sizes)} MiB runs (machine facts F16)")
         info["warmup_s"] = round(warm_up(max(sizes)), 1)
     rows: list[dict[str, Any]] = []
     baselines: list[BaselineResult] = []

@@ -1,6 +1,6 @@
 """Plain TCP between two host namespaces: the baseline's image copy and the raw-rate yardstick.
 
-Run inside a host with `nsenter` (never `ip netns exec`, DESIGN A.14):
+Run inside a host with `nsenter` (never `ip netns exec`, machine facts F9):
 
     python -m deploy.bench.tcpcopy recv ADDR PORT (--extract DIR | --discard)
     python -m deploy.bench.tcpcopy send ADDR PORT (--tar DIR | --bytes N)

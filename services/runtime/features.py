@@ -8,7 +8,7 @@ from services.runtime import criu
 from services.runtime.precopy import mem_dirty_track_available
 
 PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
-LAZY_PIPE_BYTES = 4 << 20  # the source's page server grows its pipe this far (DESIGN A.4)
+LAZY_PIPE_BYTES = 4 << 20  # the source's page server grows its pipe this far (machine facts F4)
 
 
 async def host_features() -> tuple[tuple[str, ...], dict[str, str]]:

@@ -3,7 +3,7 @@
 The pages are not copied before the restore: the destination runs at once and pulls them
 from the source, which waits *stopped* (not killed) until the destination has them all.
 A restore that fails after the destination's lazy-pages daemon has connected — the case
-where plain CRIU kills the source (DESIGN A.5) — must give the workload back intact.
+where plain CRIU kills the source (machine facts F5) — must give the workload back intact.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Iterative pre-copy: the decision from CRIU's statistics, and the command lines that feed it.
 
-This kernel has no soft-dirty tracking, so pre-dumps cannot run here (DESIGN A.3). The logic
+This kernel has no soft-dirty tracking, so pre-dumps cannot run here (machine facts F3). The logic
 is therefore checked on two kinds of statistics, never mixed up:
 - REAL: `data/precopy/stats-dump.*` are CRIU 4.2.1's own stats-dump files from full dumps of
   a small Python process made on this machine (`criu dump -t PID --leave-running`): one to
