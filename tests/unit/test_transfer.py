@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from services.errors import RuntimeFailure
+from services.runtime.paths import migration_dir
 from services.runtime.transfer import (
     GZIP,
     PROGRESS_EVERY_S,
@@ -28,7 +29,6 @@ from services.runtime.transfer import (
     Entry,
     Member,
     TransferServer,
-    migration_dir,
     plan_delta,
     pull,
     push,

@@ -1,0 +1,31 @@
+"""Moving files between hosts over plain TCP, sha256-checked end to end. A sender can pace
+itself, compress, and report progress; an overlay upper dir can travel twice, whole while
+the container still runs ("presync"), then, after the freeze, only what changed since
+("delta"), applied over the presync copy. The layers, lowest first: `codec` (wire
+encodings, digests), `manifest` (tar members, manifests, delta plans), `wire` (the
+protocol and its pacing), then `client` (push, pull) and `server` (TransferServer). This
+module re-exports what the rest of Ferry uses.
+"""
+
+from services.runtime.transfer.client import Sent, pull, push, push_delta, push_presync
+from services.runtime.transfer.codec import GZIP, ZSTD
+from services.runtime.transfer.manifest import RACY_NS, Entry, Member, plan_delta
+from services.runtime.transfer.server import TransferServer
+from services.runtime.transfer.wire import PROGRESS_EVERY_S, Progress
+
+__all__ = [
+    "GZIP",
+    "PROGRESS_EVERY_S",
+    "RACY_NS",
+    "ZSTD",
+    "Entry",
+    "Member",
+    "Progress",
+    "Sent",
+    "TransferServer",
+    "plan_delta",
+    "pull",
+    "push",
+    "push_delta",
+    "push_presync",
+]
