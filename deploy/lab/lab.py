@@ -3,7 +3,8 @@
 `up` ensures each piece exists (bridge, NATS, host namespaces, agents) and skips what
 is already there, so running it again is a no-op and a half-built lab heals. `down`
 finds everything by the lab's name prefix, not by its records, so it also clears a lab
-whose creator was killed halfway.
+whose creator was killed halfway. `up` also writes the lab's bus context for `ferry`, and
+`down` removes it (deploy/lab/contexts.py says where and when).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from deploy.lab import kernel
+from deploy.lab import contexts, kernel
 from deploy.lab import segments as segments_net
 from deploy.lab.layout import (
     CONTAINER_POOL,
@@ -121,7 +122,9 @@ def up(
     allow_faults: bool = False,
     segments: int = 1,
     subnet: str | None = None,
+    select_default: bool = True,
 ) -> LabSpec:
+    """`select_default`: may the lab become `ferry`'s default context (see contexts.py)."""
     wanted = parse_subnet(subnet) if subnet else None
     if not 1 <= count <= MAX_HOSTS:
         raise InvalidInput(f"must be between 1 and {MAX_HOSTS}, not {count}", field="--hosts")
@@ -161,6 +164,7 @@ def up(
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(f"lab {layout.lab}: datacenter {spec.subnet}, NATS on {spec.nats_url}")
+        contexts.write(layout, spec, say, select_default=select_default)
         if spec.segmented:
             segments_net.ensure_router(layout, spec)
         else:
@@ -417,6 +421,7 @@ def down(layout: LabLayout, say: Say) -> None:
             run(["ip", "netns", "del", name], check=False)
         for link in kernel.links_with_prefix(f"{layout.lab}-"):
             run(["ip", "link", "del", link], check=False)
+        contexts.remove(layout, say)
         shutil.rmtree(layout.root, ignore_errors=True)
         shutil.rmtree(layout.run, ignore_errors=True)
     layout.lock_file.unlink(missing_ok=True)

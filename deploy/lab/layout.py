@@ -12,6 +12,7 @@ from pathlib import Path
 from services.errors import InvalidInput
 
 LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+DEFAULT_LAB = "ferry"  # the lab when FERRY_LAB is unset
 LABS_ROOT = Path("/var/lib/ferry-lab")
 LABS_RUN = Path("/run/ferry-lab")
 HOST_STATE_MOUNT = Path("/var/lib/ferry")  # where a host sees its own state dir
@@ -66,6 +67,11 @@ class LabLayout:
     @property
     def lab_file(self) -> Path:
         return self.root / "lab.json"
+
+    @property
+    def context_file(self) -> Path:
+        """The lab's bus context (`ferry --context FILE`), gone with the lab."""
+        return self.root / "context.json"
 
     @property
     def lock_file(self) -> Path:

@@ -20,7 +20,14 @@ from schemas.v1.containers import (
     RemoveContainer,
 )
 from services import bus
-from services.cli.context import Lab, connected, current_lab, say
+from services.cli.context import (
+    BusContext,
+    connected,
+    context_or_none,
+    current_context,
+    say,
+)
+from services.cli.host_commands import check_host
 from services.cli.image_commands import (
     check_image_name,
     find_image,
@@ -36,10 +43,8 @@ REMOVE_TIMEOUT_S = 60.0
 LIST_TIMEOUT_S = 5.0
 
 
-def _validate_run(args: argparse.Namespace, lab: Lab) -> list[str]:
-    if args.host not in lab.spec.hosts:
-        known = ", ".join(lab.spec.hosts)
-        raise InvalidInput(f"unknown host {args.host!r} (lab has {known})", field="--host")
+def _validate_run(args: argparse.Namespace) -> list[str]:
+    """Everything about the request that needs no bus (--host is checked against it)."""
     if not re.match(NAME_PATTERN, args.name):
         raise InvalidInput(
             f"{args.name!r} is not a valid name (lowercase letters, digits, '.', '_', '-';"
@@ -59,9 +64,10 @@ def _validate_run(args: argparse.Namespace, lab: Lab) -> list[str]:
 
 
 async def _run(args: argparse.Namespace) -> ContainerCreated:
-    lab = current_lab()
-    command = _validate_run(args, lab)
-    async with connected(lab) as nc:
+    context = current_context(args)
+    command = _validate_run(args)
+    async with connected(context) as nc:
+        await check_host(nc, args.host)
         placements = KvPlacementStore(await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET))
         existing = await placements.get(args.name)
         if existing is not None:
@@ -105,8 +111,7 @@ def container_run(args: argparse.Namespace) -> int:
 
 
 async def _rm(args: argparse.Namespace) -> ContainerRemoved:
-    lab = current_lab()
-    async with connected(lab) as nc:
+    async with connected(current_context(args)) as nc:
         placements = KvPlacementStore(await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET))
         found = await placements.get(args.name)
         if found is None:
@@ -132,8 +137,8 @@ def container_rm(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _list(lab: Lab) -> list[dict[str, Any]]:
-    async with connected(lab) as nc:
+async def _list(context: BusContext) -> list[dict[str, Any]]:
+    async with connected(context) as nc:
         placements = await KvPlacementStore(
             await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET)
         ).all()
@@ -165,12 +170,8 @@ async def _list(lab: Lab) -> list[dict[str, Any]]:
 
 
 def containers(args: argparse.Namespace) -> int:
-    try:
-        lab = current_lab()
-    except FerryError:
-        rows: list[dict[str, Any]] = []
-    else:
-        rows = asyncio.run(_list(lab))
+    context = context_or_none(args)
+    rows = [] if context is None else asyncio.run(_list(context))
     if args.json:
         print(json.dumps(rows))
         return 0

@@ -31,7 +31,8 @@ from schemas.v1.containers import (
     PullLayers,
 )
 from services import bus
-from services.cli.context import connected, current_lab, say
+from services.cli.context import connected, context_or_none, current_context, say
+from services.cli.host_commands import check_host
 from services.errors import FerryError, InvalidInput, NotFound, RuntimeFailure, Unavailable
 from services.kvstores import KvHostDirectory, KvImageStore
 from services.runtime import layers
@@ -121,8 +122,7 @@ async def _build(args: argparse.Namespace) -> dict[str, Any]:
     rootfs = Path(args.dir)
     if not rootfs.is_dir():
         raise InvalidInput(f"{args.dir} is not a directory", field="DIR")
-    lab = current_lab()
-    async with connected(lab) as nc:
+    async with connected(current_context(args)) as nc:
         images = await image_store(nc)
         below: tuple[str, ...] = ()
         if base_name is not None:
@@ -193,12 +193,11 @@ def _present(image: Image, held: set[str] | None) -> list[str] | None:
     return None if held is None else [d for d in image.layers if d in held]
 
 
-async def _ls() -> list[dict[str, Any]]:
-    try:
-        lab = current_lab()
-    except FerryError:
+async def _ls(args: argparse.Namespace) -> list[dict[str, Any]]:
+    context = context_or_none(args)
+    if context is None:
         return []
-    async with connected(lab) as nc:
+    async with connected(context) as nc:
         all_images = await (await image_store(nc)).all()
         known, alive = await live_hosts(nc)
         held = dict(
@@ -218,7 +217,7 @@ async def _ls() -> list[dict[str, Any]]:
 
 
 def image_ls(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_ls())
+    rows = asyncio.run(_ls(args))
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -255,11 +254,9 @@ async def _pull_one(nc: NATS, host: str, image: Image) -> tuple[str, LayersPulle
 
 async def _pull(args: argparse.Namespace) -> list[tuple[str, LayersPulled | FerryError]]:
     name = check_image_name(args.name, "NAME")
-    lab = current_lab()
-    if args.host is not None and args.host not in lab.spec.hosts:
-        known = ", ".join(lab.spec.hosts)
-        raise InvalidInput(f"unknown host {args.host!r} (lab has {known})", field="--host")
-    async with connected(lab) as nc:
+    async with connected(current_context(args)) as nc:
+        if args.host is not None:
+            await check_host(nc, args.host)
         image = await find_image(await image_store(nc), name, "NAME")
         await layer_sizes(nc, image.layers)  # every layer is in the store
         if args.host is not None:

@@ -1,77 +1,47 @@
-"""`ferry`: exit 0 success, 1 a runtime failure, 2 bad input (one line on stderr)."""
+"""`ferry`: exit 0 success, 1 a runtime failure, 2 bad input (one line on stderr).
+
+Which bus it talks to is a context (services/cli/context.py). Subcommands beyond the
+product's own, like `ferry lab`, come from plugins (services/cli/plugins.py).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from schemas.v1.migrations import FAULT_EXAMPLES
 from services.cli import (
     container_commands,
+    host_commands,
     image_commands,
-    lab_commands,
     migrate_commands,
+    plugins,
     trace_commands,
 )
-from services.cli.errors import EXIT_REJECTED, exit_code, one_line
+from services.cli.errors import exit_code, one_line
+from services.cli.parsing import Parser, positive_int
 from services.errors import FerryError
+
+__all__ = ["Parser", "build_parser", "main", "positive_int"]
 
 Command = Callable[[argparse.Namespace], int]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        sys.exit(EXIT_REJECTED)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def build_parser() -> Parser:
     parser = Parser(prog="ferry", description="Move running containers between hosts.")
+    parser.add_argument(
+        "--context",
+        metavar="NAME|FILE",
+        help="the bus to talk to: a context's name or file (default: $FERRY_CONTEXT, else"
+        " $FERRY_LAB as a name, else $FERRY_NATS_URL, else ~/.config/ferry/context.json)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    plugins.register_commands(sub)  # `ferry lab`, from deploy/lab/commands.py
 
-    lab = sub.add_parser(
-        "lab", help="a lab of simulated hosts on this machine (FERRY_LAB names it)"
-    )
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True, parser_class=Parser)
-    up = lab_sub.add_parser("up", help="start NATS and N hosts with their workers")
-    up.add_argument("--hosts", type=positive_int, required=True, help="number of hosts, h1..hN")
-    up.add_argument(
-        "--segments",
-        type=positive_int,
-        default=1,
-        help="spread the hosts over K routed segments joined by a router (default 1)",
-    )
-    up.add_argument(
-        "--subnet",
-        metavar="CIDR",
-        help="the containers' private /24 (default: a free one derived from the lab's name)",
-    )
-    up.add_argument(
-        "--allow-faults",
-        action="store_true",
-        help="accept `ferry migrate --inject-fault` (test labs only)",
-    )
-    up.set_defaults(run=lab_commands.lab_up)
-    down = lab_sub.add_parser("down", help="stop and remove everything the lab made")
-    down.set_defaults(run=lab_commands.lab_down)
-
-    hosts = sub.add_parser("hosts", help="the lab's hosts and their health")
+    hosts = sub.add_parser("hosts", help="the hosts that joined the bus, and their health")
     hosts.add_argument("--json", action="store_true")
-    hosts.set_defaults(run=lab_commands.hosts)
+    hosts.set_defaults(run=host_commands.hosts)
 
     container = sub.add_parser("container", help="run or remove a container")
     c_sub = container.add_subparsers(dest="container_command", required=True, parser_class=Parser)

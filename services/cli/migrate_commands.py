@@ -23,10 +23,11 @@ from schemas.v1.migrations import (
     DryRunReport,
     Event,
     MigrationAccepted,
-    MigrationRecord,
 )
+from schemas.v2.migrations import MigrationRecord
 from services import bus
-from services.cli.context import connected, current_lab, say
+from services.cli.context import BusContext, NoContext, connected, current_context, say
+from services.cli.errors import one_line
 from services.errors import FerryError, NotFound, RuntimeFailure, Unavailable, from_detail
 from services.kvstores import KvMigrationStore
 
@@ -155,7 +156,7 @@ async def follow(nc: NATS, migration_id: str, deadline_s: float) -> None:
 
 
 async def _migrate(args: argparse.Namespace) -> MigrationRecord:
-    lab = current_lab()
+    context = current_context(args)
     payload = {
         "schema_version": 1,
         "container": args.name,
@@ -170,7 +171,7 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
         payload["inject_fault"] = args.inject_fault
     if args.dry_run:
         payload["dry_run"] = True
-    async with connected(lab) as nc:
+    async with connected(context) as nc:
         reply = await submit(nc, payload)
         if args.dry_run:
             raise DryRunDone(DryRunReport.model_validate_json(reply))
@@ -222,9 +223,8 @@ def migrate(args: argparse.Namespace) -> int:
     return 0 if record.state == "completed" else 1
 
 
-async def _status(migration_id: str | None) -> list[MigrationRecord]:
-    lab = current_lab()
-    async with connected(lab) as nc:
+async def _status(context: BusContext, migration_id: str | None) -> list[MigrationRecord]:
+    async with connected(context) as nc:
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         if migration_id is None:
             return await store.all()
@@ -236,9 +236,10 @@ async def _status(migration_id: str | None) -> list[MigrationRecord]:
 
 def status(args: argparse.Namespace) -> int:
     try:
-        records = asyncio.run(_status(args.id))
+        records = asyncio.run(_status(current_context(args), args.id))
     except FerryError as exc:
-        if args.id is None and isinstance(exc, RuntimeFailure) and "not up" in exc.reason:
+        if args.id is None and isinstance(exc, NoContext):  # nothing to list, as for no lab
+            say(one_line(exc))
             records = []
         else:
             raise
@@ -262,8 +263,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 async def _cancel(args: argparse.Namespace) -> MigrationRecord:
-    lab = current_lab()
-    async with connected(lab) as nc:
+    async with connected(current_context(args)) as nc:
         reply = await submit(
             nc,
             {"schema_version": 1, "id": args.id, "reason": args.reason},

@@ -13,9 +13,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 
 from schemas import subjects
-from schemas.v1.migrations import MigrationRecord
+from schemas.v2.migrations import MigrationRecord
 from services import bus
-from services.cli.context import connected, current_lab
+from services.cli.context import BusContext, connected, current_context
 from services.errors import InvalidInput, NotFound
 from services.kvstores import KvMigrationStore
 
@@ -64,8 +64,10 @@ async def read_spans(nc: NATS, trace_id: str) -> list[dict[str, Any]]:
     return sorted(spans, key=lambda s: (s["start"], s["name"]))
 
 
-async def _load(migration_id: str) -> tuple[MigrationRecord, list[dict[str, Any]]]:
-    async with connected(current_lab()) as nc:
+async def _load(
+    context: BusContext, migration_id: str
+) -> tuple[MigrationRecord, list[dict[str, Any]]]:
+    async with connected(context) as nc:
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         found = await store.get(migration_id)
         if found is None:
@@ -146,8 +148,8 @@ def print_waterfall(record: MigrationRecord, spans: list[dict[str, Any]]) -> Non
             print(line)
 
 
-async def _failed() -> list[MigrationRecord]:
-    async with connected(current_lab()) as nc:
+async def _failed(context: BusContext) -> list[MigrationRecord]:
+    async with connected(context) as nc:
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         records = await store.all()
     failed = [r for r in records if r.state in ("rolled_back", "failed")]
@@ -156,7 +158,7 @@ async def _failed() -> list[MigrationRecord]:
 
 def trace(args: argparse.Namespace) -> int:
     if args.failed:
-        records = asyncio.run(_failed())
+        records = asyncio.run(_failed(current_context(args)))
         if args.json:
             print(json.dumps([_failure_summary(r) for r in records]))
             return 0
@@ -169,7 +171,7 @@ def trace(args: argparse.Namespace) -> int:
         return 0
     if args.id is None:
         raise InvalidInput("give a migration ID, or --failed", field="ID")
-    record, spans = asyncio.run(_load(args.id))
+    record, spans = asyncio.run(_load(current_context(args), args.id))
     if args.json:
         print(json.dumps([{k: v for k, v in s.items() if k != "status_message"} for s in spans]))
     else:

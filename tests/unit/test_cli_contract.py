@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.cli.errors import exit_code, one_line
 from services.cli.main import main
 from services.errors import Conflict, InvalidInput, NotFound, RuntimeFailure, Unavailable
+
+
+@pytest.fixture(autouse=True)
+def no_contexts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No context of the machine's or the user's may leak in: an empty config home."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for var in ("FERRY_CONTEXT", "FERRY_NATS_URL", "FERRY_LAB"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_help_lists_the_lab_plugin_and_the_product_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("lab", "hosts", "containers", "migrate", "--context"):
+        assert command in out
 
 
 @pytest.mark.parametrize(
@@ -57,6 +78,8 @@ def test_no_lab_means_empty_lists(
     assert main(["hosts", "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
     assert main(["image", "ls", "--json"]) == 0
+    assert capsys.readouterr().out.strip() == "[]"
+    assert main(["status", "--json"]) == 0
     assert capsys.readouterr().out.strip() == "[]"
 
 

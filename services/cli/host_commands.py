@@ -1,0 +1,115 @@
+"""`ferry hosts`: every host that joined the bus (the registry) and whether it is alive now
+(its agent's and its four workers' heartbeats), plus whatever `ferry.cli.hosts` plugins add
+(the lab adds each host's netns, runc root, state dir and segment)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from schemas import subjects
+from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
+from services import bus
+from services.cli import plugins
+from services.cli.context import BusContext, connected, context_or_none, say
+from services.errors import InvalidInput, Unavailable
+from services.kvstores import KvHostDirectory
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+def natural(name: str) -> list[Any]:
+    """h2 before h10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+async def healthy_beat(heartbeats: KeyValue, host: str) -> HostHeartbeat | None:
+    """The host's latest heartbeat if the host and all four of its workers are alive."""
+    try:
+        beat = HostHeartbeat.from_bytes((await heartbeats.get(host)).value or b"")
+        for role in WORKER_ROLES:
+            await heartbeats.get(subjects.worker_key(host, role))
+    except Exception:  # a missing key means that part has not beaten lately
+        return None
+    if len(beat.workers) == len(WORKER_ROLES) and all(w.pid for w in beat.workers):
+        return beat
+    return None
+
+
+async def host_rows(nc: NATS) -> list[dict[str, Any]]:
+    js = nc.jetstream()
+    try:
+        directory = KvHostDirectory(
+            await bus.bucket(js, subjects.REGISTRY_BUCKET),
+            await bus.bucket(js, subjects.HOSTS_BUCKET),
+        )
+    except BucketNotFoundError:  # a bus no host has joined yet
+        return []
+    rows = []
+    for host in sorted(await directory.known_hosts(), key=natural):
+        registration = await directory.registered(host)
+        beat = await healthy_beat(directory.heartbeats, host)
+        address = registration.address if registration else beat.address if beat else ""
+        rows.append(
+            {
+                "name": host,
+                "address": address,
+                "health": "ok" if beat else "down",
+                "workers": {w.role: w.pid for w in beat.workers} if beat else {},
+            }
+        )
+    return rows
+
+
+async def _from_bus(context: BusContext) -> tuple[list[dict[str, Any]], Unavailable | None]:
+    try:
+        async with connected(context, connect_timeout=HEALTH_TIMEOUT_S) as nc:
+            return await host_rows(nc), None
+    except Unavailable as exc:
+        return [], exc
+
+
+def hosts(args: argparse.Namespace) -> int:
+    context = context_or_none(args)
+    rows: list[dict[str, Any]] = []
+    if context is not None:
+        rows, unreachable = asyncio.run(_from_bus(context))
+        rows = plugins.host_details(context, rows)
+        if unreachable is not None:
+            if not rows:
+                raise unreachable
+            say(f"ferry: warning: {unreachable.reason}; every host shows as down")
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        if context is not None:
+            say("no host has joined this bus yet")
+        return 0
+    print(f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} STATE DIR")
+    for row in rows:
+        state_dir = row.get("state_dir", "-")
+        print(f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {state_dir}")
+    return 0
+
+
+async def check_host(nc: NATS, host: str, field: str = "--host") -> None:
+    """Bad input unless `host` joined the bus (it may be down: the command then says so)."""
+    js = nc.jetstream()
+    try:
+        known = await KvHostDirectory(
+            await bus.bucket(js, subjects.REGISTRY_BUCKET),
+            await bus.bucket(js, subjects.HOSTS_BUCKET),
+        ).known_hosts()
+    except BucketNotFoundError:
+        known = []
+    if host not in known:
+        listed = ", ".join(sorted(known, key=natural)) or "none"
+        raise InvalidInput(f"unknown host {host!r} (known: {listed})", field=field)
