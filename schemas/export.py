@@ -34,10 +34,11 @@ from schemas.v1.migrations import (
     DryRunReport,
     Event,
     MigrationAccepted,
-    MigrationRecord,
     MigrationRequest,
-    StepCommand,
 )
+from schemas.v1.migrations import MigrationRecord as MigrationRecordV1
+from schemas.v1.migrations import StepCommand as StepCommandV1
+from schemas.v2 import migrations as v2
 
 OUT = Path(__file__).parent
 MODELS: dict[str, type[BaseModel]] = {
@@ -47,8 +48,9 @@ MODELS: dict[str, type[BaseModel]] = {
     "CancelRequest": CancelRequest,
     "CancelAccepted": CancelAccepted,
     "ErrorReply": ErrorReply,
-    "MigrationRecord": MigrationRecord,
-    "StepCommand": StepCommand,
+    # v1's record and command stay documented: v2 reads records v1 wrote.
+    "MigrationRecord": MigrationRecordV1,
+    "StepCommand": StepCommandV1,
     "CreateContainer": CreateContainer,
     "ContainerCreated": ContainerCreated,
     "RemoveContainer": RemoveContainer,
@@ -67,14 +69,27 @@ MODELS: dict[str, type[BaseModel]] = {
 }
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
-    schemas = {name: model.model_json_schema() for name, model in MODELS.items()}
-    schemas["MigrationEvent"] = TypeAdapter(Event).json_schema()
-    return schemas
+# What v2 replaced: the record (typed step results, the request's options) and the command
+# (id, step, kind, attempt, host, role only).
+MODELS_V2: dict[str, type[BaseModel]] = {
+    "MigrationRecord": v2.MigrationRecord,
+    "StepCommand": v2.StepCommand,
+}
 
 
-def _message(name: str, summary: str) -> dict[str, Any]:
-    return {"name": name, "summary": summary, "payload": {"$ref": f"json/v1/{name}.schema.json"}}
+def json_schemas() -> dict[str, dict[str, dict[str, Any]]]:
+    """Every message's JSON Schema, by version and name."""
+    v1 = {name: model.model_json_schema() for name, model in MODELS.items()}
+    v1["MigrationEvent"] = TypeAdapter(Event).json_schema()
+    return {
+        "v1": v1,
+        "v2": {name: model.model_json_schema() for name, model in MODELS_V2.items()},
+    }
+
+
+def _message(name: str, summary: str, version: str = "v1") -> dict[str, Any]:
+    ref = f"json/{version}/{name}.schema.json"
+    return {"name": name, "summary": summary, "payload": {"$ref": ref}}
 
 
 def asyncapi() -> dict[str, Any]:
@@ -89,7 +104,8 @@ def asyncapi() -> dict[str, Any]:
                 f"{subjects.MIGRATION_REQUEST} with NATS request/reply; the reply is "
                 'MigrationAccepted ({"id": ...}) or ErrorReply ({"error": {"field", '
                 '"reason"}}). Follow the migration on its event subject; read its record '
-                f"from the KV bucket {subjects.MIGRATIONS_BUCKET}. W3C trace context travels "
+                f"from the KV bucket {subjects.MIGRATIONS_BUCKET} (json/v2/MigrationRecord; records"
+                " written as v1 are still read). W3C trace context travels "
                 "in the `traceparent` header."
             ),
         },
@@ -131,7 +147,7 @@ def asyncapi() -> dict[str, Any]:
                     "host": {"description": "host name"},
                     "role": {"enum": ["source", "transfer", "destination", "cleanup"]},
                 },
-                "messages": {"command": _message("StepCommand", "Run one saga step")},
+                "messages": {"command": _message("StepCommand", "Run one saga step", "v2")},
             },
             "containerCreate": {
                 "address": f"{p}.host.{{host}}.{subjects.CREATE_CONTAINER}",
@@ -202,9 +218,10 @@ def asyncapi() -> dict[str, Any]:
 
 def rendered() -> dict[Path, str]:
     files = {
-        OUT / "json" / "v1" / f"{name}.schema.json": json.dumps(schema, indent=2, sort_keys=True)
+        OUT / "json" / version / f"{name}.schema.json": json.dumps(schema, indent=2, sort_keys=True)
         + "\n"
-        for name, schema in json_schemas().items()
+        for version, schemas in json_schemas().items()
+        for name, schema in schemas.items()
     }
     files[OUT / "asyncapi.json"] = json.dumps(asyncapi(), indent=2) + "\n"
     return files

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas import subjects
 from schemas.v1.base import ErrorReply, Message
+from schemas.v2.migrations import StepCommand
 from services.errors import FerryError, InvalidInput, RuntimeFailure, Unavailable, from_detail
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
@@ -231,17 +232,13 @@ async def command_subscription(js: JetStreamContext, host: str, role: str) -> An
 
 
 async def publish_command(
-    js: JetStreamContext,
-    host: str,
-    role: str,
-    command: Message,
-    msg_id: str,
-    headers: dict[str, str],
+    js: JetStreamContext, command: StepCommand, headers: dict[str, str], *, msg_id: str = ""
 ) -> None:
+    """To the work queue of the host and role the command names, under its message id."""
     await js.publish(
-        subjects.command_subject(host, role),
+        subjects.command_subject(command.host, command.role),
         command.to_bytes(),
-        headers={**headers, "Nats-Msg-Id": msg_id},
+        headers={**headers, "Nats-Msg-Id": msg_id or command.msg_id},
         stream=subjects.COMMANDS_STREAM,
     )
 

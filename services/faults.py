@@ -1,20 +1,25 @@
 """Test-only fault injection, for `make chaos` and the fault tests. No NATS here.
 
-A fault rides in the migration's facts (`inject_fault`, accepted by intake only on hosts
-started with FERRY_ALLOW_FAULTS=1). Each fires once per migration: a marker in the host's
-state dir remembers it, so the command JetStream delivers again after a killed worker runs
-normally — which is exactly what the chaos suite wants to see survive.
+A migration carries its faults in the record (`options.inject_fault`, accepted by intake
+only on hosts started with FERRY_ALLOW_FAULTS=1). Each host has one `FaultPlan`: the runner
+arms it with the record's faults while a step runs, and the places where a fault strikes —
+the runner (kill, duplicate) and the runtime (a damaged image before restore, a dying
+lazy-pages daemon, corrupted transfer bytes) — ask it. One-shot faults fire once per
+migration: a marker in the host's state dir remembers it, so the command JetStream delivers
+again after a killed worker runs normally — which is exactly what chaos wants to see survive.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from schemas.v1.migrations import StepCommand
+from schemas.v2.migrations import MigrationRecord
 
 log = logging.getLogger("ferry.faults")
 
@@ -23,23 +28,49 @@ def enabled() -> bool:
     return os.environ.get("FERRY_ALLOW_FAULTS") == "1"
 
 
-def carried(cmd: StepCommand) -> set[str]:
-    """The faults the migration carries ("restore+kill:resume_source:before" is two)."""
-    value = cmd.facts.get("inject_fault")
-    return set(value.split("+")) if isinstance(value, str) and enabled() else set()
+class FaultPlan:
+    """The faults armed on this host, by migration; never fires where faults are off."""
+
+    def __init__(self, state_dir: Path, *, allowed: bool | None = None) -> None:
+        self.state_dir = state_dir
+        self.allowed = enabled() if allowed is None else allowed
+        self._armed: dict[str, frozenset[str]] = {}
+
+    @contextlib.contextmanager
+    def armed(self, record: MigrationRecord) -> Iterator[None]:
+        """Arm the record's faults while one of its steps runs here."""
+        spec = record.options.inject_fault
+        if not (self.allowed and spec):
+            yield
+            return
+        self._armed[record.id] = frozenset(spec.split("+"))
+        try:
+            yield
+        finally:
+            self._armed.pop(record.id, None)
+
+    def carries(self, migration_id: str, fault: str) -> bool:
+        """Whether the migration carries `fault` (it strikes every time it is asked)."""
+        return fault in self._armed.get(migration_id, frozenset())
+
+    def fires(self, migration_id: str, fault: str) -> bool:
+        """True exactly once for the migration if it carries `fault`."""
+        if not self.carries(migration_id, fault):
+            return False
+        marker = self.state_dir / "chaos" / f"{migration_id}.{fault.replace(':', '-')}"
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{time.time()}\n")
+        log.critical("chaos: %s fires for migration %s", fault, migration_id)
+        return True
+
+    def once(self, migration_id: str, fault: str) -> OneShot:
+        """A flag for a runtime call: true the first time it is asked, if `fault` fires."""
+        return OneShot(self.fires(migration_id, fault))
 
 
-def fires(cmd: StepCommand, fault: str, state_dir: Path) -> bool:
-    """True exactly once for the migration if it carries `fault`."""
-    if fault not in carried(cmd):
-        return False
-    marker = state_dir / "chaos" / f"{cmd.migration_id}.{fault.replace(':', '-')}"
-    if marker.exists():
-        return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{time.time()}\n")
-    log.critical("chaos: %s fires for migration %s", fault, cmd.migration_id)
-    return True
+NO_FAULTS = FaultPlan(Path("/nonexistent"), allowed=False)
 
 
 def die() -> None:

@@ -23,18 +23,18 @@ from schemas.v1.migrations import (
     CancelRequest,
     CheckResult,
     DryRunReport,
-    Fact,
     HostCheck,
     HostCheckReply,
     MigrationAccepted,
-    MigrationRecord,
     MigrationRequest,
     StrategyChoice,
 )
+from schemas.v2.migrations import MigrationOptions, MigrationRecord
 from services import bus, tracing
 from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavailable
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
-from services.saga_publish import publish_decision
+from services.saga.publish import publish_decision
+from services.saga.transitions import compare_and_set
 from services.tracecontext import new_traceparent
 from workflows.definitions import DEFINITIONS
 from workflows.saga import begin, request_cancel
@@ -87,17 +87,15 @@ def _features(host: str, registration: HostRegistration | None) -> HostFeatures:
     return HostFeatures(host, registration.features, registration.missing)
 
 
-def _request_facts(request: MigrationRequest) -> dict[str, Fact]:
+def _options(request: MigrationRequest) -> MigrationOptions:
     """What the steps need to know of the request."""
-    facts: dict[str, Fact] = {
-        "downtime_budget_ms": request.downtime_budget_ms,
-        "compress": request.compress,
-    }
-    if request.bandwidth_limit_mib_s:
-        facts["bandwidth_limit_bps"] = round(request.bandwidth_limit_mib_s * 2**20)
-    if request.inject_fault:
-        facts["inject_fault"] = request.inject_fault
-    return facts
+    limit = request.bandwidth_limit_mib_s
+    return MigrationOptions(
+        downtime_budget_ms=request.downtime_budget_ms,
+        compress=request.compress,
+        bandwidth_limit_bps=max(round(limit * 2**20), 1) if limit else None,
+        inject_fault=request.inject_fault,
+    )
 
 
 class Intake:
@@ -195,11 +193,11 @@ class Intake:
             created_at=now,
             updated_at=now,
             deadline=now,
-            facts={**_request_facts(request), "strategy": strategy.chosen},
+            options=_options(request),
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
-        await publish_decision(self.js, definition, decision)
+        await publish_decision(self.js, decision)
         return MigrationAccepted(id=migration_id)
 
     async def dry_run(
@@ -233,18 +231,20 @@ class Intake:
             request = CancelRequest.model_validate_json(data)
         except ValidationError as exc:
             raise bus.validation_error(exc) from exc
-        for _ in range(20):
-            found = await self.migrations.get(request.id)
-            if found is None:
-                raise NotFound(f"no migration {request.id!r}", field="id")
-            record, revision = found
+
+        def stop(record: MigrationRecord) -> tuple[MigrationRecord | None, None]:
             try:
                 stopping = request_cancel(record, request.reason, time.time())
             except ValueError as exc:
                 raise Conflict(f"cannot cancel: {exc}", field="id") from exc
-            try:
-                await self.migrations.update(stopping, revision)
-            except Conflict:
-                continue  # the saga moved on meanwhile: look again
-            return CancelAccepted(id=record.id, state="cancelling")
-        raise Conflict(f"migration {request.id} kept changing; try again", field="id")
+            return (None if stopping == record else stopping), None
+
+        try:
+            await compare_and_set(self.migrations, request.id, stop)
+        except NotFound as exc:
+            raise NotFound(f"no migration {request.id!r}", field="id") from exc
+        except Conflict as exc:
+            if exc.field == "id":
+                raise
+            raise Conflict(f"migration {request.id} kept changing; try again", field="id") from exc
+        return CancelAccepted(id=request.id, state="cancelling")

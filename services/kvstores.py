@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from schemas import subjects
 from schemas.v1.containers import Image, Placement
 from schemas.v1.hosts import HostRegistration
-from schemas.v1.migrations import MigrationRecord
+from schemas.v2.migrations import MigrationRecord, read_record
 from services.errors import Conflict, NotFound, Unavailable
 
 KEYS_ATTEMPTS = 3
@@ -178,7 +178,8 @@ class KvMigrationStore:
             return None
         if not entry.value:
             return None
-        return MigrationRecord.from_bytes(entry.value), int(entry.revision or 0)
+        # Any supported version: a record written by an older Ferry is upcast on read.
+        return read_record(entry.value), int(entry.revision or 0)
 
     async def create(self, record: MigrationRecord) -> int:
         try:

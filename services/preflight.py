@@ -1,18 +1,18 @@
-"""Dry-run checks a host answers for its side of a move. No NATS here."""
+"""Dry-run answers: a side's checks as the reply a host gives. No NATS here."""
 
 from __future__ import annotations
 
-from schemas.v1.migrations import CheckResult, HostCheck, HostCheckReply
-from services.runtime.migration import MigrationHost
+from collections.abc import Iterable
+
+from schemas.v1.migrations import CheckResult, HostCheckReply
+from services.runtime.criu import Check
 
 
-async def check(cmd: HostCheck, host: MigrationHost) -> HostCheckReply:
-    """Dry run: can this host play its side of a move? Changes nothing."""
-    results, memory = await host.check(cmd.container, cmd.side, cmd.needed_bytes)
+def reply(host: str, checks: Iterable[Check], memory_bytes: int = 0) -> HostCheckReply:
+    """Dry run: can this host play its side of a move? Nothing was changed."""
     return HostCheckReply(
         checks=tuple(
-            CheckResult(host=host.config.host, check=name, ok=ok, detail=detail)
-            for name, ok, detail in results
+            CheckResult(host=host, check=name, ok=ok, detail=detail) for name, ok, detail in checks
         ),
-        memory_bytes=memory,
+        memory_bytes=memory_bytes,
     )

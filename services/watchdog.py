@@ -14,10 +14,11 @@ import time
 
 from nats.js import JetStreamContext
 
-from schemas.v1.migrations import MigrationRecord
-from services.errors import Conflict
+from schemas.v2.migrations import MigrationRecord
+from services.errors import Conflict, NotFound
 from services.kvstores import KvMigrationStore
-from services.saga_publish import publish_decision
+from services.saga.publish import publish_decision
+from services.saga.transitions import transition
 from workflows.definitions import DEFINITIONS
 from workflows.saga import Decision, StepError, cancelled, current, pending_commands, step_failed
 
@@ -31,7 +32,7 @@ def overdue(record: MigrationRecord, now: float, grace: float = GRACE_S) -> Deci
     """What to do with a migration that stopped moving, or None if it is fine."""
     if record.state not in ("running", "compensating"):
         return None
-    definition = DEFINITIONS[record.strategy.chosen]
+    definition = DEFINITIONS[record.chosen]
     entry = current(record)
     if entry is None:
         return None
@@ -49,19 +50,20 @@ def overdue(record: MigrationRecord, now: float, grace: float = GRACE_S) -> Deci
 async def sweep(js: JetStreamContext, migrations: KvMigrationStore) -> int:
     """One pass over all migrations; returns how many it moved on."""
     moved = 0
-    for record in await migrations.all():
-        decision = overdue(record, time.time())
+    for seen in await migrations.all():
+
+        def move_on(record: MigrationRecord, seen: MigrationRecord = seen) -> Decision | None:
+            # Only the record this sweep judged: if it moved meanwhile, it is not stuck.
+            return overdue(record, time.time()) if record == seen else None
+
+        try:
+            decision = await transition(migrations, seen.id, move_on)
+        except (Conflict, NotFound):
+            continue  # another host's watchdog, or the step itself, got there first
         if decision is None or not decision.changed:
             continue
-        found = await migrations.get(record.id)
-        if found is None or found[0] != record:
-            continue  # it moved meanwhile
-        try:
-            await migrations.update(decision.record, found[1])
-        except Conflict:
-            continue  # another host's watchdog, or the step itself, got there first
-        log.warning("migration %s: %s", record.id, decision.record.error or "stuck step retried")
-        await publish_decision(js, DEFINITIONS[record.strategy.chosen], decision)
+        log.warning("migration %s: %s", seen.id, decision.record.error or "stuck step retried")
+        await publish_decision(js, decision)
         moved += 1
     return moved
 

@@ -19,24 +19,24 @@ from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
 from services import bus, tracing
 from services.config import HostConfig
 from services.errors import FerryError
+from services.faults import FaultPlan
 from services.kvstores import KvAddressPool, KvHostDirectory, KvPlacementStore, ObjectStoreLayers
 from services.runtime.containers import HostContainers
-from services.runtime.migration import MigrationHost
 
 log = logging.getLogger("ferry.worker")
 
 
 @dataclass
 class WorkerContext:
-    """What a worker's wiring gets: its host, the bus, the fleet's shared state, and the
-    host's containers and migrations."""
+    """What a worker's wiring gets: its host, the bus, the fleet's shared state, the host's
+    containers, and the host's fault plan (armed only in tests)."""
 
     role: WorkerRole
     config: HostConfig
     nc: NATS
     js: JetStreamContext
     containers: HostContainers
-    migration: MigrationHost
+    faults: FaultPlan
     placements: KvPlacementStore
     directory: KvHostDirectory
     telemetry: tracing.Telemetry
@@ -112,7 +112,7 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
         nc=nc,
         js=js,
         containers=containers,
-        migration=MigrationHost(config, containers),
+        faults=FaultPlan(config.state_dir),
         placements=placements,
         directory=directory,
         telemetry=telemetry,

@@ -12,17 +12,16 @@ from dataclasses import dataclass, field
 from schemas.v1.migrations import (
     Accepted,
     EventBase,
-    Fact,
     Finished,
-    MigrationRecord,
     Role,
     Side,
-    StepCommand,
     StepFinished,
     StepKind,
     StepRecord,
     StepStarted,
 )
+from schemas.v2.migrations import MigrationRecord, StepCommand
+from schemas.v2.results import RestoreResult, StepResult
 
 
 @dataclass(frozen=True)
@@ -150,10 +149,8 @@ def _command(record: MigrationRecord, entry: StepRecord, not_before: float = 0.0
         step=entry.name,
         kind=entry.kind,
         attempt=entry.attempts,
-        container=record.container,
-        source=record.source,
-        destination=record.destination,
-        facts=record.facts,
+        host=entry.host,
+        role=entry.role,
         not_before=not_before,
     )
 
@@ -261,7 +258,7 @@ def step_succeeded(
     defn: SagaDefinition,
     record: MigrationRecord,
     command: StepCommand,
-    facts: dict[str, Fact],
+    result: StepResult | None,
     now: float,
     *,
     bytes_moved: int = 0,
@@ -275,13 +272,13 @@ def step_succeeded(
     )
     updates: dict[str, object] = {
         "steps": steps,
-        "facts": {**record.facts, **facts},
         "bytes_moved": record.bytes_moved + bytes_moved,
         "updated_at": now,
     }
-    freeze = facts.get("freeze_ms")
-    if isinstance(freeze, int):
-        updates["freeze_ms"] = freeze
+    if result is not None:
+        updates["results"] = record.results.with_result(entry.name, result)
+    if isinstance(result, RestoreResult):
+        updates["freeze_ms"] = result.freeze_ms
     if entry.kind == "forward" and entry.name == defn.commit_after:
         updates["committed"] = True
     if entry.kind == "compensation" and _falling_back(defn, record) is None:

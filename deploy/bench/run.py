@@ -345,12 +345,13 @@ class FerryBench:
             run.rate_mib_s = round(run.bytes_moved / 2**20 / window, 1)
         if run.status != "completed" or not run.migration_id:
             return
-        # CRIU's frozen_time: from the record's facts when `--json` shows them, else from the
-        # trace's dump span. Post-copy's lazy dump has none worth reading (machine facts F15).
-        facts = record.get("facts")
-        facts = facts if isinstance(facts, dict) else {}
+        # CRIU's frozen_time: from the dump's result in the record, else from the trace's
+        # dump span. Post-copy's lazy dump has none worth reading (machine facts F15).
+        results = record.get("results")
+        dumped = results.get("dump") if isinstance(results, dict) else None
+        dumped = dumped if isinstance(dumped, dict) else {}
         run.criu = criu_dump_attributes(self.lab, run.migration_id)
-        frozen_us = _number(facts, "criu_frozen_us") or _number(run.criu, "frozen_us")
+        frozen_us = _number(dumped, "criu_frozen_us") or _number(run.criu, "frozen_us")
         run.criu_frozen_ms = round(frozen_us / 1000, 1) if frozen_us else None
         # memwrite (pages onto the wire) runs inside memdump: the longer one is the stream.
         stream_us = max(_number(run.criu, "memdump_us") or 0, _number(run.criu, "memwrite_us") or 0)

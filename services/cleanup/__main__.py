@@ -5,32 +5,26 @@ from __future__ import annotations
 import asyncio
 
 from schemas import subjects
-from schemas.v1.containers import ContainerRemoved, RemoveContainer
-from schemas.v1.migrations import StepCommand
+from schemas.v1.containers import RemoveContainer
 from services import bus, watchdog
-from services.cleanup import collector, handlers
+from services.cleanup import collector
+from services.cleanup.handlers import Cleanup
 from services.kvstores import KvAddressPool, KvMigrationStore
-from services.saga_runner import SagaRunner
-from services.steps import Progress, StepOutcome
+from services.runtime.source_cleanup import SourceCleanup
+from services.saga.runner import SagaRunner
 from services.worker import WorkerContext, log, main
 
 
 async def register(ctx: WorkerContext) -> None:
-    async def remove_container(cmd: RemoveContainer) -> ContainerRemoved:
-        return await handlers.remove_container(cmd, ctx.containers)
-
+    role = Cleanup(cleanup=SourceCleanup(ctx.config, ctx.containers), containers=ctx.containers)
     await bus.serve(
         ctx.nc,
         ctx.host_subject(subjects.REMOVE_CONTAINER),
         RemoveContainer,
-        remove_container,
+        role.remove_container,
         on_error=ctx.log_error,
     )
-
-    async def clean_source(cmd: StepCommand, progress: Progress) -> StepOutcome:
-        return await handlers.clean_source(cmd, progress, ctx.migration)
-
-    ctx.spawn(SagaRunner(ctx, {"clean_source": clean_source}).run())
+    ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())
 
     migrations = KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET))
     ctx.spawn(watchdog.run(ctx.js, migrations, interval=ctx.config.watchdog_interval_s))

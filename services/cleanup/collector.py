@@ -18,8 +18,9 @@ from typing import Protocol
 
 from services.runtime import netlock
 from services.runtime.containers import HostContainers
-from services.runtime.migration import kill_migration_processes
 from services.runtime.netns import destroy, host_veth_name
+from services.runtime.paths import migrations_dir as migrations_dir_of
+from services.runtime.proc import kill_working_on
 from services.stores import PlacementStore
 
 log = logging.getLogger("ferry.collector")
@@ -65,11 +66,11 @@ async def collect(
     now = time.time()
     done = Collected()
 
-    migrations_dir = config.state_dir / "migrations"
+    migrations_dir = migrations_dir_of(config.state_dir)
     for entry in sorted(migrations_dir.iterdir()) if migrations_dir.is_dir() else []:
         if _age(entry, now) < min_age or await migrations.is_live(entry.name):
             continue
-        kill_migration_processes(config.state_dir, entry.name)
+        kill_working_on(entry)
         shutil.rmtree(entry, ignore_errors=True)
         done.migrations.append(entry.name)
 

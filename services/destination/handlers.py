@@ -1,8 +1,10 @@
-"""Destination-side handlers. No NATS here."""
+"""The destination worker's work: new containers and layers, and the destination's steps
+of a move — prepare, restore, verify, commit, open, drain, and undoing them. No NATS here."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from schemas.v1.containers import (
     ContainerCreated,
@@ -10,173 +12,186 @@ from schemas.v1.containers import (
     LayerList,
     LayersPulled,
     ListLayers,
+    Placement,
     PullLayers,
 )
-from schemas.v1.migrations import PageServerStarted, StartPageServer, StepCommand
-from services import faults
+from schemas.v1.migrations import HostCheck, HostCheckReply, PageServerStarted, StartPageServer
+from schemas.v2.results import OpenNetworkResult
+from services import preflight as dry_run
 from services.errors import RuntimeFailure
 from services.runtime.containers import HostContainers
-from services.runtime.migration import MigrationHost
-from services.steps import (
-    Progress,
-    StepOutcome,
-    fact_float,
-    fact_ports,
-    fact_str,
-    placement_of,
-    strategy_of,
-)
+from services.runtime.destination_side import DestinationSide
+from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun, placement_of
 from services.stores import PlacementStore
 
 DRAIN_TIMEOUT_S = 840.0  # inside the step's 900 s
 
 
-async def create_container(cmd: CreateContainer, containers: HostContainers) -> ContainerCreated:
-    """A new container arrives on this host: fetch its layers, give it an address, start it."""
-    return await containers.create(cmd)
+@dataclass(frozen=True)
+class Destination:
+    """The destination role on this host, holding what its steps need."""
 
+    side: DestinationSide
+    containers: HostContainers
+    placements: PlacementStore
 
-async def list_layers(cmd: ListLayers, containers: HostContainers) -> LayerList:
-    """Which layers this host holds verified and unpacked."""
-    return await containers.list_layers()
+    def steps(self) -> dict[str, StepHandler]:
+        return {
+            "prepare_destination": self.prepare_destination,
+            "restore": self.restore,
+            "verify": self.verify,
+            "commit": self.commit,
+            "open_network": self.open_network,
+            "drain_pages": self.drain_pages,
+            "uncommit": self.uncommit,
+            "stop_destination": self.stop_destination,
+            "discard_destination": self.discard_destination,
+        }
 
+    # -- requests ----------------------------------------------------------------------------
 
-async def pull_layers(cmd: PullLayers, containers: HostContainers) -> LayersPulled:
-    """Fetch, verify and unpack an image's layers now, before any container needs them."""
-    return await containers.pull_layers(cmd)
+    async def create_container(self, cmd: CreateContainer) -> ContainerCreated:
+        """A new container arrives on this host: fetch its layers, give it an address, start it."""
+        return await self.containers.create(cmd)
 
+    async def list_layers(self, cmd: ListLayers) -> LayerList:
+        """Which layers this host holds verified and unpacked."""
+        return await self.containers.list_layers()
 
-async def prepare_destination(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
-) -> StepOutcome:
-    """Layers present, network namespace built with its link down, page server listening."""
-    placement = await placement_of(cmd, placements)
-    strategy = strategy_of(cmd)
-    facts = await host.prepare(placement, cmd.migration_id, page_server=strategy == "stop-and-copy")
-    fetched = int(facts.get("layers_fetched", 0))
-    if fetched:
-        mib = int(facts.get("layer_bytes_fetched", 0)) / 2**20
+    async def pull_layers(self, cmd: PullLayers) -> LayersPulled:
+        """Fetch, verify and unpack an image's layers now, before any container needs them."""
+        return await self.containers.pull_layers(cmd)
+
+    async def check(self, cmd: HostCheck) -> HostCheckReply:
+        """Dry run of the destination's part."""
+        checks = await self.side.check(cmd.container, cmd.needed_bytes)
+        return dry_run.reply(self.side.config.host, checks)
+
+    async def start_page_server(self, cmd: StartPageServer) -> PageServerStarted:
+        """A page server for one pre-copy round (asked for by the source between rounds)."""
+        address = await self.side.start_round_page_server(cmd.migration_id, cmd.images, cmd.parent)
+        return PageServerStarted(address=address)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def prepare_destination(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Layers present, network namespace built with its link down, page server listening."""
+        placement = await placement_of(run, self.placements)
+        result = await self.side.prepare(
+            placement, run.migration_id, page_server=run.strategy == "stop-and-copy"
+        )
+        if result.layers_fetched:
+            mib = result.layer_bytes_fetched / 2**20
+            await progress(
+                f"{result.layers_fetched} of {len(placement.layers)} layer(s) were missing here:"
+                f" fetched from the layer store once ({mib:.1f} MiB) and verified",
+                None,
+                None,
+            )
+        else:
+            await progress(f"all {len(placement.layers)} layer(s) already here", None, None)
+        if run.strategy == "post-copy":
+            await progress(
+                "network namespace ready; pages will be pulled from the source", None, None
+            )
+        elif run.strategy == "pre-copy":
+            await progress(
+                "network namespace ready; a page server starts for each round", None, None
+            )
+        else:
+            await progress(f"page server listening on {result.page_server}", None, None)
+        return StepOutcome(result)
+
+    async def restore(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Restore behind a held network: it runs, but no client can reach it yet."""
+        placement = await placement_of(run, self.placements)
+        dumped = run.needs(run.results.dump, "dump")
+        lazy_from = (
+            run.needs(dumped.lazy_pages, "the source's lazy pages")
+            if run.strategy == "post-copy"
+            else None
+        )
+        result = await self.side.restore(
+            placement, run.migration_id, dumped.frozen_at, lazy_from=lazy_from
+        )
+        pulled = f"; its pages come from {lazy_from} as it touches them" if lazy_from else ""
         await progress(
-            f"{fetched} of {len(placement.layers)} layer(s) were missing here: fetched from the"
-            f" layer store once ({mib:.1f} MiB) and verified",
+            f"{run.container} restored, network held until the commit{pulled}", None, None
+        )
+        return StepOutcome(result)
+
+    async def verify(self, run: StepRun, progress: Progress) -> StepOutcome:
+        placement = await placement_of(run, self.placements)
+        ports = run.needs(run.results.preflight, "preflight").listening_ports
+        return StepOutcome(await self.side.verify(placement, ports))
+
+    async def commit(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """The point of no return: the placement moves to this host by compare-and-set."""
+        placement, revision = await self._locked_placement(run, "refusing to commit")
+        if placement.host == run.destination:
+            return StepOutcome()  # committed by an earlier delivery
+        if placement.host != run.source:
+            raise RuntimeFailure(
+                f"{run.container} is placed on {placement.host}; refusing to commit"
+            )
+        await self.placements.update(
+            placement.model_copy(update={"host": run.destination}), revision
+        )
+        await progress(f"committed: {run.container} belongs to {run.destination}", None, None)
+        return StepOutcome()
+
+    async def open_network(self, run: StepRun, progress: Progress) -> StepOutcome:
+        placement = await placement_of(run, self.placements)
+        announced = await self.side.open_network(placement, run.migration_id)
+        await progress(
+            f"{run.container} serves clients at {placement.ip};"
+            f" announced {', '.join(announced) or 'nothing'} (gratuitous ARP, IPv6 NA)",
             None,
             None,
         )
-    else:
-        await progress(f"all {len(placement.layers)} layer(s) already here", None, None)
-    if strategy == "post-copy":
-        await progress("network namespace ready; pages will be pulled from the source", None, None)
-    elif strategy == "pre-copy":
-        await progress("network namespace ready; a page server starts for each round", None, None)
-    else:
-        await progress(f"page server listening on {facts['page_server']}", None, None)
-    return StepOutcome(facts=dict(facts))
+        # From the freeze to an open network: what a client waits at the least (two hosts'
+        # clocks are compared here; fine within NTP's error on real machines).
+        dumped = run.results.dump
+        gap = round((time.time() - dumped.frozen_at) * 1000) if dumped and dumped.frozen_at else 0
+        return StepOutcome(OpenNetworkResult(frozen_to_open_ms=max(gap, 0)))
 
+    async def drain_pages(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Post-copy, after the commit: every page has arrived and the daemon exited 0."""
+        await progress("pulling the pages not touched yet from the source", None, None)
+        result = await self.side.drain_pages(run.migration_id, timeout=DRAIN_TIMEOUT_S)
+        if result:
+            await progress(f"all pages arrived after {result.drain_ms} ms", None, None)
+        return StepOutcome(result)
 
-async def restore(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
-) -> StepOutcome:
-    """Restore behind a held network: it runs, but no client can reach it yet."""
-    placement = await placement_of(cmd, placements)
-    lazy_from = fact_str(cmd, "lazy_pages") if strategy_of(cmd) == "post-copy" else None
-    facts = await host.restore(
-        placement,
-        cmd.migration_id,
-        fact_float(cmd, "frozen_at"),
-        lazy_from=lazy_from,
-        sabotage="restore" in faults.carried(cmd),
-        daemon_dies="lazy-pages-dies" in faults.carried(cmd),
-    )
-    pulled = f"; its pages come from {lazy_from} as it touches them" if lazy_from else ""
-    await progress(f"{cmd.container} restored, network held until the commit{pulled}", None, None)
-    return StepOutcome(facts=dict(facts))
+    async def uncommit(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Post-copy fallback: the placement goes back to the source, by compare-and-set, once
+        the destination's copy has stopped."""
+        placement, revision = await self._locked_placement(run, "cannot hand it back")
+        if placement.host == run.destination:
+            await self.placements.update(
+                placement.model_copy(update={"host": run.source}), revision
+            )
+        await progress(f"{run.container} belongs to {run.source} again", None, None)
+        return StepOutcome()
 
+    async def stop_destination(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Compensation: the restored copy stops (before the commit, or in a fallback)."""
+        await self.side.stop_restored(run.container, run.migration_id)
+        return StepOutcome()
 
-async def drain_pages(cmd: StepCommand, progress: Progress, host: MigrationHost) -> StepOutcome:
-    """Post-copy, after the commit: every page has arrived and the daemon exited 0."""
-    await progress("pulling the pages not touched yet from the source", None, None)
-    facts = await host.drain_pages(cmd.migration_id, timeout=DRAIN_TIMEOUT_S)
-    if facts:
-        await progress(f"all pages arrived after {facts['drain_ms']} ms", None, None)
-    return StepOutcome(facts=dict(facts))
+    async def discard_destination(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Compensation: nothing of the incoming container stays on this host."""
+        await self.side.discard(run.container, run.migration_id)
+        return StepOutcome()
 
-
-async def verify(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
-) -> StepOutcome:
-    placement = await placement_of(cmd, placements)
-    return StepOutcome(facts=dict(await host.verify(placement, fact_ports(cmd))))
-
-
-async def commit(cmd: StepCommand, progress: Progress, placements: PlacementStore) -> StepOutcome:
-    """The point of no return: the placement moves to this host by compare-and-set."""
-    found = await placements.get(cmd.container)
-    if found is None:
-        raise RuntimeFailure(f"placement of {cmd.container} vanished; refusing to commit")
-    placement, revision = found
-    if placement.migration_id != cmd.migration_id:
-        raise RuntimeFailure(
-            f"{cmd.container} is no longer locked by this migration; refusing to commit"
-        )
-    if placement.host == cmd.destination:
-        return StepOutcome()  # committed by an earlier delivery
-    if placement.host != cmd.source:
-        raise RuntimeFailure(f"{cmd.container} is placed on {placement.host}; refusing to commit")
-    await placements.update(placement.model_copy(update={"host": cmd.destination}), revision)
-    await progress(f"committed: {cmd.container} belongs to {cmd.destination}", None, None)
-    return StepOutcome()
-
-
-async def open_network(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, placements: PlacementStore
-) -> StepOutcome:
-    placement = await placement_of(cmd, placements)
-    announced = await host.open_network(placement, cmd.migration_id)
-    await progress(
-        f"{cmd.container} serves clients at {placement.ip};"
-        f" announced {', '.join(announced) or 'nothing'} (gratuitous ARP, IPv6 NA)",
-        None,
-        None,
-    )
-    # From the freeze to an open network: what a client waits at the least (two hosts'
-    # clocks are compared here; fine within NTP's error on real machines).
-    frozen_at = fact_float(cmd, "frozen_at")
-    gap = round((time.time() - frozen_at) * 1000) if frozen_at else 0
-    return StepOutcome(facts={"frozen_to_open_ms": gap})
-
-
-async def uncommit(cmd: StepCommand, progress: Progress, placements: PlacementStore) -> StepOutcome:
-    """Post-copy fallback: the placement goes back to the source, by compare-and-set, once
-    the destination's copy has stopped."""
-    found = await placements.get(cmd.container)
-    if found is None:
-        raise RuntimeFailure(f"placement of {cmd.container} vanished; cannot hand it back")
-    placement, revision = found
-    if placement.migration_id != cmd.migration_id:
-        raise RuntimeFailure(f"{cmd.container} is no longer locked by this migration")
-    if placement.host == cmd.destination:
-        await placements.update(placement.model_copy(update={"host": cmd.source}), revision)
-    await progress(f"{cmd.container} belongs to {cmd.source} again", None, None)
-    return StepOutcome()
-
-
-async def stop_destination(
-    cmd: StepCommand, progress: Progress, host: MigrationHost
-) -> StepOutcome:
-    """Compensation: the restored copy stops (before the commit only)."""
-    await host.stop_restored(cmd.container, cmd.migration_id)
-    return StepOutcome()
-
-
-async def discard_destination(
-    cmd: StepCommand, progress: Progress, host: MigrationHost
-) -> StepOutcome:
-    """Compensation: nothing of the incoming container stays on this host."""
-    await host.discard(cmd.container, cmd.migration_id)
-    return StepOutcome()
-
-
-async def start_page_server(cmd: StartPageServer, host: MigrationHost) -> PageServerStarted:
-    """A page server for one pre-copy round (asked for by the source between rounds)."""
-    address = await host.start_round_page_server(cmd.migration_id, cmd.images, cmd.parent)
-    return PageServerStarted(address=address)
+    async def _locked_placement(self, run: StepRun, refusal: str) -> tuple[Placement, int]:
+        """The placement and its revision, while this migration still holds its lock."""
+        found = await self.placements.get(run.container)
+        if found is None:
+            raise RuntimeFailure(f"placement of {run.container} vanished; {refusal}")
+        placement, revision = found
+        if placement.migration_id != run.migration_id:
+            raise RuntimeFailure(
+                f"{run.container} is no longer locked by this migration; {refusal}"
+            )
+        return placement, revision

@@ -10,19 +10,33 @@ import subprocess
 from pathlib import Path
 
 from services.errors import RuntimeFailure
+from services.runtime import paths
+from services.runtime.cmdlines import CRIU, STATUS_FD, criu_check, criu_lazy_pages, criu_page_server
 from services.runtime.proc import arun
 
-CRIU = os.environ.get("FERRY_CRIU", "/usr/local/sbin/criu")
+__all__ = ["CRIU", "STATUS_FD"]  # re-exported: callers name the binary as criu.CRIU
+
 PAGE_SERVER_READY_S = 10.0
-STATUS_FD = "{status-fd}"  # replaced by the real fd number at start
 
 
 async def check() -> None:
     """`criu check` must pass on a host before anything is dumped to or restored on it."""
-    done = await arun([CRIU, "check"], check=False, timeout=30)
+    done = await arun(criu_check(), check=False, timeout=30)
     if done.returncode != 0 or "Looks good" not in done.stdout + done.stderr:
         said = (done.stderr or done.stdout).strip().splitlines()
         raise RuntimeFailure(f"criu check failed: {said[-1] if said else 'no output'}")
+
+
+Check = tuple[str, bool, str]  # a dry run's check: what, whether it passed, detail
+
+
+async def check_verdict() -> Check:
+    """`criu check` as a dry run reports it."""
+    try:
+        await check()
+    except RuntimeFailure as exc:
+        return ("criu", False, exc.reason)
+    return ("criu", True, "criu check: looks good")
 
 
 async def start_background(
@@ -36,13 +50,11 @@ async def start_background(
     Returns its pid (also in images/TAG.pid).
     """
     images.mkdir(parents=True, exist_ok=True)
-    (images / f"{tag}.rc").unlink(missing_ok=True)
+    paths.rc_file(images, tag).unlink(missing_ok=True)
     read_end, write_end = os.pipe()
     command = [str(write_end) if a == STATUS_FD else a for a in argv]
-    script = (
-        f"{shlex.join(command)} & echo $! > {images}/{tag}.pid;"
-        f" wait $!; echo $? > {images}/{tag}.rc"
-    )
+    pid_file, rc_file = paths.pid_file(images, tag), paths.rc_file(images, tag)
+    script = f"{shlex.join(command)} & echo $! > {pid_file}; wait $!; echo $? > {rc_file}"
     try:
         subprocess.Popen(
             ["sh", "-c", script],
@@ -65,21 +77,18 @@ async def start_background(
         os.close(read_end)
     if ready != b"\0":
         with contextlib.suppress(OSError, ValueError):
-            os.kill(int((images / f"{tag}.pid").read_text()), 9)
+            os.kill(int(paths.pid_file(images, tag).read_text()), 9)
         said = "did not get ready in time" if ready == b"timeout" else "exited before it was ready"
         raise RuntimeFailure(f"{tag} {said}", log_tail=tail(images / f"{tag}.log"))
-    return int((images / f"{tag}.pid").read_text())
+    return int(paths.pid_file(images, tag).read_text())
 
 
 async def start_page_server(images: Path, address: str, port: int) -> int:
     """Start a page server that takes one dump's pages, then exits (rc in page-server.rc)."""
-    criu = [
-        CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(images),
-        "--address", address, "--port", str(port), "--status-fd", STATUS_FD,
-        "-v4", "-o", "page-server.log",
-    ]  # fmt: skip
     try:
-        return await start_background(criu, images, "page-server")
+        return await start_background(
+            criu_page_server(images, address, port), images, paths.PAGE_SERVER
+        )
     except RuntimeFailure as exc:
         raise RuntimeFailure(
             f"criu page-server did not start: {exc.reason}", log_tail=exc.log_tail, retryable=True
@@ -89,21 +98,16 @@ async def start_page_server(images: Path, address: str, port: int) -> int:
 async def start_lazy_pages(images: Path, source: str, port: int) -> int:
     """The destination's lazy-pages daemon: it serves the restored process's page faults
     from the source's page server and pulls the rest in the background, then exits 0."""
-    criu = [
-        CRIU, "lazy-pages", "--page-server", "--address", source, "--port", str(port),
-        "--images-dir", str(images), "--work-dir", str(images), "--status-fd", STATUS_FD,
-        "-v4", "-o", "lazy-pages.log",
-    ]  # fmt: skip
-    return await start_background(criu, images, "lazy-pages")
+    return await start_background(criu_lazy_pages(images, source, port), images, paths.LAZY_PAGES)
 
 
 def background_pid(images: Path, tag: str) -> int | None:
     """The pid of a background process started here for this migration, if it still runs."""
     try:
-        pid = int((images / f"{tag}.pid").read_text())
+        pid = int(paths.pid_file(images, tag).read_text())
     except (OSError, ValueError):
         return None
-    if (images / f"{tag}.rc").exists():
+    if paths.rc_file(images, tag).exists():
         return None
     try:
         os.kill(pid, 0)
@@ -114,7 +118,7 @@ def background_pid(images: Path, tag: str) -> int | None:
 
 async def background_result(images: Path, tag: str, timeout: float) -> int | None:
     """A background process's exit code once it has exited, or None if it still runs."""
-    rc_file = images / f"{tag}.rc"
+    rc_file = paths.rc_file(images, tag)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         with contextlib.suppress(OSError, ValueError):
@@ -126,12 +130,12 @@ async def background_result(images: Path, tag: str, timeout: float) -> int | Non
 
 async def page_server_result(images: Path, timeout: float) -> int | None:
     """The page server's exit code once it has exited, or None if it still runs."""
-    return await background_result(images, "page-server", timeout)
+    return await background_result(images, paths.PAGE_SERVER, timeout)
 
 
 def stop_page_server(images: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
-        os.kill(int((images / "page-server.pid").read_text()), 9)
+        os.kill(int(paths.pid_file(images, paths.PAGE_SERVER).read_text()), 9)
 
 
 def tail(log: Path, lines: int = 12) -> str:
@@ -161,7 +165,7 @@ def load_stats(path: Path) -> dict[str, int]:
 
 async def feature(name: str) -> tuple[bool, str]:
     """`criu check --feature NAME`: whether it works here, and CRIU's own words."""
-    done = await arun([CRIU, "check", "--feature", name], check=False, timeout=30)
+    done = await arun(criu_check(name), check=False, timeout=30)
     said = " ".join((done.stdout + done.stderr).split())
     return done.returncode == 0, said
 

@@ -6,13 +6,17 @@ import asyncio
 import ctypes
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.runtime.proc import arun
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,38 @@ async def create(net: ContainerNetwork, bridge: str, *, link_up: bool = True) ->
     await arun([*ns, "ip", "addr", "add", f"{net.ip}/{net.prefix_len}", "dev", "eth0"])
     await arun([*ns, "ip", "link", "set", "eth0", "up"])
     await arun([*ns, "ip", "route", "add", "default", "via", net.gateway])
+
+
+async def set_link(container: str, *, up: bool, check: bool = False) -> None:
+    """Plug the container's host-side veth into its bridge (up) or take it off (down).
+
+    Down is how a host stops answering for the container's MAC while the other host
+    takes it over; up (on the destination) only once its netns is held closed.
+    """
+    state = "up" if up else "down"
+    await arun(["ip", "link", "set", host_veth_name(container), state], check=check)
+
+
+def free_port(address: str) -> int:
+    """A TCP port nobody listens on at `address` now (for a CRIU server about to start)."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+async def announce(netns_path: Path, ip: str) -> list[str]:
+    """Tell neighbours where the container's MAC lives now: a gratuitous ARP for its IPv4
+    address, unsolicited neighbour advertisements for its IPv6 ones. Returns what was
+    announced."""
+    inside = ["nsenter", f"--net={netns_path}"]
+    garp = ["busybox", "arping", "-U", "-c", "1", "-I", "eth0", ip]
+    announced = [ip] if (await arun([*inside, *garp], check=False)).returncode == 0 else []
+    ndp = await arun([*inside, sys.executable, "-m", "services.runtime.ndp", "eth0"], check=False)
+    if ndp.returncode == 0:
+        announced += ndp.stdout.split()
+    else:
+        log.warning("IPv6 neighbour advertisement failed: %s", ndp.stderr.strip())
+    return announced
 
 
 async def destroy(netns_path: Path, host_veth: str) -> None:

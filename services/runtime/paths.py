@@ -17,6 +17,24 @@ PAGE_SERVER = "page-server"  # destination, stop-and-copy: takes one dump's page
 LAZY_DUMP = "lazy-dump"  # source, post-copy: the checkpoint that serves pages on demand
 LAZY_PAGES = "lazy-pages"  # destination, post-copy: pulls pages from the source
 
+# Files in an image directory (a migration's `images`, or a pre-copy round's `it-N`).
+STATS_DUMP = "stats-dump"
+STATS_RESTORE = "stats-restore"
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+RUNC_LOG = "runc.log"
+PAGE_SERVER_PORT = "page-server.port"
+
+
+def pid_file(images: Path, tag: str) -> Path:
+    """Where a background CRIU started for these images keeps its pid."""
+    return images / f"{tag}.pid"
+
+
+def rc_file(images: Path, tag: str) -> Path:
+    """Where its exit code appears once it has exited."""
+    return images / f"{tag}.rc"
+
 
 def migrations_dir(state_dir: Path) -> Path:
     return state_dir / MIGRATIONS_DIR
@@ -55,19 +73,19 @@ class MigrationPaths:
 
     @property
     def stats_dump(self) -> Path:
-        return self.images / "stats-dump"
+        return self.images / STATS_DUMP
 
     @property
     def stats_restore(self) -> Path:
-        return self.images / "stats-restore"
+        return self.images / STATS_RESTORE
 
     @property
     def dump_log(self) -> Path:
-        return self.images / "dump.log"
+        return self.images / DUMP_LOG
 
     @property
     def restore_log(self) -> Path:
-        return self.images / "restore.log"
+        return self.images / RESTORE_LOG
 
     def criu_log(self, tag: str) -> Path:
         """A background CRIU's own log (page-server.log, lazy-pages.log)."""
@@ -76,7 +94,7 @@ class MigrationPaths:
     # -- runc's logs
     @property
     def runc_log(self) -> Path:
-        return self.root / "runc.log"
+        return self.root / RUNC_LOG
 
     @property
     def runc_restore_log(self) -> Path:
@@ -113,7 +131,7 @@ class MigrationPaths:
 
     @property
     def page_server_port(self) -> Path:
-        return self.root / "page-server.port"
+        return self.root / PAGE_SERVER_PORT
 
     @property
     def incoming(self) -> Path:

@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import RuntimeFailure
-from services.runtime import criu
+from services.runtime import cmdlines
 from services.runtime.proc import arun
 from services.runtime.runc import Runc
 
 FEATURE = "mem_dirty_track"
 FEATURE_CHECK_TIMEOUT_S = 30.0
-# The same CRIU options as the stop-and-copy dump: every image in the chain must agree.
-CHECKPOINT_FLAGS = ("--tcp-established", "--manage-cgroups-mode", "soft")
 FINAL_DIR = "images"  # where MigrationPaths.images is, so restore reads the usual place
 
 _CRIU_PREFIX = re.compile(r"^\s*(?:Warn|Error)\s*\([^)]*\):\s*")
@@ -57,36 +55,14 @@ class PrecopyLayout:
         return f"../{self.iteration(last_iteration).name}"
 
 
-def _checkpoint(
-    runc: Runc,
-    name: str,
-    images: Path,
-    page_server: str,
-    parent: str | None,
-    log_file: Path,
-    *extra: str,
-) -> list[str]:
-    return [
-        runc.binary, "--root", str(runc.root), "--criu", criu.CRIU,
-        "--log", str(log_file), "--log-format", "json",
-        "checkpoint", *extra,
-        "--image-path", str(images), "--work-path", str(images),
-        "--page-server", page_server,
-        *(["--parent-path", parent] if parent is not None else []),
-        *CHECKPOINT_FLAGS, name,
-    ]  # fmt: skip
-
-
 def pre_dump_argv(
     runc: Runc, name: str, layout: PrecopyLayout, n: int, page_server: str, *, log_file: Path
 ) -> list[str]:
-    """Iteration n: the pages dirtied since n-1 go to the page server; the container runs on.
-
-    Its work path is its image directory, so each iteration leaves its own stats-dump.
-    """
-    return _checkpoint(
-        runc, name, layout.iteration(n), page_server, layout.parent_of(n), log_file, "--pre-dump"
-    )
+    """Iteration n: the pages dirtied since n-1 go to the page server; the container runs on."""
+    return cmdlines.runc_checkpoint(
+        runc, name, layout.iteration(n), log_file,
+        page_server=page_server, parent=layout.parent_of(n), pre_dump=True,
+    )  # fmt: skip
 
 
 def final_dump_argv(
@@ -99,30 +75,23 @@ def final_dump_argv(
     log_file: Path,
 ) -> list[str]:
     """The frozen dump: only what changed since the last pre-dump; the source copy stops."""
-    return _checkpoint(
-        runc, name, layout.final, page_server, layout.final_parent(last_iteration), log_file
-    )
+    return cmdlines.runc_checkpoint(
+        runc, name, layout.final, log_file,
+        page_server=page_server, parent=layout.final_parent(last_iteration),
+    )  # fmt: skip
 
 
 def page_server_argv(
-    images: Path, address: str, port: int, *, status_fd: int, parent: str | None
+    images: Path, address: str, port: int, *, status_fd: int | str, parent: str | None
 ) -> list[str]:
-    """The destination's page server for one iteration (or the final dump).
-
-    `parent` (relative to `images`, e.g. "../it-2") makes CRIU link the previous iteration,
-    which is what lets it accept an incremental dump; it must already exist.
-    """
-    return [
-        criu.CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(images),
-        *(["--prev-images-dir", parent] if parent is not None else []),
-        "--address", address, "--port", str(port), "--status-fd", str(status_fd),
-        "-v4", "-o", "page-server.log",
-    ]  # fmt: skip
+    """The destination's page server for one iteration (or the final dump), chained to
+    `parent` (relative to `images`, e.g. "../it-2"), which must already exist."""
+    return cmdlines.criu_page_server(images, address, port, parent=parent, status_fd=status_fd)
 
 
 async def mem_dirty_track_available() -> tuple[bool, str]:
     """Whether this host can pre-copy, and why not: CRIU's own check of soft-dirty tracking."""
-    argv = [criu.CRIU, "check", "--feature", FEATURE]
+    argv = cmdlines.criu_check(FEATURE)
     command = f"criu check --feature {FEATURE}"
     try:
         done = await arun(argv, check=False, timeout=FEATURE_CHECK_TIMEOUT_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,3 +111,37 @@ def process_state(pid: int) -> str:
     except OSError:
         return ""
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def resident_memory(pid: int) -> int:
+    """Resident memory of the process tree rooted at `pid` (a container), in bytes."""
+    total = 0
+    for current in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def kill_working_on(migration_dir: Path) -> int:
+    """SIGKILL whatever still works on one migration here (a page server, runc, CRIU): a
+    step that was abandoned must not finish behind its compensation's back. Such a
+    process names the migration's directory on its command line."""
+    marker = str(migration_dir).encode()
+    # Only this host's processes: simulated hosts share /proc but not their mount namespace.
+    own_mounts = os.stat("/proc/self/ns/mnt").st_ino
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes()
+            if marker not in cmdline or os.stat(f"{entry.path}/ns/mnt").st_ino != own_mounts:
+                continue
+        except OSError:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed += 1
+    return killed

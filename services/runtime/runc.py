@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import RuntimeFailure
+from services.runtime import cmdlines
 from services.runtime.proc import arun
 
 
@@ -29,7 +30,7 @@ class Runc:
         self.binary = binary
 
     def _argv(self, *args: str) -> list[str]:
-        return [self.binary, "--root", str(self.root), *args]
+        return cmdlines.runc(self, *args)
 
     async def run_detached(
         self, name: str, bundle: Path, log_file: Path, timeout: float = 60.0
@@ -41,20 +42,7 @@ class Runc:
         runc's words go to `log_file` instead.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        argv = [
-            self.binary,
-            "--root",
-            str(self.root),
-            "--log",
-            str(log_file),
-            "--log-format",
-            "json",
-            "run",
-            "--detach",
-            "--bundle",
-            str(bundle),
-            name,
-        ]
+        argv = cmdlines.runc_run_detached(self, name, bundle, log_file)
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=subprocess.DEVNULL,
@@ -93,6 +81,10 @@ class Runc:
     async def kill(self, name: str, signal: str = "KILL", *, all_processes: bool = False) -> None:
         every = ["--all"] if all_processes else []
         await arun(self._argv("kill", *every, name, signal), check=False)
+
+    async def resume(self, name: str) -> None:
+        """Thaw the container's freezer cgroup."""
+        await arun(cmdlines.runc_resume(self, name))
 
     async def delete(self, name: str) -> None:
         """Force-delete: kills what still runs, removes runc's state and the cgroups."""

@@ -1,12 +1,11 @@
-"""Wires the transfer worker: the host's file transfer service, and the transfer step."""
+"""Wires the transfer worker: the host's file transfer service, and the transfer steps."""
 
 from __future__ import annotations
 
-from schemas.v1.migrations import StepCommand
+from services.runtime.filesync import FileSync
 from services.runtime.transfer import TransferServer
-from services.saga_runner import SagaRunner
-from services.steps import Progress, StepHandler, StepOutcome
-from services.transfer import handlers
+from services.saga.runner import SagaRunner
+from services.transfer.handlers import Transfer
 from services.worker import WorkerContext, main
 
 
@@ -14,26 +13,13 @@ async def register(ctx: WorkerContext) -> None:
     server = TransferServer(ctx.config.state_dir)
     listening = await server.serve(ctx.config.address, ctx.config.transfer_port)
     ctx.spawn(listening.serve_forever())
-
-    async def transfer(cmd: StepCommand, progress: Progress) -> StepOutcome:
-        return await handlers.transfer(
-            cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
-        )
-
-    async def presync_files(cmd: StepCommand, progress: Progress) -> StepOutcome:
-        return await handlers.presync_files(
-            cmd, progress, ctx.migration, ctx.directory, ctx.config.transfer_port
-        )
-
-    async def forget_presync(cmd: StepCommand, progress: Progress) -> StepOutcome:
-        return await handlers.forget_presync(cmd, progress, ctx.migration)
-
-    steps: dict[str, StepHandler] = {
-        "presync_files": presync_files,
-        "transfer": transfer,
-        "forget_presync": forget_presync,
-    }
-    ctx.spawn(SagaRunner(ctx, steps).run())
+    role = Transfer(
+        files=FileSync(ctx.config, ctx.containers),
+        peers=ctx.directory,
+        port=ctx.config.transfer_port,
+        faults=ctx.faults,
+    )
+    ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())
 
 
 if __name__ == "__main__":

@@ -1,23 +1,24 @@
-"""Transfer handlers. No NATS here."""
+"""The transfer worker's work: the container's files ahead of the freeze, then images and
+the file delta after it. No NATS here."""
 
 from __future__ import annotations
 
-from schemas.v1.migrations import StepCommand
-from services import faults
-from services.runtime.migration import MigrationHost, TransferOptions
-from services.steps import Progress, StepOutcome
+from dataclasses import dataclass
+
+from schemas.v2.results import PresyncResult, TransferResult
+from services.faults import FaultPlan
+from services.runtime.filesync import FileSync, TransferOptions
+from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun
 from services.stores import PeerDirectory
 
 
-def _options(cmd: StepCommand, progress: Progress, what: str) -> TransferOptions:
-    limit = cmd.facts.get("bandwidth_limit_bps")
-
+def _options(run: StepRun, progress: Progress, what: str) -> TransferOptions:
     async def on_progress(done: int, total: int) -> None:
         await progress(what, done, total)
 
     return TransferOptions(
-        limit_bps=int(limit) if isinstance(limit, int | float) and limit > 0 else None,
-        compress=cmd.facts.get("compress") is True,
+        limit_bps=run.options.bandwidth_limit_bps,
+        compress=run.options.compress,
         on_progress=on_progress,
     )
 
@@ -26,47 +27,60 @@ def _rate(nbytes: int, seconds: float) -> str:
     return f"{nbytes} bytes ({nbytes / max(seconds, 1e-6) / 2**20:.1f} MiB/s)"
 
 
-async def presync_files(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, peers: PeerDirectory, port: int
-) -> StepOutcome:
-    """While the container still runs, its files go ahead of the freeze."""
-    address = await peers.address_of(cmd.destination)
-    options = _options(cmd, progress, f"pre-syncing files to {address}")
-    sent = await host.presync_files(cmd.container, cmd.migration_id, address, port, options)
-    done = f"pre-synced {sent.entries} entries, {_rate(sent.bytes, sent.seconds)}"
-    await progress(done, sent.bytes, sent.bytes)
-    return StepOutcome(
-        facts={"presync_bytes": sent.bytes, "presync_ms": round(sent.seconds * 1000)},
-        bytes_moved=sent.bytes,
-    )
+@dataclass(frozen=True)
+class Transfer:
+    """The transfer role on this host, holding what its steps need."""
 
+    files: FileSync
+    peers: PeerDirectory
+    port: int
+    faults: FaultPlan
 
-async def transfer(
-    cmd: StepCommand, progress: Progress, host: MigrationHost, peers: PeerDirectory, port: int
-) -> StepOutcome:
-    """Images, bundle config and what changed in the files since the pre-sync,
-    sha256-checked."""
-    address = await peers.address_of(cmd.destination)
-    options = _options(cmd, progress, f"sending images and file changes to {address}")
-    damage = faults.OneShot(faults.fires(cmd, "corrupt:transfer", host.config.state_dir))
-    sent = await host.push_bundle(cmd.container, cmd.migration_id, address, port, options, damage)
-    total = sum(s.bytes for s in sent)
-    seconds = sum(s.seconds for s in sent)
-    changed = sum(s.entries for s in sent[1:])
-    await progress(f"sent {_rate(total, seconds)}; {changed} changed file(s)", total, total)
-    return StepOutcome(
-        facts={
-            "transfer_bytes": total,
-            "transfer_ms": round(seconds * 1000),
-            "transfer_sha256": sent[0].sha256,
-            "delta_entries": changed,
-        },
-        bytes_moved=total,
-    )
+    def steps(self) -> dict[str, StepHandler]:
+        return {
+            "presync_files": self.presync_files,
+            "transfer": self.transfer,
+            "forget_presync": self.forget_presync,
+        }
 
+    async def presync_files(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """While the container still runs, its files go ahead of the freeze."""
+        address = await self.peers.address_of(run.destination)
+        options = _options(run, progress, f"pre-syncing files to {address}")
+        sent = await self.files.presync_files(
+            run.container, run.migration_id, address, self.port, options
+        )
+        await progress(
+            f"pre-synced {sent.entries} entries, {_rate(sent.bytes, sent.seconds)}",
+            sent.bytes,
+            sent.bytes,
+        )
+        result = PresyncResult(presync_bytes=sent.bytes, presync_ms=round(sent.seconds * 1000))
+        return StepOutcome(result, bytes_moved=sent.bytes)
 
-async def forget_presync(cmd: StepCommand, progress: Progress, host: MigrationHost) -> StepOutcome:
-    """Compensation: no file of a pre-sync that no dump followed stays on the source."""
-    if host.forget_presync(cmd.migration_id):
-        await progress(f"removed the pre-sync of {cmd.container} on {cmd.source}", None, None)
-    return StepOutcome()
+    async def transfer(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Images, bundle config and what changed in the files since the pre-sync,
+        sha256-checked."""
+        address = await self.peers.address_of(run.destination)
+        options = _options(run, progress, f"sending images and file changes to {address}")
+        damage = self.faults.once(run.migration_id, "corrupt:transfer")
+        sent = await self.files.push_bundle(
+            run.container, run.migration_id, address, self.port, options, damage
+        )
+        total = sum(s.bytes for s in sent)
+        seconds = sum(s.seconds for s in sent)
+        changed = sum(s.entries for s in sent[1:])
+        await progress(f"sent {_rate(total, seconds)}; {changed} changed file(s)", total, total)
+        result = TransferResult(
+            transfer_bytes=total,
+            transfer_ms=round(seconds * 1000),
+            transfer_sha256=sent[0].sha256,
+            delta_entries=changed,
+        )
+        return StepOutcome(result, bytes_moved=total)
+
+    async def forget_presync(self, run: StepRun, progress: Progress) -> StepOutcome:
+        """Compensation: no file of a pre-sync that no dump followed stays on the source."""
+        if self.files.forget_presync(run.migration_id):
+            await progress(f"removed the pre-sync of {run.container} on {run.source}", None, None)
+        return StepOutcome()

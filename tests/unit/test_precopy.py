@@ -24,8 +24,8 @@ from pathlib import Path
 import pycriu
 import pytest
 
-from services.runtime import criu
-from services.runtime.migration import RUNC_CRIU_FLAGS
+from services.runtime import cmdlines, criu
+from services.runtime.cmdlines import CRIU_CHAIN_FLAGS
 from services.runtime.precopy import (
     PrecopyLayout,
     final_dump_argv,
@@ -391,7 +391,7 @@ def test_every_dump_uses_the_stop_and_copy_criu_flags(layout: PrecopyLayout) -> 
         pre_dump_argv(RUNC, "web", layout, 2, PAGE_SERVER, log_file=log),
         final_dump_argv(RUNC, "web", layout, 2, PAGE_SERVER, log_file=log),
     ):
-        assert argv[-1 - len(RUNC_CRIU_FLAGS) : -1] == RUNC_CRIU_FLAGS
+        assert argv[-1 - len(CRIU_CHAIN_FLAGS) : -1] == list(CRIU_CHAIN_FLAGS)
 
 
 def test_page_server_links_the_previous_iteration_only_when_there_is_one(
@@ -496,7 +496,7 @@ async def test_a_check_that_cannot_say_blames_no_kernel_feature(
     binary: str, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A CRIU that is absent or fails for another reason is reported as such, not as soft-dirty."""
-    monkeypatch.setattr(criu, "CRIU", binary)
+    monkeypatch.setattr(cmdlines, "CRIU", binary)  # where every command line takes it from
     available, reason = await mem_dirty_track_available()
     assert available is False
     assert reason.startswith(expected) and "soft-dirty" not in reason

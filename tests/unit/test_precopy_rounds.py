@@ -2,17 +2,19 @@
 
 The host is a stand-in that returns made-up CRIU statistics per round; what is checked is
 the step's own logic: the page servers it asks the destination for (each chained to the
-previous round), when it stops, and the facts it hands to the final dump.
+previous round), when it stops, and the result it hands to the final dump.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
-from schemas.v1.migrations import StepCommand
-from services.source.handlers import precopy_rounds
-from services.steps import StepOutcome
+from schemas.v2.migrations import MigrationOptions, MigrationRecord, StepCommand
+from schemas.v2.results import PrecopyResult
+from services.runtime.source_side import SourceSide
+from services.saga.steps import StepOutcome, StepRun
+from services.source.handlers import Source
 
 MIB_PAGES = 256
 
@@ -52,10 +54,21 @@ def _run(host: SyntheticHost, budget_ms: int) -> tuple[StepOutcome, list[Any], l
         said.append(text)
 
     cmd = StepCommand(
-        migration_id="0123456789abcdef", step="precopy_rounds", attempt=1, container="c",
-        source="h1", destination="h2", facts={"downtime_budget_ms": budget_ms},
+        migration_id="0123456789abcdef", step="precopy_rounds", attempt=1, host="h1",
+        role="source",
     )  # fmt: skip
-    outcome = asyncio.run(precopy_rounds(cmd, progress, host, page_server_for))  # type: ignore[arg-type]
+    record = MigrationRecord(
+        id=cmd.migration_id, container="c", source="h1", destination="h2",
+        strategy={"chosen": "pre-copy", "reason": "test"},  # type: ignore[arg-type]
+        trace_id="0" * 32, traceparent="", created_at=0, updated_at=0, deadline=0,
+        options=MigrationOptions(downtime_budget_ms=budget_ms),
+    )  # fmt: skip
+    # Only what the pre-copy loop touches is real: the side's pre_dump and the page servers.
+    role = Source(
+        side=cast(SourceSide, host), containers=cast(Any, None), placements=cast(Any, None),
+        peers=cast(Any, None), page_server_for=page_server_for, transfer_port=0,
+    )  # fmt: skip
+    outcome = asyncio.run(role.precopy_rounds(StepRun(cmd, record), progress))
     return outcome, asked, said
 
 
@@ -70,9 +83,11 @@ def test_synthetic_converging_rounds_chain_page_servers_and_stop_within_budget()
         ("h2", "it-3", "../it-2"),
         ("h2", "images", "../it-3"),  # the final dump's page server, chained to the last round
     ]
-    assert outcome.facts["precopy_rounds"] == 3
-    assert outcome.facts["page_server"] == "10.0.0.2:7004"
-    assert str(outcome.facts["precopy_reason"]).startswith("converged")
+    result = outcome.result
+    assert isinstance(result, PrecopyResult)
+    assert result.precopy_rounds == 3
+    assert result.page_server == "10.0.0.2:7004"
+    assert str(result.precopy_reason).startswith("converged")
     assert outcome.bytes_moved == (512 + 64 + 4) * 2**20
     assert len(said) == 3 and said[0].startswith("round 1:")
 
@@ -80,6 +95,8 @@ def test_synthetic_converging_rounds_chain_page_servers_and_stop_within_budget()
 def test_synthetic_writer_faster_than_the_link_stops_with_the_reason() -> None:
     host = SyntheticHost([_stats(256, 1000)] * 8)
     outcome, asked, _ = _run(host, budget_ms=100)
-    assert outcome.facts["precopy_rounds"] == 2
-    assert str(outcome.facts["precopy_reason"]).startswith("not converging")
+    result = outcome.result
+    assert isinstance(result, PrecopyResult)
+    assert result.precopy_rounds == 2
+    assert str(result.precopy_reason).startswith("not converging")
     assert asked[-1] == ("h2", "images", "../it-2")

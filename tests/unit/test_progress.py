@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.saga_runner import rate_and_eta
+from services.saga.layers import rate_and_eta
 
 
 def test_rate_and_eta_from_bytes_done_and_elapsed_time() -> None:

@@ -6,11 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.v1.migrations import MigrationRecord, StepCommand, StrategyChoice
+from schemas.v2.migrations import StepCommand
+from schemas.v2.results import RestoreResult
+from tests.support.saga import new_record, only, run_until
 from workflows.saga import (
     NO_RETRY,
     Compensation,
-    Decision,
     RetryPolicy,
     SagaDefinition,
     Step,
@@ -25,35 +26,15 @@ from workflows.stop_and_copy import STOP_AND_COPY
 FORWARD = [s.name for s in STOP_AND_COPY.steps]
 
 
-def new_record() -> MigrationRecord:
-    return MigrationRecord(
-        id="m1",
-        container="web",
-        source="h1",
-        destination="h2",
-        strategy=StrategyChoice(chosen="stop-and-copy", reason="requested"),
-        trace_id="0" * 32,
-        traceparent="",
-        created_at=0.0,
-        updated_at=0.0,
-        deadline=0.0,
-    )
-
-
-def only(decision: Decision) -> StepCommand:
-    assert len(decision.commands) == 1, decision.commands
-    return decision.commands[0]
-
-
 def test_a_clean_run_walks_every_step_in_order_on_the_right_hosts() -> None:
     decision = begin(STOP_AND_COPY, new_record(), now=1.0)
     seen = []
     while decision.commands:
         cmd = only(decision)
         seen.append((cmd.step, decision.record.steps[-1].host))
-        facts = {"freeze_ms": 420} if cmd.step == "restore" else {}
+        result = RestoreResult(running_at=2.0, freeze_ms=420) if cmd.step == "restore" else None
         decision = step_succeeded(
-            STOP_AND_COPY, decision.record, cmd, facts, now=2.0, bytes_moved=10
+            STOP_AND_COPY, decision.record, cmd, result, now=2.0, bytes_moved=10
         )
     assert [name for name, _ in seen] == FORWARD
     hosts = dict(seen)
@@ -63,13 +44,6 @@ def test_a_clean_run_walks_every_step_in_order_on_the_right_hosts() -> None:
     assert record.freeze_ms == 420 and record.bytes_moved == 10 * len(FORWARD)
     assert [s.status for s in record.steps] == ["done"] * len(FORWARD)
     assert decision.events[-1].type == "finished"  # type: ignore[attr-defined]
-
-
-def run_until(step: str) -> Decision:
-    decision = begin(STOP_AND_COPY, new_record(), now=1.0)
-    while only(decision).step != step:
-        decision = step_succeeded(STOP_AND_COPY, decision.record, only(decision), {}, now=2.0)
-    return decision
 
 
 def test_a_retryable_failure_runs_the_step_again_after_its_backoff() -> None:
@@ -92,7 +66,7 @@ def test_failure_before_commit_compensates_in_reverse_and_rolls_back() -> None:
         cmd = only(decision)
         assert cmd.kind == "compensation"
         undone.append(cmd.step)
-        decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, {}, now=4.0)
+        decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, None, now=4.0)
     assert undone == ["stop_destination", "resume_source", "forget_presync", "discard_destination"]
     record = decision.record
     assert record.state == "rolled_back" and not record.committed
@@ -137,8 +111,8 @@ def test_a_failed_compensation_leaves_the_migration_failed_not_rolled_back() -> 
 
 def test_a_stale_or_duplicate_outcome_changes_nothing_and_repeats_the_current_command() -> None:
     decision = run_until("transfer")
-    old = step_succeeded(STOP_AND_COPY, decision.record, only(decision), {}, now=3.0)
-    duplicate = step_succeeded(STOP_AND_COPY, old.record, only(decision), {}, now=4.0)
+    old = step_succeeded(STOP_AND_COPY, decision.record, only(decision), None, now=3.0)
+    duplicate = step_succeeded(STOP_AND_COPY, old.record, only(decision), None, now=4.0)
     assert not duplicate.changed and duplicate.record == old.record
     assert duplicate.commands == pending_commands(old.record) == old.commands
 
@@ -177,7 +151,7 @@ def test_any_sequence_of_outcomes_ends_safely(outcomes: list[str]) -> None:
         cmd = only(decision)
         what = next(moves, "ok")
         if what == "ok":
-            decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, {}, now=1.0)
+            decision = step_succeeded(STOP_AND_COPY, decision.record, cmd, None, now=1.0)
         else:
             error = StepError(what, what == "transient")
             decision = step_failed(STOP_AND_COPY, decision.record, cmd, error, now=1.0)
@@ -230,7 +204,7 @@ def test_duplicated_reordered_and_redelivered_outcomes_keep_one_copy_running(
             inbox.append(cmd)
             continue
         if action == "ok":
-            decision = step_succeeded(STOP_AND_COPY, record, cmd, {}, now=1.0)
+            decision = step_succeeded(STOP_AND_COPY, record, cmd, None, now=1.0)
         else:
             error = StepError(action, action == "transient")
             decision = step_failed(STOP_AND_COPY, record, cmd, error, now=1.0)
@@ -248,7 +222,7 @@ def test_duplicated_reordered_and_redelivered_outcomes_keep_one_copy_running(
         if record.state in ("completed", "rolled_back", "failed"):
             break
         cmd = pending_commands(record)[0]
-        decision = step_succeeded(STOP_AND_COPY, record, cmd, {}, now=2.0)
+        decision = step_succeeded(STOP_AND_COPY, record, cmd, None, now=2.0)
         key = (cmd.step, cmd.kind)
         source_runs = (source_runs and key not in STOPS_SOURCE) or key in STARTS_SOURCE
         destination_runs = (
@@ -271,11 +245,11 @@ def test_cancel_stops_at_the_next_step_boundary_and_compensates() -> None:
     decision = run_until("transfer")
     record = request_cancel(decision.record, "operator asked", now=3.0)
     assert record.cancel_requested == "operator asked"
-    after = step_succeeded(STOP_AND_COPY, record, only(decision), {}, now=4.0)
+    after = step_succeeded(STOP_AND_COPY, record, only(decision), None, now=4.0)
     cmd = only(after)
     assert (cmd.kind, cmd.step) == ("compensation", "resume_source")
     while after.commands:
-        after = step_succeeded(STOP_AND_COPY, after.record, only(after), {}, now=5.0)
+        after = step_succeeded(STOP_AND_COPY, after.record, only(after), None, now=5.0)
     assert after.record.state == "rolled_back"
     assert after.record.error == "cancelled: operator asked"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.v1.migrations import MigrationRecord, StepCommand, StrategyChoice
+from schemas.v1.migrations import StrategyChoice
+from schemas.v2.migrations import MigrationRecord, StepCommand
 from workflows.post_copy import POST_COPY
 from workflows.saga import (
     Compensation,
@@ -35,7 +36,7 @@ def _only(decision: Decision) -> StepCommand:
 def _until(step: str) -> Decision:
     decision = begin(POST_COPY, _record(), now=1.0)
     while _only(decision).step != step:
-        decision = step_succeeded(POST_COPY, decision.record, _only(decision), {}, now=2.0)
+        decision = step_succeeded(POST_COPY, decision.record, _only(decision), None, now=2.0)
     return decision
 
 
@@ -49,7 +50,7 @@ def test_pages_lost_after_the_commit_fall_back_to_the_stopped_source() -> None:
         cmd = _only(decision)
         assert cmd.kind == "compensation"
         ran.append((cmd.step, decision.record.steps[-1].host))
-        decision = step_succeeded(POST_COPY, decision.record, cmd, {}, now=4.0)
+        decision = step_succeeded(POST_COPY, decision.record, cmd, None, now=4.0)
     # The corrupt copy stops first; only then does the placement move back and the
     # source continue: never two copies running.
     assert ran == [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from services.watchdog import GRACE_S, overdue
-from tests.unit.test_saga import new_record, only, run_until
+from tests.support.saga import new_record, only, run_until
 from workflows.saga import begin, step_succeeded
 from workflows.stop_and_copy import STOP_AND_COPY
 
@@ -41,6 +41,6 @@ def test_a_migration_past_its_deadline_is_cancelled_before_the_commit() -> None:
 
 def test_finished_migrations_are_ignored() -> None:
     decision = run_until("clean_source")
-    done = step_succeeded(STOP_AND_COPY, decision.record, only(decision), {}, now=3.0)
+    done = step_succeeded(STOP_AND_COPY, decision.record, only(decision), None, now=3.0)
     assert done.record.state == "completed"
     assert overdue(done.record, now=1e12) is None

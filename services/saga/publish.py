@@ -1,38 +1,23 @@
-"""Publishing what the saga engine decided: commands to hosts' work queues, events."""
+"""Publishing what the saga engine decided: commands to hosts' work queues, then events."""
 
 from __future__ import annotations
 
 from nats.js import JetStreamContext
 
-from schemas import subjects
-from schemas.v1.migrations import Finished, MigrationRecord
+from schemas.v1.migrations import Finished
+from schemas.v2.migrations import MigrationRecord
 from services import bus
 from services.tracecontext import headers_for
-from workflows.saga import Decision, SagaDefinition
+from workflows.saga import Decision
 
 
-def command_role(definition: SagaDefinition, step: str, kind: str) -> str:
-    return definition.action(step, kind).role
-
-
-async def publish_decision(
-    js: JetStreamContext, definition: SagaDefinition, decision: Decision
-) -> None:
-    """Commands first (deduplicated by id: re-publishing after a crash is harmless), then events."""
+async def publish_decision(js: JetStreamContext, decision: Decision) -> None:
+    """Commands first (each names its host, role and message id: re-publishing after a
+    crash is dropped as a duplicate), then events."""
     record = decision.record
     headers = headers_for(record.traceparent)
     for command in decision.commands:
-        entry = next(
-            s for s in reversed(record.steps) if s.name == command.step and s.kind == command.kind
-        )
-        await bus.publish_command(
-            js,
-            entry.host,
-            command_role(definition, command.step, command.kind),
-            command,
-            subjects.command_msg_id(record.id, command.kind, command.step, command.attempt),
-            headers,
-        )
+        await bus.publish_command(js, command, headers)
     for event in decision.events:
         # The end is announced once, however often a crash makes us announce it again.
         msg_id = f"{record.id}.finished" if getattr(event, "type", "") == "finished" else None

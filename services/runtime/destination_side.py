@@ -1,0 +1,295 @@
+"""The destination's part of a move: prepare, restore behind a held network, verify, open,
+and — when the move does not stay — stop and discard.
+
+Every operation is idempotent: a redelivered command finds its work done and says so.
+No client reaches the restored container before the commit: its netns is held from
+prepare until `open_network`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+
+from schemas.v1.containers import Placement
+from schemas.v2.results import DrainResult, PrepareResult, RestoreResult, VerifyResult
+from services.config import HostConfig
+from services.errors import Conflict, RuntimeFailure
+from services.faults import NO_FAULTS, FaultPlan
+from services.runtime import bundle, criu, layers, netlock, netns, precopy
+from services.runtime import paths as layout
+from services.runtime.containers import ContainerPaths, HostContainers
+from services.runtime.paths import MigrationPaths
+from services.runtime.proc import kill_working_on
+from services.runtime.restore import restore_container
+from services.runtime.spans import tracer
+
+PAGE_SERVER_EXIT_S = 30.0
+VERIFY_CONNECT_TIMEOUT_S = 2.0
+
+
+class DestinationSide:
+    """This host as the destination of moves."""
+
+    def __init__(
+        self, config: HostConfig, containers: HostContainers, faults: FaultPlan = NO_FAULTS
+    ) -> None:
+        self.config = config
+        self.containers = containers
+        self.runc = containers.runc
+        self.faults = faults
+
+    def paths(self, migration_id: str) -> MigrationPaths:
+        return MigrationPaths.of(self.config.state_dir, migration_id)
+
+    def cpaths(self, name: str) -> ContainerPaths:
+        return self.containers.paths(name)
+
+    def _network(self, placement: Placement) -> netns.ContainerNetwork:
+        return netns.ContainerNetwork(
+            netns_path=self.cpaths(placement.name).netns,
+            host_veth=netns.host_veth_name(placement.name),
+            ip=placement.ip,
+            prefix_len=self.config.subnet.prefixlen,
+            gateway=self.config.gateway,
+            mac=placement.mac,
+        )
+
+    async def check(self, name: str, needed_bytes: int) -> list[criu.Check]:
+        """Dry run for the destination's part: CRIU works, the name is free, disk suffices."""
+        results = [await criu.check_verdict()]
+        state = await self.runc.state(name)
+        results.append(
+            (
+                "no container of that name here",
+                state is None,
+                "free" if state is None else state.status,
+            )
+        )
+        free = shutil.disk_usage(self.config.state_dir).free
+        enough = free >= needed_bytes * 2
+        results.append(
+            (
+                "disk space",
+                enough,
+                f"{free / 2**20:.0f} MiB free, about {needed_bytes / 2**20:.0f} MiB needed",
+            )
+        )
+        return results
+
+    async def prepare(
+        self, placement: Placement, migration_id: str, *, page_server: bool
+    ) -> PrepareResult:
+        """Layers present, netns with the container's IP and MAC (link down), and for
+        stop-and-copy a page server up (post-copy pulls its pages from the source instead)."""
+        await criu.check()
+        existing = await self.runc.state(placement.name)
+        if existing is not None:
+            raise Conflict(f"{placement.name} already exists on {self.config.host}")
+        paths = self.paths(migration_id)
+        # Layers are not part of what moves: a host lacking one fetches it from the layer
+        # store once, sha256-verified, and keeps it for every later container and move.
+        with tracer.start_as_current_span("layers.ensure") as span:
+            ready = await self.containers.ensure_layers(placement.layers)
+            for key, value in ready.facts().items():
+                span.set_attribute(f"ferry.{key}", value)
+        result = PrepareResult.model_validate(ready.facts())
+        cpaths = self.cpaths(placement.name)
+        if not cpaths.netns.exists():
+            await netns.create(self._network(placement), self.config.bridge, link_up=False)
+        # The hold goes on now, before any freeze: one less thing inside the freeze window.
+        with tracer.start_as_current_span("network.hold"):
+            await netlock.hold(cpaths.netns)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.held.touch()
+        if not page_server:
+            return result
+        address = self.config.address
+        if (
+            paths.page_server_port.exists()
+            and layout.pid_file(paths.images, layout.PAGE_SERVER).exists()
+        ):
+            port = int(paths.page_server_port.read_text())
+        else:
+            port = netns.free_port(address)
+            with tracer.start_as_current_span(
+                "criu.page_server", attributes={"ferry.listen": f"{address}:{port}"}
+            ):
+                await criu.start_page_server(paths.images, address, port)
+            paths.page_server_port.write_text(str(port))
+        return result.model_copy(update={"page_server": f"{address}:{port}"})
+
+    async def start_round_page_server(
+        self, migration_id: str, images: str, parent: str | None
+    ) -> str:
+        """Pre-copy: a page server for `images` (it-N, or the final `images`), chained to
+        the previous round's directory."""
+        target = self.paths(migration_id).root / images
+        port_file = target / layout.PAGE_SERVER_PORT
+        if port_file.exists() and criu.background_pid(target, layout.PAGE_SERVER) is not None:
+            return f"{self.config.address}:{port_file.read_text()}"
+        port = netns.free_port(self.config.address)
+        argv = precopy.page_server_argv(
+            target, self.config.address, port, status_fd=criu.STATUS_FD, parent=parent
+        )
+        await criu.start_background(argv, target, layout.PAGE_SERVER)
+        port_file.write_text(str(port))
+        return f"{self.config.address}:{port}"
+
+    async def restore(
+        self,
+        placement: Placement,
+        migration_id: str,
+        frozen_at: float,
+        *,
+        lazy_from: str | None = None,
+    ) -> RestoreResult | None:
+        """Restore behind a held network. With `lazy_from` (post-copy) the memory pages are
+        not here yet: a lazy-pages daemon fetches them from the source as they are touched.
+        None when an earlier delivery restored it already."""
+        name = placement.name
+        paths, cpaths = self.paths(migration_id), self.cpaths(name)
+        state = await self.runc.state(name)
+        if state is not None and state.status == "running":
+            return None
+        rc = 0 if lazy_from else await criu.page_server_result(paths.images, PAGE_SERVER_EXIT_S)
+        if rc != 0:
+            raise RuntimeFailure(
+                f"page server {'still waiting' if rc is None else f'exited {rc}'}:"
+                " the pages did not all arrive",
+                log_tail=criu.tail(paths.criu_log(layout.PAGE_SERVER)),
+            )
+        incoming = paths.incoming_bundle
+        if not incoming.is_dir():
+            raise RuntimeFailure("the bundle from the source has not arrived")
+        paths.images.mkdir(parents=True, exist_ok=True)
+        for item in incoming.joinpath("images").iterdir():
+            target = paths.images / item.name
+            if not target.exists():
+                shutil.move(str(item), target)
+        if not cpaths.upper.exists():
+            synced = paths.incoming_presync / "upper"
+            if not synced.is_dir():
+                raise RuntimeFailure("the container's files from the source have not arrived")
+            cpaths.root.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(synced), cpaths.upper)
+        shutil.rmtree(cpaths.work, ignore_errors=True)
+        ready = await self.containers.ensure_layers(placement.layers)  # here since prepare
+        await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
+        config = json.loads((incoming / "config.json").read_text())
+        config["linux"]["cgroupsPath"] = f"{self.config.cgroup_parent}/{name}"
+        config.setdefault("annotations", {})["org.criu.config"] = str(
+            bundle.ensure_criu_config(cpaths.criu_config)
+        )
+        cpaths.bundle.mkdir(parents=True, exist_ok=True)
+        (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
+        # Held (since prepare), then link up, then restore: no packet reaches it before
+        # the commit.
+        if not paths.held.exists():
+            with tracer.start_as_current_span("network.hold"):
+                await netlock.hold(cpaths.netns)
+        await netns.set_link(name, up=True, check=True)
+        if lazy_from:
+            paths.lazy.write_text(lazy_from)
+            if criu.background_pid(paths.images, layout.LAZY_PAGES) is None:
+                host, port = lazy_from.rsplit(":", 1)
+                with tracer.start_as_current_span(
+                    "criu.lazy_pages", attributes={"ferry.peer": lazy_from}
+                ):
+                    await criu.start_lazy_pages(paths.images, host, int(port))
+        if self.faults.carries(migration_id, "restore"):
+            # Test-only fault: a damaged image makes the real CRIU restore fail (in post-copy,
+            # after the lazy-pages daemon has connected to the source: CRIU's worst case).
+            paths.inventory.write_bytes(b"ferry: injected fault\n")
+        await restore_container(self.runc, name, paths, cpaths, lazy=bool(lazy_from))
+        running_at = time.time()
+        if lazy_from and self.faults.carries(migration_id, "lazy-pages-dies"):
+            # Test-only fault: the lazy-pages daemon dies with pages still at the source.
+            with contextlib.suppress(OSError, ValueError):
+                pid_file = layout.pid_file(paths.images, layout.LAZY_PAGES)
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        stats = criu.load_stats(paths.stats_restore)
+        return RestoreResult(
+            running_at=running_at,
+            freeze_ms=round((running_at - frozen_at) * 1000) if frozen_at else 0,
+            criu_restore_us=stats.get("restore_time", 0),
+            pages_restored=stats.get("pages_restored", 0),
+        )
+
+    async def verify(self, placement: Placement, expected_ports: tuple[int, ...]) -> VerifyResult:
+        """Alive, and listening again where it listened before — checked from inside,
+        while the network is still held."""
+        state = await self.runc.state(placement.name)
+        if state is None or state.status != "running" or state.pid is None:
+            raise RuntimeFailure(f"{placement.name} is not running after restore")
+        ports = netlock.listening_ports(state.pid)
+        missing = sorted(set(expected_ports) - ports)
+        if missing:
+            raise RuntimeFailure(f"{placement.name} no longer listens on {missing}")
+        netns_path = self.cpaths(placement.name).netns
+        for port in expected_ports:
+            if not await netns.connects_from_inside(
+                netns_path, placement.ip, port, VERIFY_CONNECT_TIMEOUT_S
+            ):
+                raise RuntimeFailure(f"{placement.name} does not accept connections on port {port}")
+        return VerifyResult(restored_pid=state.pid)
+
+    async def open_network(self, placement: Placement, migration_id: str) -> list[str]:
+        """Let clients in, and tell neighbours where the container's MAC lives now.
+        Returns the addresses announced."""
+        netns_path = self.cpaths(placement.name).netns
+        with tracer.start_as_current_span("network.cutover") as span:
+            await netlock.release(netns_path)
+            announced = await netns.announce(netns_path, placement.ip)
+            span.set_attribute("ferry.announced", announced)
+        paths = self.paths(migration_id)
+        if not paths.lazy.exists():  # a lazy-pages daemon still works in there
+            shutil.rmtree(paths.root, ignore_errors=True)
+        return announced
+
+    async def drain_pages(self, migration_id: str, timeout: float) -> DrainResult | None:
+        """Post-copy, after the commit: wait until the lazy-pages daemon has every page and
+        exits 0. Until then the source keeps its stopped copy. None when an earlier
+        delivery drained it (the directory is gone)."""
+        paths = self.paths(migration_id)
+        if not paths.lazy.exists():
+            return None
+        started = time.monotonic()
+        rc = await criu.background_result(paths.images, layout.LAZY_PAGES, timeout)
+        log_tail = criu.tail(paths.criu_log(layout.LAZY_PAGES))
+        if rc is None:
+            raise RuntimeFailure(
+                f"the lazy-pages daemon still runs after {timeout:.0f} s",
+                log_tail=log_tail,
+                retryable=True,
+            )
+        if rc != 0:
+            raise RuntimeFailure(
+                f"the lazy-pages daemon exited {rc}: pages may be missing", log_tail=log_tail
+            )
+        result = DrainResult(drain_ms=round((time.monotonic() - started) * 1000))
+        shutil.rmtree(paths.root, ignore_errors=True)
+        return result
+
+    async def stop_restored(self, name: str, migration_id: str) -> None:
+        """The destination copy goes away: before the commit, or in post-copy's fallback
+        (its memory has holes) — in both cases before the source may run again."""
+        # Cut its network first: a killed process's sockets send FIN/RST, and after a
+        # post-copy commit its network is open — the client would lose its connection.
+        if self.cpaths(name).netns.exists():
+            await netlock.hold(self.cpaths(name).netns)
+        await netns.set_link(name, up=False)
+        kill_working_on(self.paths(migration_id).root)
+        await self.runc.delete(name)
+
+    async def discard(self, name: str, migration_id: str) -> None:
+        """Remove everything this host holds for an incoming container that will not stay."""
+        paths = self.paths(migration_id)
+        criu.stop_page_server(paths.images)
+        kill_working_on(paths.root)
+        await self.containers.discard_local(name)
+        shutil.rmtree(paths.root, ignore_errors=True)

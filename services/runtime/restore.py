@@ -1,0 +1,51 @@
+"""`runc restore` as both sides run it: the destination after a move, the source when it
+takes its container back from its own images."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.errors import RuntimeFailure
+from services.runtime import cmdlines, criu, spans
+from services.runtime.containers import ContainerPaths
+from services.runtime.paths import MigrationPaths
+from services.runtime.runc import Runc, log_errors
+
+
+async def restore_container(
+    runc: Runc, name: str, paths: MigrationPaths, cpaths: ContainerPaths, *, lazy: bool = False
+) -> None:
+    """Restore `name` from this migration's images into its bundle; it must stay running.
+    With `lazy`, a lazy-pages daemon serves its memory (already started)."""
+    with spans.tracer.start_as_current_span("criu.restore") as span:
+        try:
+            await _run_restore(runc, name, paths, cpaths, lazy=lazy)
+        except RuntimeFailure as failure:
+            spans.fail(span, failure)
+            raise
+        stats = criu.load_stats(paths.stats_restore)
+        span.set_attribute("criu.restore_time_us", stats.get("restore_time", 0))
+        span.set_attribute("criu.pages_restored", stats.get("pages_restored", 0))
+
+
+async def _run_restore(
+    runc: Runc, name: str, paths: MigrationPaths, cpaths: ContainerPaths, *, lazy: bool
+) -> None:
+    log_file = paths.runc_restore_log
+    argv = cmdlines.runc_restore(runc, name, paths.images, cpaths.bundle, log_file, lazy_pages=lazy)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    code = await proc.wait()
+    if code != 0:
+        errors = log_errors(log_file)
+        raise RuntimeFailure(
+            f"restore of {name} failed: {errors[-1] if errors else f'exit {code}'}",
+            log_tail=criu.tail(paths.restore_log),
+        )
+    state = await runc.state(name)
+    if state is None or state.status != "running":
+        raise RuntimeFailure(f"{name} did not stay running after restore")

@@ -1,0 +1,265 @@
+"""The runner every worker shares for saga steps: fetch a command from the host's work
+queue and pass it through a short pipeline of layers —
+
+  accept     parse it, check it is for this host and role, read the record, check the
+             step is current there (a stale one only re-publishes what follows);
+  faults     test-only faults armed from the record: duplicate, kill before or after;
+  trace      the step's span, in the migration's trace;
+  keep-alive in-progress beats while the handler runs;
+  guard      backoff, timeout, and the handler's failure as a saga StepError;
+  record     the outcome applied to the record by compare-and-set, then published;
+  ack        only now.
+
+A crash anywhere before the ack means JetStream delivers the command again; the record
+tells whether the step already finished, so nothing runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from pydantic import ValidationError
+
+from schemas import subjects
+from schemas.v1.containers import Placement
+from schemas.v1.migrations import Role
+from schemas.v2.migrations import MigrationRecord, StepCommand, read_command
+from services import bus, faults, tracing
+from services.errors import Conflict, NotFound
+from services.faults import FaultPlan
+from services.kvstores import KvMigrationStore, KvPlacementStore
+from services.saga.layers import annotate, guarded, kept_alive, progress_events, step_span
+from services.saga.publish import announce_end, publish_decision
+from services.saga.steps import StepHandler, StepOutcome, StepRun
+from services.saga.transitions import compare_and_set, transition
+from services.worker import WorkerContext
+from workflows.definitions import DEFINITIONS
+from workflows.saga import (
+    Decision,
+    SagaDefinition,
+    StepError,
+    current,
+    is_current,
+    pending_commands,
+    step_failed,
+    step_succeeded,
+)
+
+log = logging.getLogger("ferry.saga")
+
+MAX_PARALLEL_STEPS = 4
+
+
+def definition_of(record: MigrationRecord) -> SagaDefinition:
+    return DEFINITIONS[record.chosen]
+
+
+class SagaRunner:
+    """Consumes one host role's command queue and runs the handlers registered for it."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        host: str,
+        role: Role,
+        handlers: Mapping[str, StepHandler],
+        telemetry: tracing.Telemetry,
+        faults: FaultPlan,
+    ) -> None:
+        self.js = js
+        self.host = host
+        self.role = role
+        self.handlers = dict(handlers)
+        self.telemetry = telemetry
+        self.faults = faults
+        self.slots = asyncio.Semaphore(MAX_PARALLEL_STEPS)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.running: set[tuple[str, str, str, int]] = set()
+
+    @classmethod
+    def for_worker(cls, ctx: WorkerContext, handlers: Mapping[str, StepHandler]) -> SagaRunner:
+        return cls(
+            ctx.js,
+            host=ctx.config.host,
+            role=ctx.role,
+            handlers=handlers,
+            telemetry=ctx.telemetry,
+            faults=ctx.faults,
+        )
+
+    async def stores(self) -> tuple[KvMigrationStore, KvPlacementStore]:
+        js = self.js
+        return (
+            KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET)),
+            KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET)),
+        )
+
+    async def run(self) -> None:
+        sub = await bus.command_subscription(self.js, self.host, self.role)
+        while True:
+            await self.slots.acquire()
+            try:
+                msgs = await sub.fetch(1, timeout=5)
+            except (NatsTimeout, TimeoutError):
+                self.slots.release()
+                continue
+            except Exception as exc:  # the bus is restarting: wait and fetch again
+                self.slots.release()
+                log.warning("fetch failed: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            task = asyncio.create_task(self._handle_then_release(msgs[0]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handle_then_release(self, msg: Msg) -> None:
+        try:
+            await self.handle(msg)
+        except Exception:
+            log.exception("command not handled; JetStream will deliver it again")
+        finally:
+            self.slots.release()
+
+    # -- accept ----------------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        migrations, placements = await self.stores()
+        accepted = await self._accept(msg, migrations)
+        if accepted is None:
+            return
+        run = StepRun(*accepted)
+        key = (run.migration_id, run.command.kind, run.command.step, run.command.attempt)
+        if key in self.running:
+            # The same command delivered twice: the first delivery is at work on it.
+            log.warning("duplicate delivery of %s %s ignored", run.command.step, run.migration_id)
+            await msg.ack()
+            return
+        self.running.add(key)
+        try:
+            decision = await self._run(msg, run, migrations)
+            await self._record_and_publish(decision, placements)
+            await msg.ack()
+        finally:
+            self.running.discard(key)
+
+    async def _accept(
+        self, msg: Msg, migrations: KvMigrationStore
+    ) -> tuple[StepCommand, MigrationRecord] | None:
+        """The command and its record if this worker should run it now; otherwise the
+        message is dealt with (dropped, or acked after re-publishing what follows)."""
+        try:
+            command = read_command(msg.data, self.host, self.role)
+        except (ValidationError, ValueError) as exc:
+            log.error("unreadable command dropped: %s", exc)
+            await msg.term()
+            return None
+        if (command.host, command.role) != (self.host, self.role):
+            log.error(
+                "command for %s/%s delivered to %s/%s dropped",
+                command.host, command.role, self.host, self.role,
+            )  # fmt: skip
+            await msg.term()
+            return None
+        found = await migrations.get(command.migration_id)
+        if found is None:
+            log.error("command for unknown migration %s dropped", command.migration_id)
+            await msg.term()
+            return None
+        record, _ = found
+        if not is_current(record, command):
+            # Already done (a redelivery after a crash): make sure what follows went out.
+            await publish_decision(self.js, Decision(record, pending_commands(record)))
+            if record.state in ("completed", "rolled_back", "failed"):
+                await announce_end(self.js, record)
+            await msg.ack()
+            return None
+        entry = current(record)
+        if entry is None or (entry.host, entry.role) != (self.host, self.role):
+            # The record, not the message, says who runs a step.
+            log.error("the record gives %s of %s to another worker", command.step, record.id)
+            await msg.term()
+            return None
+        return command, record
+
+    # -- faults, trace, keep-alive, guard --------------------------------------------------
+
+    async def _run(self, msg: Msg, run: StepRun, migrations: KvMigrationStore) -> Decision:
+        command, plan = run.command, self.faults
+        definition = definition_of(run.record)
+        with plan.armed(run.record):
+            if plan.fires(run.migration_id, f"duplicate:{command.step}"):
+                await bus.publish_command(
+                    self.js, command, dict(msg.headers or {}),
+                    msg_id=f"{command.msg_id}.duplicate",
+                )  # fmt: skip
+            if plan.fires(run.migration_id, f"kill:{command.step}:before"):
+                faults.die()
+            with step_span(run, msg, self.host, self.role) as span:
+                timeout = definition.action(command.step, command.kind).timeout_s
+                progress = progress_events(self.js, run, self.host)
+                where = f"{self.role} worker on {self.host}"
+                handler = self.handlers.get(command.step)
+                outcome = await kept_alive(msg, guarded(handler, run, progress, timeout, where))
+                if plan.fires(run.migration_id, f"kill:{command.step}:after"):
+                    faults.die()  # the side effect happened; the record never heard of it
+                decision = await self._advance(migrations, definition, command, outcome)
+                annotate(span, outcome, decision)
+        return decision
+
+    # -- record and publish ----------------------------------------------------------------
+
+    async def _advance(
+        self,
+        migrations: KvMigrationStore,
+        definition: SagaDefinition,
+        command: StepCommand,
+        outcome: StepOutcome | StepError,
+    ) -> Decision:
+        """Apply the outcome to the latest record (compare-and-set)."""
+
+        def decide(record: MigrationRecord) -> Decision:
+            now = time.time()
+            if isinstance(outcome, StepOutcome):
+                return step_succeeded(
+                    definition, record, command, outcome.result, now,
+                    bytes_moved=outcome.bytes_moved,
+                )  # fmt: skip
+            return step_failed(definition, record, command, outcome, now)
+
+        decision = await transition(migrations, command.migration_id, decide)
+        assert decision is not None  # decide always decides
+        return decision
+
+    async def _record_and_publish(self, decision: Decision, placements: KvPlacementStore) -> None:
+        if decision.finished and decision.changed:
+            tracing.emit_root_span(self.telemetry, decision.record)
+            await self._release_placement(placements, decision.record)
+            # The trace is complete in the span stream before anyone hears the end.
+            await self.telemetry.flush()
+        await publish_decision(self.js, decision)
+
+    @staticmethod
+    async def _release_placement(placements: KvPlacementStore, record: MigrationRecord) -> None:
+        """A finished saga unlocks its container, unless it failed before the commit: then
+        an operator must look, and no new move may start meanwhile."""
+        if record.state == "failed" and not record.committed:
+            return
+
+        def unlock(placement: Placement) -> tuple[Placement | None, None]:
+            if placement.migration_id != record.id:
+                return None, None
+            return placement.model_copy(update={"state": "running", "migration_id": None}), None
+
+        try:
+            await compare_and_set(placements, record.container, unlock)
+        except NotFound:
+            return
+        except Conflict:
+            log.warning("placement of %s kept changing; left locked", record.container)
