@@ -8,16 +8,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from deploy.workloads import REDIS_ARGS, build_redis_rootfs, query, query_udp, wait_until_serving
+from deploy.workloads import build_redis_rootfs, query, query_udp, wait_until_serving
 from tests.support.cli import ferry
+from tests.support.redis_client import Writer, connect, start_redis
 
 pytestmark = pytest.mark.lab
 
@@ -25,63 +22,6 @@ pytestmark = pytest.mark.lab
 @pytest.fixture(scope="module")
 def redis_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_redis_rootfs(tmp_path_factory.mktemp("redis-rootfs"))
-
-
-def connect(ip: str) -> redis.Redis:
-    """One connection, no retries, no reconnects: any reset surfaces as an error."""
-    return redis.Redis(
-        host=ip,
-        port=6379,
-        single_connection_client=True,
-        retry=Retry(NoBackoff(), 0),
-        socket_timeout=60,
-        socket_connect_timeout=5,
-        health_check_interval=0,
-    )
-
-
-@dataclass
-class Writer:
-    """Appends 0, 1, 2, … to a list, one command at a time on one connection."""
-
-    client: redis.Redis
-    key: str = "ferry:writes"
-    written: int = 0
-    longest_pause: float = 0.0
-    errors: list[BaseException] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        last = time.monotonic()
-        while not self.stop.is_set():
-            try:
-                self.client.rpush(self.key, self.written)
-            except BaseException as exc:  # a reset, a timeout: the test must see it
-                self.errors.append(exc)
-                return
-            now = time.monotonic()
-            self.longest_pause = max(self.longest_pause, now - last)
-            last = now
-            self.written += 1
-
-
-def start_redis(lab: str, rootfs: Path) -> str:
-    """Run redis-server as container "redis" on h1; its address once it answers PING."""
-    run = ferry(
-        lab, "container", "run", "--host", "h1", "--name", "redis", "--rootfs", str(rootfs),
-        "--", *REDIS_ARGS,
-    )  # fmt: skip
-    assert run.code == 0, run.stderr
-    ip = run.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if connect(ip).ping():
-                return ip
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 @pytest.fixture

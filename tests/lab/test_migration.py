@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from services.runtime.netns import host_veth_name
 from tests.support.bus import request_raw
 from tests.support.cli import ferry
-from tests.support.inventory import host_links, host_mounts
+from tests.support.lab_checks import assert_nothing_left_on, placements, runc_names
 from tests.support.workload import query, query_from_netns, wait_until_serving
 
 pytestmark = pytest.mark.lab
@@ -36,26 +33,6 @@ STEPS = [
 def _uplink_rx_bytes(lab: str, host: str) -> int:
     """Bytes the host sent out of its uplink, read on the root namespace's end of it."""
     return int(Path(f"/sys/class/net/{lab}-{host}/statistics/rx_bytes").read_text())
-
-
-def _runc_names(lab: str, host: str) -> list[str]:
-    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
-    out = subprocess.run(["runc", "--root", root, "list", "-q"], capture_output=True, text=True)
-    return out.stdout.split()
-
-
-def _assert_nothing_left_on(lab: str, host: str, name: str) -> None:
-    state = Path(f"/var/lib/ferry-lab/{lab}/hosts/{host}")
-    assert name not in _runc_names(lab, host)
-    assert not (state / "containers" / name).exists()
-    assert not (state / "netns" / name).exists()
-    assert not list((state / "migrations").glob("*")), "images left behind"
-    assert not [m for m in host_mounts(lab, host) if f"/{name}" in m]
-    assert host_veth_name(name) not in host_links(lab, host)
-
-
-def _placements(lab: str) -> list[dict[str, Any]]:
-    return list(ferry(lab, "containers", "--json", check=True).json())
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +82,17 @@ def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> No
         assert from_other["token"] == last["token"]
         last = from_other
 
-        placed = {c["name"]: c for c in _placements(lab2)}["mover"]
+        placed = {c["name"]: c for c in placements(lab2)}["mover"]
         assert (placed["host"], placed["state"], placed["ip"]) == (destination, "running", ip)
-        assert "mover" in _runc_names(lab2, destination)
-        _assert_nothing_left_on(lab2, source, "mover")
+        assert "mover" in runc_names(lab2, destination)
+        assert_nothing_left_on(lab2, source, "mover")
 
         status = ferry(lab2, "status", record["id"], "--json", check=True).json()
         assert status["state"] == "completed" and status["id"] == record["id"]
 
 
 async def test_bad_requests_get_a_precise_error_and_change_nothing(lab2: str, mover: str) -> None:
-    before = _placements(lab2)
+    before = placements(lab2)
     migrations_before = ferry(lab2, "status", "--json", check=True).json()
     here = {c["name"]: c for c in before}["mover"]["host"]
     valid = {"schema_version": 1, "container": "mover", "destination": "h2"}
@@ -139,7 +116,7 @@ async def test_bad_requests_get_a_precise_error_and_change_nothing(lab2: str, mo
         assert "id" not in reply, (payload, reply)
         assert reply["error"]["field"] == field, (payload, reply)
         assert reply["error"]["reason"], payload
-    assert _placements(lab2) == before
+    assert placements(lab2) == before
     assert ferry(lab2, "status", "--json", check=True).json() == migrations_before
 
 
@@ -154,7 +131,7 @@ def test_cli_rejections_exit_2_with_a_json_error(lab2: str, mover: str) -> None:
 
 
 async def test_a_second_migration_of_a_moving_container_is_rejected(lab2: str, mover: str) -> None:
-    here = {c["name"]: c for c in _placements(lab2)}["mover"]["host"]
+    here = {c["name"]: c for c in placements(lab2)}["mover"]["host"]
     there = "h2" if here == "h1" else "h1"
     request = {"schema_version": 1, "container": "mover", "destination": there}
     first = await request_raw(lab2, json.dumps(request).encode())
@@ -171,5 +148,5 @@ async def test_a_second_migration_of_a_moving_container_is_rejected(lab2: str, m
             break
         time.sleep(0.3)
     assert record["state"] == "completed", record
-    assert {c["name"]: c for c in _placements(lab2)}["mover"]["host"] == there
+    assert {c["name"]: c for c in placements(lab2)}["mover"]["host"] == there
     assert query(mover)["buffer_ok"] is True

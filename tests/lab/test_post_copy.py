@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import new_lab_name
-from tests.lab.test_migration import _assert_nothing_left_on, _placements, _runc_names
 from tests.support.cli import ferry
+from tests.support.lab_checks import assert_nothing_left_on, placements, runc_names
 from tests.support.workload import PORT, query, wait_until_serving
 
 pytestmark = pytest.mark.lab
@@ -100,10 +100,10 @@ def test_auto_picks_post_copy_here_and_state_survives_a_round_trip(
             assert after["buffer_ok"] is True, "a page came back wrong or zero-filled"
             assert after["unix_ok"] is True
             assert after["requests"] > first["requests"]
-            placed = {c["name"]: c for c in _placements(lazy_lab)}["lazy"]
+            placed = {c["name"]: c for c in placements(lazy_lab)}["lazy"]
             assert (placed["host"], placed["state"]) == (destination, "running")
             # The stopped source copy went once every page had arrived.
-            _assert_nothing_left_on(lazy_lab, source, "lazy")
+            assert_nothing_left_on(lazy_lab, source, "lazy")
     finally:
         held.close()
     assert query(ip)["token"] == before["token"]
@@ -148,10 +148,10 @@ def test_a_restore_failing_during_post_copy_gives_the_source_back_intact(
         assert after["requests"] == asked["requests"] + 1
     finally:
         held.close()
-    placed = {c["name"]: c for c in _placements(lazy_lab)}["keeper"]
+    placed = {c["name"]: c for c in placements(lazy_lab)}["keeper"]
     assert (placed["host"], placed["state"]) == ("h1", "running")
-    assert "keeper" in _runc_names(lazy_lab, "h1")
-    _assert_nothing_left_on(lazy_lab, "h2", "keeper")
+    assert "keeper" in runc_names(lazy_lab, "h1")
+    assert_nothing_left_on(lazy_lab, "h2", "keeper")
     assert not list(Path(f"/var/lib/ferry-lab/{lazy_lab}/hosts/h1/migrations").glob("*"))
 
     # Free to move again, and this time it goes.
@@ -206,7 +206,7 @@ def test_pages_lost_after_the_commit_fall_back_to_the_stopped_source(
         assert after["requests"] == asked["requests"] + 1
     finally:
         held.close()
-    placed = {c["name"]: c for c in _placements(lazy_lab)}["fallback"]
+    placed = {c["name"]: c for c in placements(lazy_lab)}["fallback"]
     assert (placed["host"], placed["state"]) == ("h1", "running")
-    _assert_nothing_left_on(lazy_lab, "h2", "fallback")
+    assert_nothing_left_on(lazy_lab, "h2", "fallback")
     assert ferry(lazy_lab, "container", "rm", "fallback").code == 0

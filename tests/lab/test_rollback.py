@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import new_lab_name
-from tests.lab.test_migration import _assert_nothing_left_on, _placements, _runc_names
 from tests.support.cli import ferry
+from tests.support.lab_checks import assert_nothing_left_on, placements, runc_names
 from tests.support.workload import query, wait_until_serving
 
 pytestmark = pytest.mark.lab
@@ -64,10 +64,10 @@ def test_a_failed_restore_rolls_back_to_the_source_with_memory_intact(
     assert after["token"] == before["token"]
     assert after["buffer_ok"] is True
     assert after["requests"] == before["requests"] + 1
-    placed = {c["name"]: c for c in _placements(fault_lab)}["stays"]
+    placed = {c["name"]: c for c in placements(fault_lab)}["stays"]
     assert (placed["host"], placed["state"]) == ("h1", "running")
-    assert "stays" in _runc_names(fault_lab, "h1")
-    _assert_nothing_left_on(fault_lab, "h2", "stays")
+    assert "stays" in runc_names(fault_lab, "h1")
+    assert_nothing_left_on(fault_lab, "h2", "stays")
     assert not list(Path(f"/var/lib/ferry-lab/{fault_lab}/hosts/h1/migrations").glob("*"))
 
     # And the container is free to move again.
@@ -94,7 +94,7 @@ def test_dry_run_reports_each_hosts_checks_and_changes_nothing(
         "--", "/bin/memapp", "7000",
     )  # fmt: skip
     assert run.code == 0, run.stderr
-    before = (_placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
+    before = (placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
     report = ferry(fault_lab, "migrate", "drill", "--to", "h2", "--dry-run", "--json")
     assert report.code == 0, report.stderr
     body = report.json()
@@ -105,7 +105,7 @@ def test_dry_run_reports_each_hosts_checks_and_changes_nothing(
     assert checks[("h2", "disk space")]["ok"]
     unknown = ferry(fault_lab, "migrate", "drill", "--to", "h7", "--dry-run", "--json")
     assert unknown.code == 2 and unknown.json()["error"]["field"] == "destination"
-    after = (_placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
+    after = (placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())
     assert after == before
 
 
@@ -117,7 +117,7 @@ async def test_cancel_rolls_back_before_the_commit_and_is_refused_after(fault_la
 
     from tests.support.bus import nats_url
 
-    here = {c["name"]: c for c in _placements(fault_lab)}["drill"]["host"]
+    here = {c["name"]: c for c in placements(fault_lab)}["drill"]["host"]
     there = "h2" if here == "h1" else "h1"
     nc = await nats.connect(nats_url(fault_lab))
     try:
@@ -142,9 +142,9 @@ async def test_cancel_rolls_back_before_the_commit_and_is_refused_after(fault_la
         await asyncio.sleep(0.1)
     assert record["state"] == "rolled_back", record
     assert record["error"].startswith("cancelled")
-    placed = {c["name"]: c for c in _placements(fault_lab)}["drill"]
+    placed = {c["name"]: c for c in placements(fault_lab)}["drill"]
     assert (placed["host"], placed["state"]) == (here, "running")
-    _assert_nothing_left_on(fault_lab, there, "drill")
+    assert_nothing_left_on(fault_lab, there, "drill")
 
     done = ferry(fault_lab, "migrate", "drill", "--to", there, "--json", timeout=300)
     assert done.code == 0, done.stderr

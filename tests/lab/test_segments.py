@@ -14,9 +14,9 @@ import pytest
 
 from deploy.workloads import build_redis_rootfs
 from tests.conftest import new_lab_name
-from tests.lab.test_connections import Writer, connect, start_redis
 from tests.support.cli import ferry
 from tests.support.inventory import lab_inventory
+from tests.support.redis_client import Writer, connect, start_redis
 
 
 def _redis_ping_from(netns: str, ip: str) -> str:
