@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test lint typecheck workloads schemas demo demo-minecraft chaos bench clean
+.PHONY: setup test test-middle lint typecheck workloads schemas demo demo-minecraft chaos bench clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -13,6 +13,10 @@ setup:
 ## test: lint, type check and the whole suite (real CRIU, runc and nats-server; needs root).
 test: lint typecheck workloads
 	$(PY) -m pytest
+
+## test-middle: components against a real nats-server started per test (no root, < 1 min).
+test-middle:
+	$(PY) -m pytest tests/middle
 
 lint:
 	$(VENV)/bin/ruff check .
