@@ -12,7 +12,6 @@ from schemas import subjects
 from services.errors import Conflict, NotFound, Unavailable
 from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, KvPlacementStore
 from tests.support import records
-from tests.support.kv import KEYS_RACE, listed
 from tests.support.natsserver import Bus
 
 
@@ -58,11 +57,11 @@ async def test_removed_placements_are_gone_and_all_lists_the_rest(
     web, db = records.placement("web", "h1"), records.placement("db", "h2", ip="10.77.0.11")
     await placements.claim(web)
     await placements.claim(db)
-    assert sorted(await listed(placements.all), key=lambda p: p.name) == [db, web]
+    assert sorted(await placements.all(), key=lambda p: p.name) == [db, web]
 
     await placements.remove("web")
     assert await placements.get("web") is None
-    assert await listed(placements.all) == [db]
+    assert await placements.all() == [db]
     # The name is free again.
     assert await placements.claim(records.placement("web", "h2")) > 0
 
@@ -97,7 +96,7 @@ async def test_all_migrations_come_oldest_first(migrations: KvMigrationStore) ->
     older = records.migration_record("aaaa", container="db", created_at=now - 60)
     await migrations.create(newer)
     await migrations.create(older)
-    assert [r.id for r in await listed(migrations.all)] == ["aaaa", "bbbb"]
+    assert [r.id for r in await migrations.all()] == ["aaaa", "bbbb"]
     assert await migrations.is_live("bbbb") is True
 
 
@@ -109,7 +108,7 @@ async def test_the_host_directory_knows_registered_hosts_and_which_are_alive(
     await records.put_host(js, "h1", features=("lazy_pages",))
     await records.put_host(js, "h3", alive=False)
 
-    assert await listed(hosts.known_hosts) == ["h1", "h2", "h3"]
+    assert await hosts.known_hosts() == ["h1", "h2", "h3"]
     h1 = await hosts.registered("h1")
     assert h1 is not None and h1.host == "h1" and "lazy_pages" in h1.features
     assert await hosts.registered("h9") is None
@@ -130,7 +129,7 @@ async def test_a_host_whose_heartbeat_stops_is_down_after_the_ttl_but_still_know
         assert time.monotonic() - start < subjects.HEARTBEAT_TTL_S + 5, "heartbeat never expired"
         await asyncio.sleep(0.25)
     assert time.monotonic() - start >= subjects.HEARTBEAT_TTL_S - 1.5
-    assert await listed(hosts.known_hosts) == ["h1"]
+    assert await hosts.known_hosts() == ["h1"]
     assert await hosts.registered("h1") is not None
     await records.put_heartbeat(js, "h1")
     assert await hosts.alive("h1")
@@ -144,15 +143,15 @@ async def test_addresses_are_allocated_once_and_released_only_by_their_owner(
     assert await addresses.allocate("db", pool) == "10.77.0.11"
     with pytest.raises(Unavailable):
         await addresses.allocate("cache", pool)
-    assert await listed(addresses.owners) == {"10.77.0.10": "web", "10.77.0.11": "db"}
+    assert await addresses.owners() == {"10.77.0.10": "web", "10.77.0.11": "db"}
 
     await addresses.release("10.77.0.10", "db")  # not db's: nothing happens
     with pytest.raises(Unavailable):
         await addresses.allocate("cache", pool)
-    assert await listed(addresses.owners) == {"10.77.0.10": "web", "10.77.0.11": "db"}
+    assert await addresses.owners() == {"10.77.0.10": "web", "10.77.0.11": "db"}
     await addresses.release("10.77.0.10", "web")
     await addresses.release("10.77.0.99", "web")  # never allocated: nothing happens
-    assert await listed(addresses.owners) == {"10.77.0.11": "db"}
+    assert await addresses.owners() == {"10.77.0.11": "db"}
     assert await addresses.allocate("cache", pool) == "10.77.0.10"
 
 
@@ -172,7 +171,7 @@ async def test_listing_reports_unavailable_while_the_bus_is_down_and_works_after
     assert time.monotonic() - started < 5
 
     bus.server.restart()
-    after = await asyncio.wait_for(listed(quick.all), timeout=10)
+    after = await asyncio.wait_for(quick.all(), timeout=10)
     assert after == [web]  # the file store kept it
 
 
@@ -188,12 +187,9 @@ async def test_listing_retries_through_a_short_bus_restart(bus: Bus) -> None:
     assert not listing.done()
     bus.server.restart()
     answer = await asyncio.wait_for(listing, timeout=10)  # no Unavailable: it tried again
-    if not answer:  # KEYS_RACE, not the restart: ask again
-        answer = await listed(store.all)
     assert answer == [web]
 
 
-@pytest.mark.xfail(reason=KEYS_RACE, strict=False)
 async def test_listing_a_bucket_that_has_keys_never_answers_empty(
     placements: KvPlacementStore,
 ) -> None:

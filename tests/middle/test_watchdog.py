@@ -14,7 +14,6 @@ from services.kvstores import KvMigrationStore
 from services.watchdog import GRACE_S, sweep
 from tests.support import records
 from tests.support.commands import command_count, published_commands, step_of
-from tests.support.kv import LIST_TRIES
 from tests.support.natsserver import Bus
 from workflows.stop_and_copy import STOP_AND_COPY
 
@@ -24,24 +23,13 @@ def stuck_since(step: str) -> float:
     return time.time() - (STOP_AND_COPY.step(step).timeout_s + GRACE_S + 5)
 
 
-async def sweeps(js: JetStreamContext, migrations: KvMigrationStore, until: int) -> int:
-    """Sweep as every watchdog does, round after round, until `until` migrations were moved
-    in all (at most LIST_TRIES rounds: a round may list none, see tests.support.kv)."""
-    moved = 0
-    for _ in range(LIST_TRIES):
-        moved += await sweep(js, migrations)
-        if moved >= until:
-            break
-    return moved
-
-
 async def test_a_stuck_step_with_retries_left_is_run_again(
     js: JetStreamContext, migrations: KvMigrationStore
 ) -> None:
     stuck = records.running_at("preflight", since=stuck_since("preflight"))
     await records.put_migration(js, stuck)
 
-    assert await sweeps(js, migrations, until=1) == 1
+    assert await sweep(js, migrations) == 1
 
     got = await migrations.get(stuck.id)
     assert got is not None
@@ -60,7 +48,7 @@ async def test_a_stuck_step_without_retries_starts_the_compensation(
     stuck = records.running_at("dump", since=stuck_since("dump"))
     await records.put_migration(js, stuck)
 
-    assert await sweeps(js, migrations, until=1) == 1
+    assert await sweep(js, migrations) == 1
 
     got = await migrations.get(stuck.id)
     assert got is not None
@@ -81,7 +69,7 @@ async def test_a_migration_past_its_deadline_is_rolled_back_before_the_commit(
     late = records.running_at("transfer", since=now, deadline=now - GRACE_S - 5)
     await records.put_migration(js, late)
 
-    assert await sweeps(js, migrations, until=1) == 1
+    assert await sweep(js, migrations) == 1
 
     got = await migrations.get(late.id)
     assert got is not None
@@ -123,11 +111,7 @@ async def test_concurrent_sweeps_move_each_stuck_migration_once(
             other_js = nc.jetstream()
             kv = await ferry_bus.bucket(other_js, subjects.MIGRATIONS_BUCKET)
             sweepers.append((other_js, KvMigrationStore(kv)))
-        moved: list[int] = []
-        for _ in range(LIST_TRIES):  # rounds: one may list none (see tests.support.kv)
-            moved += await asyncio.gather(*(sweep(j, m) for j, m in sweepers))
-            if sum(moved) >= len(ids):
-                break
+        moved = list(await asyncio.gather(*(sweep(j, m) for j, m in sweepers)))
     finally:
         for nc in others:
             await nc.close()

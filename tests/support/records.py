@@ -21,6 +21,7 @@ from workflows.definitions import DEFINITIONS
 
 LAYER = "a" * 64
 HOUR_S = 3600.0
+TRACE_ID = "0" * 31 + "1"
 
 
 def placement(
@@ -115,8 +116,8 @@ def migration_record(
             "destination": destination,
             "state": state,
             "strategy": {"chosen": strategy, "reason": "requested"},
-            "trace_id": "0" * 32,
-            "traceparent": "",
+            "trace_id": TRACE_ID,
+            "traceparent": f"00-{TRACE_ID}-{'0' * 15}1-01",  # as intake reserves it
             "created_at": created,
             "updated_at": created if updated_at is None else updated_at,
             "deadline": created + HOUR_S if deadline is None else deadline,
