@@ -1,4 +1,4 @@
-"""Pre-copy on the host: the runc and CRIU command lines, and whether this kernel allows it.
+"""Pre-copy on the host: its rounds' layout, their command lines, and whether this kernel allows it.
 
 Each iteration has its own image directory, it-1, it-2, …, and the final dump's is `images`
 beside them, on both hosts. CRIU chains them with a relative `parent` symlink: on the source

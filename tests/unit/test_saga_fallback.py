@@ -5,49 +5,26 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.v1.migrations import StrategyChoice
-from schemas.v2.migrations import MigrationRecord, StepCommand
+from tests.support.saga import only, run_until
 from workflows.post_copy import POST_COPY
 from workflows.saga import (
     Compensation,
-    Decision,
     SagaDefinition,
     Step,
     StepError,
-    begin,
     step_failed,
     step_succeeded,
 )
 
 
-def _record() -> MigrationRecord:
-    return MigrationRecord(
-        id="m1", container="web", source="h1", destination="h2",
-        strategy=StrategyChoice(chosen="post-copy", reason="requested"),
-        trace_id="0" * 32, traceparent="", created_at=0.0, updated_at=0.0, deadline=0.0,
-    )  # fmt: skip
-
-
-def _only(decision: Decision) -> StepCommand:
-    assert len(decision.commands) == 1, decision.commands
-    return decision.commands[0]
-
-
-def _until(step: str) -> Decision:
-    decision = begin(POST_COPY, _record(), now=1.0)
-    while _only(decision).step != step:
-        decision = step_succeeded(POST_COPY, decision.record, _only(decision), None, now=2.0)
-    return decision
-
-
 def test_pages_lost_after_the_commit_fall_back_to_the_stopped_source() -> None:
-    decision = _until("drain_pages")
+    decision = run_until("drain_pages", POST_COPY)
     assert decision.record.committed
     lost = StepError("the lazy-pages daemon exited 137: pages may be missing", retryable=False)
-    decision = step_failed(POST_COPY, decision.record, _only(decision), lost, now=3.0)
+    decision = step_failed(POST_COPY, decision.record, only(decision), lost, now=3.0)
     ran = []
     while decision.commands:
-        cmd = _only(decision)
+        cmd = only(decision)
         assert cmd.kind == "compensation"
         ran.append((cmd.step, decision.record.steps[-1].host))
         decision = step_succeeded(POST_COPY, decision.record, cmd, None, now=4.0)
@@ -70,19 +47,19 @@ def test_pages_lost_after_the_commit_fall_back_to_the_stopped_source() -> None:
 
 
 def test_a_retryable_drain_failure_is_retried_before_falling_back() -> None:
-    decision = _until("drain_pages")
+    decision = run_until("drain_pages", POST_COPY)
     slow = StepError("the lazy-pages daemon still runs", retryable=True)
-    again = step_failed(POST_COPY, decision.record, _only(decision), slow, now=3.0)
-    assert (_only(again).step, _only(again).attempt) == ("drain_pages", 2)
+    again = step_failed(POST_COPY, decision.record, only(decision), slow, now=3.0)
+    assert (only(again).step, only(again).attempt) == ("drain_pages", 2)
 
 
 def test_a_failing_fallback_action_ends_the_migration_failed() -> None:
-    decision = _until("drain_pages")
+    decision = run_until("drain_pages", POST_COPY)
     lost = StepError("daemon died", retryable=False)
-    decision = step_failed(POST_COPY, decision.record, _only(decision), lost, now=3.0)
+    decision = step_failed(POST_COPY, decision.record, only(decision), lost, now=3.0)
     gone = StepError("h2 unreachable", retryable=False)
     for _ in range(3):  # its retry policy allows three attempts
-        decision = step_failed(POST_COPY, decision.record, _only(decision), gone, now=4.0)
+        decision = step_failed(POST_COPY, decision.record, only(decision), gone, now=4.0)
         if not decision.commands:
             break
     assert decision.record.state == "failed"
@@ -90,9 +67,9 @@ def test_a_failing_fallback_action_ends_the_migration_failed() -> None:
 
 
 def test_steps_after_the_commit_without_a_fallback_still_end_failed() -> None:
-    decision = _until("clean_source")
+    decision = run_until("clean_source", POST_COPY)
     decision = step_failed(
-        POST_COPY, decision.record, _only(decision), StepError("disk", False), now=3.0
+        POST_COPY, decision.record, only(decision), StepError("disk", False), now=3.0
     )
     assert decision.record.state == "failed" and not decision.commands
 
