@@ -1,4 +1,4 @@
-"""The one runner every worker shares: connect, register handlers, heartbeat, stop cleanly."""
+"""What every worker process starts with: connect, register its role, heartbeat, stop cleanly."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CRIU as Ferry uses it: the binary, its check, its page server and its statistics."""
+"""CRIU as Ferry uses it: its check, background CRIU processes and how they ended, stats."""
 
 from __future__ import annotations
 
