@@ -16,8 +16,12 @@ QUICK = RetryPolicy(max_attempts=3, backoff_s=(0.5, 2.0))
 DISCARD_DESTINATION = Compensation(
     "discard_destination", role="destination", side="destination", timeout_s=60, retry=QUICK
 )
+# Bringing the source back may need its pages fetched back from the destination's transfer
+# worker; an agent restarts a worker that keeps dying after up to 10 s (services/agent.py),
+# so the retries span longer than that: giving up here leaves the container running nowhere.
+OUTLAST_A_RESTART = RetryPolicy(max_attempts=5, backoff_s=(0.5, 2.0, 5.0, 10.0))
 RESUME_SOURCE = Compensation(
-    "resume_source", role="source", side="source", timeout_s=180, retry=QUICK
+    "resume_source", role="source", side="source", timeout_s=180, retry=OUTLAST_A_RESTART
 )
 STOP_DESTINATION = Compensation(
     "stop_destination", role="destination", side="destination", timeout_s=60, retry=QUICK

@@ -21,7 +21,7 @@ from workflows.saga import (
     step_failed,
     step_succeeded,
 )
-from workflows.stop_and_copy import STOP_AND_COPY
+from workflows.stop_and_copy import RESUME_SOURCE, STOP_AND_COPY
 
 FORWARD = [s.name for s in STOP_AND_COPY.steps]
 
@@ -100,7 +100,7 @@ def test_a_failed_compensation_leaves_the_migration_failed_not_rolled_back() -> 
     )
     cmd = only(decision)
     assert cmd.step == "resume_source"
-    for _ in range(3):
+    for _ in range(RESUME_SOURCE.retry.max_attempts):  # every attempt its policy allows
         decision = step_failed(
             STOP_AND_COPY, decision.record, cmd, StepError("no pages", True), 4.0
         )
