@@ -6,7 +6,7 @@ Everything that speaks NATS goes through here, so no handler has to.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import nats
@@ -83,11 +83,13 @@ COMMAND_MAX_DELIVER = 5
 IN_PROGRESS_EVERY_S = 3.0
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
-    """Connect, and keep reconnecting forever: a worker outlives a restarting server."""
+async def connect(url: str | Sequence[str], name: str, *, connect_timeout: float = 5.0) -> NATS:
+    """Connect to one server or any of a cluster's, and keep reconnecting forever (to the
+    others too): a worker outlives a restarting server."""
+    servers = [url] if isinstance(url, str) else list(url)
     try:
         return await nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             max_reconnect_attempts=-1,
@@ -95,7 +97,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 5.0) -> NATS:
             allow_reconnect=True,
         )
     except (OSError, NatsTimeout, nats.errors.NoServersError) as exc:
-        raise Unavailable(f"cannot reach NATS at {url}: {exc}") from exc
+        raise Unavailable(f"cannot reach NATS at {', '.join(servers)}: {exc}") from exc
 
 
 async def ensure_topology(js: JetStreamContext) -> None:

@@ -1,7 +1,7 @@
 """Which bus `ferry` talks to — a context, the way the `nats` CLI has contexts — and the
 connection to it.
 
-A context is a small JSON file naming the bus servers:
+A context is a small JSON file naming the bus servers (any of them will do):
 
     {"servers": ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"],
      "creds": "/etc/ferry/cli.creds", "ca": "/etc/ferry/ca.pem", "description": "prod"}
@@ -221,10 +221,8 @@ def write_context(path: Path, context: BusContext) -> None:
 
 @contextlib.asynccontextmanager
 async def connected(context: BusContext, *, connect_timeout: float = 5.0) -> AsyncIterator[NATS]:
-    # bus.connect takes one URL (`url: str`), so the CLI connects to the context's first
-    # server; the others are kept for when it takes the whole list (nats-py's `servers=`
-    # would then fail over between them).
-    nc = await bus.connect(context.servers[0], name="ferry-cli", connect_timeout=connect_timeout)
+    """Connected to any of the context's servers (nats-py fails over between them)."""
+    nc = await bus.connect(context.servers, name="ferry-cli", connect_timeout=connect_timeout)
     try:
         yield nc
     finally:
