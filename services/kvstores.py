@@ -46,16 +46,24 @@ async def _keys(kv: KeyValue) -> list[str]:
     raise AssertionError("unreachable")
 
 
+async def _entry(kv: KeyValue, key: str) -> KeyValue.Entry | None:
+    """A key's entry, or None if the key is absent. A bus that does not answer (restarting,
+    cut off) is Unavailable — a retry may succeed — never "absent"."""
+    try:
+        return await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    except (NatsError, TimeoutError) as exc:
+        raise Unavailable(f"cannot read {key!r} from the bus: {exc!r}") from exc
+
+
 class KvPlacementStore:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
     async def get(self, name: str) -> tuple[Placement, int] | None:
-        try:
-            entry = await self.kv.get(name)
-        except KeyNotFoundError:
-            return None
-        if not entry.value:
+        entry = await _entry(self.kv, name)
+        if entry is None or not entry.value:
             return None
         return Placement.from_bytes(entry.value), int(entry.revision or 0)
 
@@ -176,11 +184,8 @@ class KvMigrationStore:
         self.kv = kv
 
     async def get(self, migration_id: str) -> tuple[MigrationRecord, int] | None:
-        try:
-            entry = await self.kv.get(migration_id)
-        except KeyNotFoundError:
-            return None
-        if not entry.value:
+        entry = await _entry(self.kv, migration_id)
+        if entry is None or not entry.value:
             return None
         # Any supported version: a record written by an older Ferry is upcast on read.
         return read_record(entry.value), int(entry.revision or 0)
@@ -221,11 +226,10 @@ class KvHostDirectory:
         self.heartbeats = heartbeats
 
     async def registered(self, host: str) -> HostRegistration | None:
-        try:
-            entry = await self.registry.get(host)
-        except KeyNotFoundError:
+        entry = await _entry(self.registry, host)
+        if entry is None or not entry.value:
             return None
-        return HostRegistration.from_bytes(entry.value) if entry.value else None
+        return HostRegistration.from_bytes(entry.value)
 
     async def address_of(self, host: str) -> str:
         registration = await self.registered(host)

@@ -114,6 +114,8 @@ async def guarded(
             span.add_event("criu.log", {"lines": tail.splitlines()[-20:]})
         return StepError(exc.reason, exc.retryable)
     except TimeoutError:
+        # The step's own deadline, or a bus request inside it: the traceback says which.
+        log.warning("%s timed out", command.step, exc_info=True)
         return StepError(f"{command.step} timed out", retryable=True)
     except Exception as exc:
         log.exception("%s crashed", command.step)

@@ -15,6 +15,7 @@ from schemas.v1.containers import Placement
 from schemas.v2.migrations import ChosenStrategy, MigrationOptions, MigrationRecord, StepCommand
 from schemas.v2.results import StepResult, StepResults
 from services.errors import RuntimeFailure
+from services.retrying import transient
 from services.stores import PlacementStore
 
 T = TypeVar("T")
@@ -76,6 +77,7 @@ Progress = Callable[[str, int | None, int | None], Awaitable[None]]
 StepHandler = Callable[[StepRun, Progress], Awaitable[StepOutcome]]
 
 
+@transient  # a read: asking again after a bus hiccup is safe, and keeps the step alive
 async def placement_of(run: StepRun, placements: PlacementStore) -> Placement:
     found = await placements.get(run.container)
     if found is None:

@@ -9,8 +9,10 @@ import pytest
 from nats.js import JetStreamContext
 
 from schemas import subjects
+from schemas.v2.migrations import StepCommand
 from services.errors import Conflict, NotFound, Unavailable
 from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, KvPlacementStore
+from services.saga.steps import StepRun, placement_of
 from tests.support import records
 from tests.support.natsserver import Bus
 
@@ -197,3 +199,37 @@ async def test_listing_a_bucket_that_has_keys_never_answers_empty(
     await placements.claim(records.placement("db", "h2", ip="10.77.0.11"))
     answers = [len(await placements.all()) for _ in range(150)]
     assert answers.count(0) == 0, f"{answers.count(0)} of {len(answers)} listings were empty"
+
+
+async def test_reading_a_key_while_the_bus_is_down_is_unavailable_not_absent(bus: Bus) -> None:
+    quick_js = bus.nc.jetstream(timeout=0.5)
+    placements = KvPlacementStore(await quick_js.key_value(subjects.PLACEMENT_BUCKET))
+    migrations = KvMigrationStore(await quick_js.key_value(subjects.MIGRATIONS_BUCKET))
+    await placements.claim(records.placement("web", "h1"))
+
+    bus.server.stop()
+    for read in (placements.get("web"), migrations.get("0123456789abcdef")):
+        with pytest.raises(Unavailable) as down:
+            await read
+        assert down.value.retryable  # a retry may succeed; None would have said "no such key"
+    bus.server.restart()
+    found = await asyncio.wait_for(placements.get("web"), timeout=10)
+    assert found is not None and found[0].host == "h1"
+
+
+async def test_a_step_reads_its_placement_through_a_short_bus_restart(bus: Bus) -> None:
+    """A step's placement read is retried inside the step: a restore (never retried by the
+    saga) must not roll back because the bus blinked."""
+    js = bus.nc.jetstream(timeout=0.5)
+    placements = KvPlacementStore(await js.key_value(subjects.PLACEMENT_BUCKET))
+    await placements.claim(records.placement("web", "h1"))
+    record = records.running_at("restore", since=time.time())
+    run = StepRun(StepCommand(migration_id=record.id, step="restore", attempt=1, host="h2",
+                              role="destination"), record)  # fmt: skip
+
+    bus.server.stop()
+    reading = asyncio.create_task(placement_of(run, placements))
+    await asyncio.sleep(0.3)
+    bus.server.restart()
+    placement = await asyncio.wait_for(reading, timeout=10)
+    assert placement.name == "web" and placement.host == "h1"
