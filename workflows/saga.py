@@ -241,17 +241,21 @@ def _start_entry(record: MigrationRecord, entry: StepRecord, now: float) -> Deci
     return Decision(advanced, (_command(advanced, entry),), (_started(advanced, entry, now),))
 
 
+def finished_event(record: MigrationRecord) -> Finished:
+    """How a record that has ended is announced (again, after a crash, with the same words)."""
+    return Finished(
+        migration_id=record.id,
+        at=record.updated_at,
+        state=record.state,
+        freeze_ms=record.freeze_ms,
+        bytes_moved=record.bytes_moved,
+        error=record.error,
+    )
+
+
 def _finish(record: MigrationRecord, state: str, now: float, error: str | None) -> Decision:
     done = record.model_copy(update={"state": state, "updated_at": now, "error": error})
-    finished = Finished(
-        migration_id=record.id,
-        at=now,
-        state=done.state,
-        freeze_ms=done.freeze_ms,
-        bytes_moved=done.bytes_moved,
-        error=error,
-    )
-    return Decision(done, (), (finished,))
+    return Decision(done, (), (finished_event(done),))
 
 
 def step_succeeded(

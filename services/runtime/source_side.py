@@ -11,6 +11,8 @@ import contextlib
 import shutil
 import time
 
+from opentelemetry import trace
+
 from schemas.v1.containers import Placement
 from schemas.v2.results import DumpResult, PreflightResult
 from services.config import HostConfig
@@ -113,14 +115,7 @@ class SourceSide:
         code = await proc.wait()
         dumped_at = time.time()
         if code != 0:
-            errors = log_errors(paths.runc_log)
-            failure = RuntimeFailure(
-                f"checkpoint of {name} failed: {errors[-1] if errors else f'exit {code}'}",
-                log_tail=criu.tail(paths.dump_log),
-            )
-            fail(span, failure)
-            span.end()
-            raise failure
+            raise _dump_failed(span, f"checkpoint of {name}", paths, f"exit {code}")
         # The destination will answer for this MAC: take the source's port off the bridge.
         await netns.set_link(name, up=False)
         stats = criu.load_stats(paths.stats_dump)
@@ -194,14 +189,7 @@ class SourceSide:
         try:
             await criu.start_background(argv, paths.images, layout.LAZY_DUMP, LAZY_DUMP_READY_S)
         except RuntimeFailure as exc:
-            errors = log_errors(paths.runc_log)
-            failure = RuntimeFailure(
-                f"lazy checkpoint of {name} failed: {errors[-1] if errors else exc.reason}",
-                log_tail=criu.tail(paths.dump_log),
-            )
-            fail(span, failure)
-            span.end()
-            raise failure from exc
+            raise _dump_failed(span, f"lazy checkpoint of {name}", paths, exc.reason) from exc
         finally:
             # CRIU read the file when it started; later dumps of this container must not stop.
             bundle.ensure_criu_config(cpaths.criu_config)
@@ -296,6 +284,19 @@ class SourceSide:
             if stopped
             else "still running"
         )
+
+
+def _dump_failed(
+    span: trace.Span, what: str, paths: MigrationPaths, otherwise: str
+) -> RuntimeFailure:
+    """A failed dump in runc's own words (else `otherwise`), with CRIU's log, its span ended."""
+    errors = log_errors(paths.runc_log)
+    failure = RuntimeFailure(
+        f"{what} failed: {errors[-1] if errors else otherwise}", log_tail=criu.tail(paths.dump_log)
+    )
+    fail(span, failure)
+    span.end()
+    return failure
 
 
 async def _poke(address: str) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from nats.js import JetStreamContext
 
-from schemas.v1.migrations import Finished
 from schemas.v2.migrations import MigrationRecord
 from services import bus
 from services.tracecontext import headers_for
-from workflows.saga import Decision
+from workflows.saga import Decision, finished_event
 
 
 async def publish_decision(js: JetStreamContext, decision: Decision) -> None:
@@ -27,12 +26,4 @@ async def publish_decision(js: JetStreamContext, decision: Decision) -> None:
 async def announce_end(js: JetStreamContext, record: MigrationRecord) -> None:
     """Re-announce a finished migration (deduplicated): the first announcement may have been
     lost when the bus went down between the record's last write and the event."""
-    finished = Finished(
-        migration_id=record.id,
-        at=record.updated_at,
-        state=record.state,
-        freeze_ms=record.freeze_ms,
-        bytes_moved=record.bytes_moved,
-        error=record.error,
-    )
-    await bus.publish_event(js, record.id, finished, f"{record.id}.finished")
+    await bus.publish_event(js, record.id, finished_event(record), f"{record.id}.finished")
