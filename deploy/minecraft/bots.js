@@ -153,7 +153,7 @@ class Player {
       }
     }
     this.watch(this.bot)
-    await withTimeout(this.prepare(), 30000, `${this.name} prepare`)
+    await withTimeout(this.prepare(), 60000, `${this.name} prepare`)
   }
 
   // From the first spawn on, every login, disconnect and error counts.
@@ -181,9 +181,19 @@ class Player {
   async prepare () {
     const bot = this.bot
     // Move home first: a freshly spawned player stands at a random point in 0..30.
-    bot.chat(`/tp ${this.home.x} ${this.home.y} ${this.home.z}`)
+    // Asked again every few seconds: a server still busy after the join (a loaded CI machine)
+    // may drop or not yet run the first command.
     const home = this.home.offset(0.5, 0, 0.5)
-    await waitUntil(() => bot.entity.position.distanceTo(home) < 1, 10000, `${this.name} teleport`)
+    const atHome = () => bot.entity.position.distanceTo(home) < 1
+    for (let ask = 1; !atHome(); ask++) {
+      bot.chat(`/tp ${this.home.x} ${this.home.y} ${this.home.z}`)
+      try {
+        await waitUntil(atHome, 3000, `${this.name} teleport`)
+      } catch (err) {
+        if (ask >= 8) throw err
+        log(`${this.name}: not home after teleport request ${ask}; asking again`)
+      }
+    }
     const ground = [this.home, ...[-1, 0, 1].map(dx => this.home.offset(dx, 0, 2))]
     await waitUntil(() => ground.every(p => bot.blockAt(p.offset(0, -1, 0))), 15000, `${this.name} chunks`)
     const Item = require('prismarine-item')(bot.registry)

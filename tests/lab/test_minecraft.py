@@ -39,7 +39,8 @@ def test_a_player_stays_connected_and_its_blocks_survive_a_round_trip(
         wait_for_port(ip, PORT, timeout=90)
         bots = Bots(ip, 1, log)
         try:
-            bots.wait_for("ready", timeout=120)
+            ready = bots.wait_for("ready", timeout=150)
+            assert ready["bots"] == ["ferry0"], (bots.incidents, log_path.read_text()[-2000:])
             for source, destination in (("h1", "h2"), ("h2", "h1")):
                 move = Move("auto", source, destination)
                 migrate(lab, move, bots, places=2)
