@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,3 +90,20 @@ class OneShot:
     def __call__(self) -> bool:
         fired, self.armed = self.armed, False
         return fired
+
+
+def go_silent() -> None:
+    """SIGSTOP this process, as if the network cut it off: no lease renewed, no ack, no
+    report. A detached shell sends SIGCONT after FERRY_FAULT_SILENT_S — the cut healed."""
+    seconds = float(os.environ.get("FERRY_FAULT_SILENT_S", "120"))
+    log.critical("chaos: going silent for %.0f s", seconds)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    subprocess.Popen(
+        ["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    os.kill(os.getpid(), signal.SIGSTOP)

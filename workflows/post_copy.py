@@ -20,17 +20,17 @@ from workflows.stop_and_copy import (
     PREFLIGHT,
     PREPARE_DESTINATION,
     PRESYNC_FILES,
-    QUICK,
     RESTORE,
     RESUME_SOURCE,
     STOP_DESTINATION,
     TRANSFER,
     VERIFY,
+    WAY_BACK,
 )
 
 # Fallback only: the placement moves back to the source by compare-and-set.
 UNCOMMIT = Compensation(
-    "uncommit", role="destination", side="destination", timeout_s=30, retry=QUICK
+    "uncommit", role="destination", side="destination", timeout_s=30, retry=WAY_BACK
 )
 
 # Every page is on the destination and its lazy-pages daemon exited 0. If pages were lost
@@ -40,7 +40,7 @@ DRAIN_PAGES = Step(
     "drain_pages",
     role="destination",
     side="destination",
-    timeout_s=900,
+    timeout_s=6 * 3600,  # a backstop only: it falls back when pages stop arriving
     retry=RetryPolicy(max_attempts=2, backoff_s=(1.0,)),
     fallback=(STOP_DESTINATION, UNCOMMIT, RESUME_SOURCE, DISCARD_DESTINATION),
 )

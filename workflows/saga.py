@@ -30,6 +30,10 @@ class RetryPolicy:
 
     max_attempts: int = 3
     backoff_s: tuple[float, ...] = (1.0, 3.0, 10.0)
+    # A step that brings back the only copy of a container (or keeps it reachable) does not
+    # give up after max_attempts: it goes on at its last backoff until the migration's
+    # way-back deadline, for as long as a retryable error says a retry can still help.
+    keeps_trying: bool = False
 
     def delay_before(self, attempt: int) -> float:
         """Delay before `attempt` (2 = the first retry)."""
@@ -108,13 +112,26 @@ class SagaDefinition:
 
     @property
     def total_timeout_s(self) -> float:
-        forward = sum(s.timeout_s * s.retry.max_attempts for s in self.steps)
+        """How long the saga may take to reach its commit, or to undo what it did: past it,
+        a saga that has not committed is cancelled. Steps after the commit are not counted
+        (post-copy's page drain may take hours for a large container, and is judged by
+        whether pages still arrive)."""
+        names = [s.name for s in self.steps]
+        until_commit = self.steps[: names.index(self.commit_after) + 1]
+        forward = sum(s.timeout_s * s.retry.max_attempts for s in until_commit)
         back = sum(
             c.timeout_s * c.retry.max_attempts
             for s in self.steps
             for c in ((s.compensation,) if s.compensation else s.fallback)
         )
         return forward + back
+
+    @property
+    def after_commit_s(self) -> float:
+        """The longest the steps after the commit may take, every attempt counted."""
+        names = [s.name for s in self.steps]
+        after = self.steps[names.index(self.commit_after) + 1 :]
+        return sum(s.timeout_s * s.retry.max_attempts for s in after)
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,7 @@ def begin(defn: SagaDefinition, record: MigrationRecord, now: float) -> Decision
         status="running",
         attempts=1,
         started_at=now,
+        first_started_at=now,
     )
     started = record.model_copy(
         update={
@@ -331,6 +349,7 @@ def _next_forward(
         status="running",
         attempts=1,
         started_at=now,
+        first_started_at=now,
     )
     return _start_entry(record, entry, now)
 
@@ -371,6 +390,7 @@ def _next_fallback(
             status="running",
             attempts=1,
             started_at=now,
+            first_started_at=now,
         )
         return _start_entry(record.model_copy(update={"state": "compensating"}), entry, now)
     steps = _replace_last(record, record.steps[index], status="compensated")
@@ -399,6 +419,7 @@ def _next_compensation(defn: SagaDefinition, record: MigrationRecord, now: float
             status="running",
             attempts=1,
             started_at=now,
+            first_started_at=now,
         )
         return _start_entry(record.model_copy(update={"state": "compensating"}), entry, now)
     failed = next((s for s in record.steps if s.kind == "forward" and s.status == "failed"), None)
@@ -420,7 +441,9 @@ def step_failed(
         return Decision(record, pending_commands(record), changed=False)
     policy = defn.action(entry.name, entry.kind).retry
     duration = _duration_ms(entry, now)
-    will_retry = error.retryable and entry.attempts < policy.max_attempts
+    will_retry = error.retryable and (
+        entry.attempts < policy.max_attempts or _still_trying(policy, record, entry, now)
+    )
     failed_event = StepFinished(
         migration_id=record.id,
         at=now,
@@ -462,6 +485,80 @@ def step_failed(
     else:
         decision = _next_compensation(defn, record.model_copy(update={"error": error.reason}), now)
     return Decision(decision.record, decision.commands, (failed_event, *decision.events))
+
+
+def _still_trying(
+    policy: RetryPolicy, record: MigrationRecord, entry: StepRecord, now: float
+) -> bool:
+    if not policy.keeps_trying:
+        return False
+    first = entry.first_started_at or entry.started_at or now
+    return now - first < record.options.way_back_deadline_s
+
+
+def commit_attempted(defn: SagaDefinition, record: MigrationRecord) -> bool:
+    """The commit step ran or is running: the placement may have moved without the record
+    hearing of it (the destination's worker did the compare-and-set, then lost the bus)."""
+    return not record.committed and any(
+        s.kind == "forward" and s.name == defn.commit_after for s in record.steps
+    )
+
+
+def can_roll_forward(defn: SagaDefinition, record: MigrationRecord) -> bool:
+    """Only while nothing was undone yet: a compensation that finished has changed a side
+    (stopped the destination's copy, say), and going forward from there is not safe."""
+    undone = any(s.kind == "compensation" and s.status == "done" for s in record.steps)
+    return (
+        record.state in ("running", "compensating")
+        and commit_attempted(defn, record)
+        and not undone
+    )
+
+
+def roll_forward(
+    defn: SagaDefinition, record: MigrationRecord, reason: str, now: float
+) -> Decision:
+    """The placement names the destination although the record never saw the commit: the
+    destination owns the container, so the saga goes on after the commit instead of bringing
+    the source back. The compensation in progress (if any) is skipped, the commit marked done.
+    """
+    if not can_roll_forward(defn, record):
+        return Decision(record, pending_commands(record), changed=False)
+    index = max(
+        i for i, s in enumerate(record.steps) if s.kind == "forward" and s.name == defn.commit_after
+    )
+    steps = list(record.steps)
+    steps[index] = steps[index].model_copy(
+        update={"status": "done", "finished_at": now, "error": None}
+    )
+    for i in range(index + 1, len(steps)):
+        if steps[i].status == "running":
+            steps[i] = steps[i].model_copy(
+                update={"status": "skipped", "finished_at": now, "error": reason}
+            )
+    forward = record.model_copy(
+        update={
+            "steps": tuple(steps),
+            "committed": True,
+            "state": "running",
+            "error": None,
+            "cancel_requested": None,
+            "updated_at": now,
+        }
+    )
+    decision = _next_forward(defn, forward, defn.commit_after, now)
+    done = StepFinished(
+        migration_id=record.id,
+        at=now,
+        step=defn.commit_after,
+        kind="forward",
+        host=steps[index].host,
+        attempt=steps[index].attempts,
+        status="done",
+        duration_ms=_duration_ms(steps[index], now),
+        error=reason,
+    )
+    return Decision(decision.record, decision.commands, (done, *decision.events))
 
 
 def request_cancel(record: MigrationRecord, reason: str, now: float) -> MigrationRecord:

@@ -17,11 +17,12 @@ DISCARD_DESTINATION = Compensation(
     "discard_destination", role="destination", side="destination", timeout_s=60, retry=QUICK
 )
 # Bringing the source back may need its pages fetched back from the destination's transfer
-# worker; an agent restarts a worker that keeps dying after up to 10 s (services/agent.py),
-# so the retries span longer than that: giving up here leaves the container running nowhere.
-OUTLAST_A_RESTART = RetryPolicy(max_attempts=5, backoff_s=(0.5, 2.0, 5.0, 10.0))
+# worker (an agent restarts a worker that keeps dying after up to 10 s, services/agent.py).
+# Giving up would leave the container running nowhere, so the way back keeps trying, every
+# 30 s in the end, until the migration's way-back deadline (options.way_back_deadline_s).
+WAY_BACK = RetryPolicy(max_attempts=5, backoff_s=(0.5, 2.0, 5.0, 10.0, 30.0), keeps_trying=True)
 RESUME_SOURCE = Compensation(
-    "resume_source", role="source", side="source", timeout_s=180, retry=OUTLAST_A_RESTART
+    "resume_source", role="source", side="source", timeout_s=180, retry=WAY_BACK
 )
 STOP_DESTINATION = Compensation(
     "stop_destination", role="destination", side="destination", timeout_s=60, retry=QUICK
@@ -83,7 +84,8 @@ OPEN_NETWORK = Step(
     role="destination",
     side="destination",
     timeout_s=30,
-    retry=RetryPolicy(max_attempts=5, backoff_s=(0.5, 1.0, 2.0, 5.0)),
+    # After the commit the destination has the only copy: a closed network is an outage.
+    retry=RetryPolicy(max_attempts=5, backoff_s=(0.5, 1.0, 2.0, 5.0, 30.0), keeps_trying=True),
 )
 # Nothing of the container is left on the source.
 CLEAN_SOURCE = Step(

@@ -24,9 +24,13 @@ Fact = str | int | float | bool | None
 #   corrupt:transfer        the first transfer's bytes are damaged on the way
 #   lazy-pages-dies         post-copy: the destination's lazy-pages daemon is killed right
 #                           after the restore, with pages still at the source
+#   silent:STEP:after       the worker running STEP goes silent right after its side effect
+#                           (stops itself, as if cut off; it continues after
+#                           FERRY_FAULT_SILENT_S on its host, default 120 s)
 #   several at once, joined with "+" (e.g. restore+kill:resume_source:before)
 _ONE_FAULT = (
-    r"(restore|lazy-pages-dies|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after))"
+    r"(restore|lazy-pages-dies|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after)"
+    r"|silent:[a-z_]+:after)"
 )
 FAULT_PATTERN = rf"^{_ONE_FAULT}(\+{_ONE_FAULT})*$"
 FAULT_EXAMPLES = (
@@ -152,6 +156,9 @@ class StepRecord(Part):
     status: StepStatus = "pending"
     attempts: int = Field(default=0, ge=0)
     started_at: float | None = None
+    first_started_at: float | None = Field(
+        default=None, description="when its first attempt started (retries keep it)"
+    )
     finished_at: float | None = None
     duration_ms: int | None = None
     error: str | None = None

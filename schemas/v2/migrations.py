@@ -39,6 +39,12 @@ class MigrationOptions(Part):
     inject_fault: FaultPoint | None = Field(
         default=None, description="test only; honoured on hosts run with FERRY_ALLOW_FAULTS=1"
     )
+    way_back_deadline_s: float = Field(
+        default=6 * 3600.0,
+        ge=60,
+        le=7 * 24 * 3600.0,
+        description="how long a step that brings back the only copy keeps retrying",
+    )
 
 
 class MigrationRecord(Message):

@@ -30,6 +30,7 @@ from services.cli.context import BusContext, NoContext, connected, current_conte
 from services.cli.errors import one_line
 from services.errors import FerryError, NotFound, RuntimeFailure, Unavailable, from_detail
 from services.kvstores import KvMigrationStore
+from workflows.definitions import DEFINITIONS
 
 INTAKE_TIMEOUT_S = 15.0
 RECORD_POLL_S = 3.0
@@ -182,7 +183,11 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
         say(f"migration {migration_id} accepted")
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         found = await store.get(migration_id)
-        budget = (found[0].deadline - time.time() + 30) if found else 600
+        if found:
+            after_commit = DEFINITIONS[found[0].chosen].after_commit_s
+            budget = found[0].deadline - time.time() + after_commit + 30
+        else:
+            budget = 600
         await follow(nc, migration_id, max(budget, 30))
         found = await store.get(migration_id)
     if found is None:

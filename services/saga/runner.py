@@ -17,9 +17,10 @@ tells whether the step already finished, so nothing runs twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -34,7 +35,16 @@ from services import bus, faults, tracing
 from services.errors import Conflict, NotFound
 from services.faults import FaultPlan
 from services.kvstores import KvMigrationStore, KvPlacementStore
-from services.saga.layers import annotate, guarded, kept_alive, progress_events, step_span
+from services.runtime import ledger
+from services.saga.layers import (
+    annotate,
+    guarded,
+    kept_alive,
+    progress_events,
+    step_lease,
+    step_span,
+)
+from services.saga.ownership import committed_unseen
 from services.saga.publish import announce_end, publish_decision
 from services.saga.steps import StepHandler, StepOutcome, StepRun
 from services.saga.transitions import compare_and_set, transition
@@ -54,6 +64,7 @@ from workflows.saga import (
 log = logging.getLogger("ferry.saga")
 
 MAX_PARALLEL_STEPS = 4
+UNKNOWN_RECORD_RETRY_S = 10.0
 
 
 def definition_of(record: MigrationRecord) -> SagaDefinition:
@@ -82,6 +93,8 @@ class SagaRunner:
         self.slots = asyncio.Semaphore(MAX_PARALLEL_STEPS)
         self.tasks: set[asyncio.Task[None]] = set()
         self.running: set[tuple[str, str, str, int]] = set()
+        self.per_migration: dict[str, asyncio.Lock] = {}
+        self.waiting: dict[str, int] = {}
 
     @classmethod
     def for_worker(cls, ctx: WorkerContext, handlers: Mapping[str, StepHandler]) -> SagaRunner:
@@ -131,7 +144,7 @@ class SagaRunner:
 
     async def handle(self, msg: Msg) -> None:
         migrations, placements = await self.stores()
-        accepted = await self._accept(msg, migrations)
+        accepted = await self._accept(msg, migrations, placements)
         if accepted is None:
             return
         run = StepRun(*accepted)
@@ -143,14 +156,37 @@ class SagaRunner:
             return
         self.running.add(key)
         try:
-            decision = await self._run(msg, run, migrations)
+            # One step of a migration at a time in this worker: a compensation waits for a
+            # forward step the watchdog gave up on but that still runs here (a commit whose
+            # compare-and-set may still land), so it sees what that step did.
+            async with self._one_at_a_time(msg, run.migration_id):
+                decision = await self._run(msg, run, migrations, placements)
+            if decision is None:
+                return  # the record moved on while this step waited: nothing to do
+            ledger.saw(decision.record)  # this host's own copy, for a store that gets lost
             await self._record_and_publish(decision, placements)
             await msg.ack()
         finally:
             self.running.discard(key)
 
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, msg: Msg, migration_id: str) -> AsyncIterator[None]:
+        lock = self.per_migration.setdefault(migration_id, asyncio.Lock())
+        self.waiting[migration_id] = self.waiting.get(migration_id, 0) + 1
+        try:
+            await kept_alive(msg, lock.acquire())  # waiting counts as having it in hand
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self.waiting[migration_id] -= 1
+            if not self.waiting[migration_id]:
+                del self.waiting[migration_id]
+                self.per_migration.pop(migration_id, None)
+
     async def _accept(
-        self, msg: Msg, migrations: KvMigrationStore
+        self, msg: Msg, migrations: KvMigrationStore, placements: KvPlacementStore
     ) -> tuple[StepCommand, MigrationRecord] | None:
         """The command and its record if this worker should run it now; otherwise the
         message is dealt with (dropped, or acked after re-publishing what follows)."""
@@ -169,14 +205,17 @@ class SagaRunner:
             return None
         found = await migrations.get(command.migration_id)
         if found is None:
-            log.error("command for unknown migration %s dropped", command.migration_id)
-            await msg.term()
+            # Unknown, not "none": a store being rebuilt may bring the record back. Asked
+            # again later; JetStream gives up after its delivery limit.
+            log.error("command for a migration with no record (%s): later", command.migration_id)
+            await msg.nak(delay=UNKNOWN_RECORD_RETRY_S)
             return None
         record, _ = found
         if not is_current(record, command):
             # Already done (a redelivery after a crash): make sure what follows went out.
             await publish_decision(self.js, Decision(record, pending_commands(record)))
             if record.state in ("completed", "rolled_back", "failed"):
+                await self._release_placement(placements, record)
                 await announce_end(self.js, record)
             await msg.ack()
             return None
@@ -190,9 +229,21 @@ class SagaRunner:
 
     # -- faults, trace, keep-alive, guard --------------------------------------------------
 
-    async def _run(self, msg: Msg, run: StepRun, migrations: KvMigrationStore) -> Decision:
+    async def _run(
+        self, msg: Msg, run: StepRun, migrations: KvMigrationStore, placements: KvPlacementStore
+    ) -> Decision | None:
         command, plan = run.command, self.faults
         definition = definition_of(run.record)
+        latest = await migrations.get(run.migration_id)
+        if latest is None or not is_current(latest[0], command):
+            await msg.ack()
+            return None
+        run = StepRun(command, latest[0])
+        owned = await committed_unseen(definition, run, migrations, placements)
+        if isinstance(owned, Decision):
+            return owned
+        if isinstance(owned, StepError):
+            return await self._advance(migrations, definition, command, owned)
         with plan.armed(run.record):
             if plan.fires(run.migration_id, f"duplicate:{command.step}"):
                 await bus.publish_command(
@@ -203,12 +254,16 @@ class SagaRunner:
                 faults.die()
             with step_span(run, msg, self.host, self.role) as span:
                 timeout = definition.action(command.step, command.kind).timeout_s
-                progress = progress_events(self.js, run, self.host)
                 where = f"{self.role} worker on {self.host}"
                 handler = self.handlers.get(command.step)
-                outcome = await kept_alive(msg, guarded(handler, run, progress, timeout, where))
+                async with step_lease(self.js, run, self.host, self.role, timeout) as lease:
+                    progress = lease.reporting(progress_events(self.js, run, self.host))
+                    guard = guarded(handler, run, progress, timeout, where)
+                    outcome = await kept_alive(msg, lease.bounded(guard))
                 if plan.fires(run.migration_id, f"kill:{command.step}:after"):
                     faults.die()  # the side effect happened; the record never heard of it
+                if plan.fires(run.migration_id, f"silent:{command.step}:after"):
+                    faults.go_silent()  # ...and will hear of it only after a long cut
                 decision = await self._advance(migrations, definition, command, outcome)
                 annotate(span, outcome, decision)
         return decision

@@ -81,5 +81,8 @@ StepHandler = Callable[[StepRun, Progress], Awaitable[StepOutcome]]
 async def placement_of(run: StepRun, placements: PlacementStore) -> Placement:
     found = await placements.get(run.container)
     if found is None:
-        raise RuntimeFailure(f"placement of {run.container} vanished during the migration")
+        # Unknown, not "nowhere": a store being rebuilt may bring it back.
+        raise RuntimeFailure(
+            f"the placement of {run.container} is missing during the migration", retryable=True
+        )
     return found[0]

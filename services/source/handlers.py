@@ -10,6 +10,7 @@ from schemas.v1.containers import ContainerList, ListContainers
 from schemas.v1.migrations import HostCheck, HostCheckReply
 from schemas.v2.results import PrecopyResult, ResumeResult
 from services import preflight as dry_run
+from services.errors import RuntimeFailure
 from services.runtime.containers import HostContainers
 from services.runtime.source_side import SourceSide
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun, placement_of
@@ -115,6 +116,12 @@ class Source:
     async def resume_source(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Compensation: the container runs on the source again, with its memory intact."""
         placement = await placement_of(run, self.placements)
+        if placement.host != run.source:
+            # The container belongs to another host: a copy started here would run twice.
+            raise RuntimeFailure(
+                f"refusing to resume {run.container} on {run.source}:"
+                f" the placement names {placement.host}"
+            )
         peer = await self.peers.address_of(run.destination)
         how = await self.side.resume(placement, run.migration_id, peer, self.transfer_port)
         await progress(f"{run.container} runs on {run.source} again ({how})", None, None)

@@ -17,7 +17,9 @@ from workflows.saga import (
     Step,
     StepError,
     begin,
+    can_roll_forward,
     pending_commands,
+    roll_forward,
     step_failed,
     step_succeeded,
 )
@@ -79,12 +81,12 @@ def test_failure_before_commit_compensates_in_reverse_and_rolls_back() -> None:
 
 
 def test_failure_after_commit_never_rolls_back() -> None:
-    decision = run_until("open_network")
+    decision = run_until("clean_source")
     assert decision.record.committed
     cmd = only(decision)
     for attempt in range(1, 6):
         decision = step_failed(
-            STOP_AND_COPY, decision.record, cmd, StepError("iptables", True), 9.0
+            STOP_AND_COPY, decision.record, cmd, StepError("rm: busy", True), 9.0
         )
         if attempt < 5:
             cmd = only(decision)
@@ -93,20 +95,66 @@ def test_failure_after_commit_never_rolls_back() -> None:
     assert all(s.kind == "forward" for s in decision.record.steps)
 
 
-def test_a_failed_compensation_leaves_the_migration_failed_not_rolled_back() -> None:
+def test_a_closed_network_after_the_commit_is_retried_until_the_way_back_deadline() -> None:
+    decision = run_until("open_network")
+    cmd = only(decision)
+    first = cmd
+    deadline = decision.record.options.way_back_deadline_s
+    started = decision.record.steps[-1].first_started_at or 0.0
+    for _ in range(20):  # far past max_attempts: the only copy must become reachable
+        decision = step_failed(STOP_AND_COPY, decision.record, cmd, StepError("ip", True), 9.0)
+        cmd = only(decision)
+    assert cmd.step == first.step and cmd.attempt == 21
+    assert cmd.not_before - 9.0 == 30.0  # at the last backoff
+    late = step_failed(
+        STOP_AND_COPY, decision.record, cmd, StepError("ip", True), started + deadline + 1
+    )
+    assert late.record.state == "failed" and late.commands == ()
+
+
+def test_the_way_back_keeps_trying_and_fails_only_past_its_deadline_or_for_good() -> None:
     decision = run_until("dump")
     decision = step_failed(
         STOP_AND_COPY, decision.record, only(decision), StepError("x", False), 3.0
     )
     cmd = only(decision)
     assert cmd.step == "resume_source"
-    for _ in range(RESUME_SOURCE.retry.max_attempts):  # every attempt its policy allows
+    for _ in range(3 * RESUME_SOURCE.retry.max_attempts):  # past what its policy counts
         decision = step_failed(
             STOP_AND_COPY, decision.record, cmd, StepError("no pages", True), 4.0
         )
-        cmd = decision.commands[0] if decision.commands else cmd
+        cmd = only(decision)
+        assert decision.record.state == "compensating"
+    # A failure that no retry can help ends it, and says so.
+    decision = step_failed(
+        STOP_AND_COPY, decision.record, cmd, StepError("criu: bad image", False), 5.0
+    )
     assert decision.record.state == "failed"
     assert "resume_source" in (decision.record.error or "")
+
+
+def test_a_commit_the_record_never_saw_rolls_forward_before_anything_is_undone() -> None:
+    decision = run_until("commit")
+    commit = only(decision)
+    # The watchdog gave up on the commit (its worker went silent after the CAS).
+    failed = step_failed(STOP_AND_COPY, decision.record, commit, StepError("silent", True), 5.0)
+    for _ in range(2):
+        failed = step_failed(STOP_AND_COPY, failed.record, only(failed), StepError("s", True), 6)
+    stop = only(failed)
+    assert stop.step == "stop_destination" and failed.record.state == "compensating"
+    assert can_roll_forward(STOP_AND_COPY, failed.record)
+    forward = roll_forward(STOP_AND_COPY, failed.record, "placement names h2", 7.0)
+    assert forward.record.committed and forward.record.state == "running"
+    assert [c.step for c in forward.commands] == ["open_network"]
+    statuses = {(s.name, s.kind): s.status for s in forward.record.steps}
+    assert statuses[("commit", "forward")] == "done"
+    assert statuses[("stop_destination", "compensation")] == "skipped"
+    # Once a compensation has run, going forward is no longer safe.
+    undone = step_succeeded(STOP_AND_COPY, failed.record, stop, None, 8.0)
+    assert not can_roll_forward(STOP_AND_COPY, undone.record)
+    assert not roll_forward(STOP_AND_COPY, undone.record, "late", 9.0).changed
+    # Nor is there anything to roll forward before the commit ran.
+    assert not can_roll_forward(STOP_AND_COPY, run_until("verify").record)
 
 
 def test_a_stale_or_duplicate_outcome_changes_nothing_and_repeats_the_current_command() -> None:
