@@ -35,6 +35,11 @@ class HostConfig:
     watchdog_interval_s: float = 2.0
     collector_interval_s: float = 30.0
     collector_min_age_s: float = 60.0
+    # Fencing: the same placement seen on two sweeps this far apart before acting on it; more
+    # would-be orphans than the limit in one sweep is taken for a lost store (nothing done).
+    collector_confirm_s: float = 60.0
+    orphan_limit: int = 3
+    owner_answer_timeout_s: float = 2.0
 
     @classmethod
     def from_env(cls) -> HostConfig:
@@ -53,6 +58,9 @@ class HostConfig:
             watchdog_interval_s=float(os.environ.get("FERRY_WATCHDOG_INTERVAL_S", "2")),
             collector_interval_s=float(os.environ.get("FERRY_COLLECTOR_INTERVAL_S", "30")),
             collector_min_age_s=float(os.environ.get("FERRY_COLLECTOR_MIN_AGE_S", "60")),
+            collector_confirm_s=float(os.environ.get("FERRY_COLLECTOR_CONFIRM_S", "60")),
+            orphan_limit=int(os.environ.get("FERRY_ORPHAN_LIMIT", "3")),
+            owner_answer_timeout_s=float(os.environ.get("FERRY_OWNER_ANSWER_TIMEOUT_S", "2")),
         )
 
     @property

@@ -119,6 +119,23 @@ class ContainerList(Message):
     containers: tuple[RuntimeContainer, ...]
 
 
+class RunsContainer(Message):
+    """Ask a host whether it runs a container (the leftover collector's question to an owner)."""
+
+    name: ContainerNameStr
+
+
+RuncStatus = Literal["running", "paused", "stopped", "absent"]
+
+
+class ContainerRuns(Message):
+    """Reply to RunsContainer, from the host's runc: `running` only if its process runs."""
+
+    host: str
+    name: str
+    state: RuncStatus = Field(description="absent: runc knows no such container here")
+
+
 class Image(Message):
     """A named stack of read-only layers (KV ferry-images, key = name); rebuilding moves it."""
 

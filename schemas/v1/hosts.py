@@ -37,6 +37,9 @@ class WorkerHeartbeat(Message):
     role: WorkerRole
     pid: int
     sent_at: float
+    health: tuple[str, ...] = Field(
+        default=(), description="what the worker wants an operator to see; empty when all is well"
+    )
 
 
 class HostRegistration(Message):

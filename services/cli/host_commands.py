@@ -15,7 +15,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
-from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
+from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat, WorkerHeartbeat
 from services import bus
 from services.cli import plugins
 from services.cli.context import BusContext, connected, context_or_none, say
@@ -43,6 +43,20 @@ async def healthy_beat(heartbeats: KeyValue, host: str) -> HostHeartbeat | None:
     return None
 
 
+async def worker_alerts(heartbeats: KeyValue, host: str) -> list[str]:
+    """What the host's workers want an operator to see (their heartbeats' `health`)."""
+    alerts = []
+    for role in WORKER_ROLES:
+        try:
+            beat = WorkerHeartbeat.from_bytes(
+                (await heartbeats.get(subjects.worker_key(host, role))).value or b""
+            )
+        except Exception:  # no beat lately, or one from a worker that reports no health
+            continue
+        alerts += [f"{role}: {line}" for line in beat.health]
+    return alerts
+
+
 async def host_rows(nc: NATS) -> list[dict[str, Any]]:
     js = nc.jetstream()
     try:
@@ -57,14 +71,15 @@ async def host_rows(nc: NATS) -> list[dict[str, Any]]:
         registration = await directory.registered(host)
         beat = await healthy_beat(directory.heartbeats, host)
         address = registration.address if registration else beat.address if beat else ""
-        rows.append(
-            {
-                "name": host,
-                "address": address,
-                "health": "ok" if beat else "down",
-                "workers": {w.role: w.pid for w in beat.workers} if beat else {},
-            }
-        )
+        row: dict[str, Any] = {
+            "name": host,
+            "address": address,
+            "health": "ok" if beat else "down",
+            "workers": {w.role: w.pid for w in beat.workers} if beat else {},
+        }
+        if alerts := await worker_alerts(directory.heartbeats, host):
+            row["alerts"] = alerts  # only when there are some: the row keeps its old shape
+        rows.append(row)
     return rows
 
 
@@ -97,6 +112,8 @@ def hosts(args: argparse.Namespace) -> int:
     for row in rows:
         state_dir = row.get("state_dir", "-")
         print(f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {state_dir}")
+        for alert in row.get("alerts", []):
+            print(f"       ! {alert}")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.errors import RuntimeFailure
 from services.runtime import cmdlines
-from services.runtime.proc import arun
+from services.runtime.proc import arun, host_env
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Runc:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=host_env(),  # the container never inherits a worker-only LD_PRELOAD
         )
         try:
             await asyncio.wait_for(proc.wait(), timeout)
@@ -81,6 +82,10 @@ class Runc:
     async def kill(self, name: str, signal: str = "KILL", *, all_processes: bool = False) -> None:
         every = ["--all"] if all_processes else []
         await arun(self._argv("kill", *every, name, signal), check=False)
+
+    async def pause(self, name: str) -> None:
+        """Freeze the container's processes in their freezer cgroup; `resume` thaws them."""
+        await arun(self._argv("pause", name))
 
     async def resume(self, name: str) -> None:
         """Thaw the container's freezer cgroup."""
