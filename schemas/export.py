@@ -17,6 +17,7 @@ from schemas.v1.containers import (
     ContainerCreated,
     ContainerList,
     ContainerRemoved,
+    ContainerRuns,
     CreateContainer,
     Image,
     LayerList,
@@ -26,6 +27,7 @@ from schemas.v1.containers import (
     Placement,
     PullLayers,
     RemoveContainer,
+    RunsContainer,
 )
 from schemas.v1.hosts import HostHeartbeat, HostRegistration, WorkerHeartbeat
 from schemas.v1.migrations import (
@@ -38,6 +40,7 @@ from schemas.v1.migrations import (
 )
 from schemas.v1.migrations import MigrationRecord as MigrationRecordV1
 from schemas.v1.migrations import StepCommand as StepCommandV1
+from schemas.v2 import ledger
 from schemas.v2 import migrations as v2
 
 OUT = Path(__file__).parent
@@ -57,6 +60,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "ContainerRemoved": ContainerRemoved,
     "ListContainers": ListContainers,
     "ContainerList": ContainerList,
+    "RunsContainer": RunsContainer,
+    "ContainerRuns": ContainerRuns,
     "Placement": Placement,
     "Image": Image,
     "ListLayers": ListLayers,
@@ -74,6 +79,8 @@ MODELS: dict[str, type[BaseModel]] = {
 MODELS_V2: dict[str, type[BaseModel]] = {
     "MigrationRecord": v2.MigrationRecord,
     "StepCommand": v2.StepCommand,
+    "ReadLedger": ledger.ReadLedger,
+    "LedgerReport": ledger.LedgerReport,
 }
 
 
@@ -165,12 +172,28 @@ def asyncapi() -> dict[str, Any]:
                     "reply": _message("ContainerRemoved", "Nothing of it is left"),
                 },
             },
+            "hostLedger": {
+                "address": f"{p}.host.{{host}}.{subjects.HOST_LEDGER}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("ReadLedger", "This host's own record", "v2"),
+                    "reply": _message("LedgerReport", "Its ledger and runc's list", "v2"),
+                },
+            },
             "containerList": {
                 "address": f"{p}.host.{{host}}.{subjects.LIST_CONTAINERS}",
                 "parameters": {"host": {"description": "host name"}},
                 "messages": {
                     "request": _message("ListContainers", "Which containers run here"),
                     "reply": _message("ContainerList", "As runc reports them"),
+                },
+            },
+            "containerRuns": {
+                "address": f"{p}.host.{{host}}.{subjects.CONTAINER_RUNS}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("RunsContainer", "Does this host run this container"),
+                    "reply": _message("ContainerRuns", "As runc reports it"),
                 },
             },
             "layerList": {

@@ -23,6 +23,7 @@ def host_request(host: str, action: str) -> str:
 CREATE_CONTAINER = "container.create"  # destination worker
 REMOVE_CONTAINER = "container.remove"  # cleanup worker
 LIST_CONTAINERS = "container.list"  # source worker
+CONTAINER_RUNS = "container.runs"  # cleanup worker: does this host run container X
 LIST_LAYERS = "layer.list"  # destination worker: the layers this host holds
 PULL_LAYERS = "layer.pull"  # destination worker: fetch, verify and unpack layers now
 
@@ -40,8 +41,10 @@ MIGRATION_REQUEST = f"{PREFIX}.migrations.request"  # request/reply, answered by
 MIGRATION_CANCEL = f"{PREFIX}.migrations.cancel"  # request/reply, same queue group
 PAGE_SERVER = "migration.page-server"  # per host: a page server for one pre-copy round
 HOST_CHECK = "migration.check"  # per host: can this host play its part (dry run)
+HOST_LEDGER = "host.ledger"  # per host, source worker: its local record and runc's list
 INTAKE_QUEUE = "ferry-intake"  # queue group: any one host's source worker answers
 MIGRATIONS_BUCKET = "ferry-migrations"  # "<id>" -> MigrationRecord
+LEASES_BUCKET = "ferry-leases"  # "<migration>.<kind>.<step>.<attempt>" -> StepLease, TTL
 REGISTRY_BUCKET = "ferry-registry"  # "<host>" -> HostRegistration (no TTL: known, maybe down)
 COMMANDS_STREAM = "FERRY_COMMANDS"  # work queue of StepCommand
 EVENTS_STREAM = "FERRY_EVENTS"  # per-migration progress and audit

@@ -5,13 +5,17 @@ Everything that speaks NATS goes through here, so no handler has to.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -23,19 +27,30 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from opentelemetry import propagate
 from pydantic import BaseModel, ValidationError
 
 from schemas import subjects
-from schemas.v1.base import ErrorReply, Message
+from schemas.v1.base import ErrorReply
+from schemas.v1.base import Message as MessageV1
+from schemas.v2.base import Message as MessageV2
 from schemas.v2.migrations import StepCommand
-from services.errors import FerryError, InvalidInput, RuntimeFailure, Unavailable, from_detail
+from services.errors import (
+    FerryError,
+    InvalidInput,
+    RuntimeFailure,
+    TopologyMissing,
+    Unavailable,
+    from_detail,
+)
+from services.leases import LEASES_BUCKET_CONFIG
 
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
-RequestT = TypeVar("RequestT", bound=Message)
+Message = MessageV1 | MessageV2
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 # Buckets: name -> (history, ttl seconds or 0 for none).
 BUCKETS: dict[str, tuple[int, float]] = {
@@ -81,6 +96,7 @@ COMMAND_BACKOFF_S = [
 ]
 COMMAND_MAX_DELIVER = 5
 IN_PROGRESS_EVERY_S = 3.0
+TOPOLOGY_RETRY_S = 2.0
 
 
 async def connect(url: str | Sequence[str], name: str, *, connect_timeout: float = 5.0) -> NATS:
@@ -100,25 +116,99 @@ async def connect(url: str | Sequence[str], name: str, *, connect_timeout: float
         raise Unavailable(f"cannot reach NATS at {', '.join(servers)}: {exc}") from exc
 
 
-async def ensure_topology(js: JetStreamContext) -> None:
-    """Create the buckets and stores Ferry needs; existing ones are left as they are."""
-    for bucket, (history, ttl) in BUCKETS.items():
+@dataclass(frozen=True)
+class Part:
+    """One piece of the topology: what it is, its name, and the stream that holds it."""
+
+    kind: str  # "bucket", "stream" or "object store"
+    name: str
+
+    @property
+    def stream(self) -> str:
+        if self.kind == "bucket":
+            return f"KV_{self.name}"
+        if self.kind == "object store":
+            return f"OBJ_{self.name}"
+        return self.name
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+def topology() -> tuple[Part, ...]:
+    """Every bucket, stream and store Ferry's processes rely on."""
+    return (
+        *(Part("bucket", b) for b in (*BUCKETS, LEASES_BUCKET_CONFIG.bucket)),
+        *(Part("stream", s.name or "") for s in STREAMS),
+        Part("object store", subjects.LAYERS_STORE),
+    )
+
+
+BOOTSTRAP_HINT = "create it with `ferry bootstrap` (in the lab: `ferry lab up`)"
+
+
+async def missing_parts(
+    js: JetStreamContext, parts: Sequence[Part] | None = None, *, timeout: float = 5.0
+) -> list[Part]:
+    """The parts JetStream positively says do not exist. No answer is Unavailable: it
+    says nothing about what exists."""
+    missing = []
+    for part in topology() if parts is None else parts:
         try:
-            await js.key_value(bucket)
-        except BucketNotFoundError:
+            await asyncio.wait_for(js.stream_info(part.stream), timeout)
+        except NotFoundError:
+            missing.append(part)
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"JetStream did not say whether {part} exists: {exc!r}") from exc
+    return missing
+
+
+async def require_topology(js: JetStreamContext) -> None:
+    """Refuse to work on a bus whose buckets or streams are missing: a store that was lost
+    must not be recreated empty by a worker, where it would read as "nothing anywhere"."""
+    missing = await missing_parts(js)
+    if missing:
+        raise TopologyMissing(
+            f"the bus lacks {', '.join(str(p) for p in missing)}; {BOOTSTRAP_HINT}",
+            missing=tuple(str(p) for p in missing),
+        )
+
+
+async def wait_for_topology(js: JetStreamContext, logger: logging.Logger) -> None:
+    """Until the topology exists: say why we wait (once per distinct reason), never create."""
+    said = ""
+    while True:
+        try:
+            await require_topology(js)
+            if said:
+                logger.info("the bus's topology is there now; going on")
+            return
+        except Unavailable as exc:  # TopologyMissing too
+            if exc.reason != said:
+                logger.warning("waiting: %s", exc.reason)
+                said = exc.reason
+        await asyncio.sleep(TOPOLOGY_RETRY_S)
+
+
+async def create_topology(js: JetStreamContext) -> list[str]:
+    """Bootstrap: create what is missing, leave what exists as it is; returns what it made.
+    Only an operator's `ferry bootstrap` (or `ferry lab up`) calls this."""
+    created = []
+    for part in await missing_parts(js):
+        if part.kind == "bucket" and part.name == LEASES_BUCKET_CONFIG.bucket:
+            await js.create_key_value(config=LEASES_BUCKET_CONFIG)
+        elif part.kind == "bucket":
+            history, ttl = BUCKETS[part.name]
             config = KeyValueConfig(
-                bucket=bucket, history=history, ttl=ttl or None, storage=StorageType.FILE
+                bucket=part.name, history=history, ttl=ttl or None, storage=StorageType.FILE
             )
             await js.create_key_value(config=config)
-    for stream in STREAMS:
-        try:
-            await js.stream_info(stream.name or "")
-        except NotFoundError:
-            await js.add_stream(config=stream)
-    try:
-        await js.object_store(subjects.LAYERS_STORE)
-    except (BucketNotFoundError, NotFoundError):
-        await js.create_object_store(subjects.LAYERS_STORE)
+        elif part.kind == "stream":
+            await js.add_stream(config=next(s for s in STREAMS if s.name == part.name))
+        else:
+            await js.create_object_store(part.name)
+        created.append(str(part))
+    return created
 
 
 async def bucket(js: JetStreamContext, name: str) -> KeyValue:

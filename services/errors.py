@@ -50,6 +50,17 @@ class Unavailable(FerryError):
     retryable = True
 
 
+class TopologyMissing(Unavailable):
+    """Buckets or streams of the bus are missing (a new or lost store): only an operator's
+    bootstrap creates them; until then nothing may read their absence as "nothing"."""
+
+    def __init__(
+        self, reason: str, *, field: str | None = None, missing: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(reason, field=field)
+        self.missing = missing
+
+
 class RuntimeFailure(FerryError):
     """A host-side operation (runc, CRIU, ip, mount) failed."""
 

@@ -13,17 +13,22 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from schemas import subjects
 from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
 from services import bus, tracing
 from services.config import HostConfig
-from services.errors import FerryError
+from services.errors import FerryError, TopologyMissing
 from services.faults import FaultPlan
 from services.kvstores import KvAddressPool, KvHostDirectory, KvPlacementStore, ObjectStoreLayers
+from services.runtime import ledger
 from services.runtime.containers import HostContainers
+from services.runtime.ledger import HostLedger
 
 log = logging.getLogger("ferry.worker")
+
+TOPOLOGY_CHECK_S = 5.0
 
 
 @dataclass
@@ -41,6 +46,8 @@ class WorkerContext:
     directory: KvHostDirectory
     telemetry: tracing.Telemetry
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # What the worker wants an operator to see (`ferry hosts`); its heartbeat carries it.
+    health: list[str] = field(default_factory=list)
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` for the worker's lifetime; if it dies, the worker exits and restarts."""
@@ -79,7 +86,11 @@ async def _heartbeat(ctx: WorkerContext) -> None:
     key = subjects.worker_key(ctx.config.host, ctx.role)
     while True:
         beat = WorkerHeartbeat(
-            host=ctx.config.host, role=ctx.role, pid=os.getpid(), sent_at=time.time()
+            host=ctx.config.host,
+            role=ctx.role,
+            pid=os.getpid(),
+            sent_at=time.time(),
+            health=tuple(ctx.health),
         )
         try:
             await kv.put(key, beat.to_bytes())
@@ -88,13 +99,45 @@ async def _heartbeat(ctx: WorkerContext) -> None:
         await asyncio.sleep(subjects.HEARTBEAT_INTERVAL_S)
 
 
+async def _watch_topology(js: JetStreamContext, host: str, role: WorkerRole) -> None:
+    """Exit (the agent restarts us, and the start waits for a bootstrap) once the topology,
+    or this worker's own command consumer, is positively gone on two checks in a row: a
+    store lost and restarted empty leaves a worker whose subscriptions point at nothing.
+    No answer counts as nothing."""
+    durable = subjects.command_durable(host, role)
+    seen_consumer = False  # the runner makes it just after we start: only a loss counts
+    seen_missing = 0
+    while True:
+        await asyncio.sleep(TOPOLOGY_CHECK_S)
+        try:
+            await bus.require_topology(js)
+            try:
+                await js.consumer_info(subjects.COMMANDS_STREAM, durable)
+                seen_consumer = True
+            except NotFoundError:
+                if seen_consumer:
+                    raise
+            seen_missing = 0
+        except TopologyMissing as exc:
+            seen_missing += 1
+            log.error("%s (seen %d time(s))", exc.reason, seen_missing)
+        except NotFoundError:
+            seen_missing += 1
+            log.error("consumer %s is gone (seen %d time(s))", durable, seen_missing)
+        except Exception as exc:  # no answer: proves nothing either way
+            log.warning("could not check the bus's topology: %r", exc)
+        if seen_missing >= 2:
+            raise TopologyMissing(f"the topology this {role} worker relies on is gone")
+
+
 async def run_worker(role: WorkerRole, register: Register) -> None:
     config = HostConfig.from_env()
     setup_logging(role, config.host)
     telemetry = tracing.setup(f"ferry-{role}", config.host)
     nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-{role}")
     js = nc.jetstream()
-    await bus.ensure_topology(js)
+    # Never created here: a worker that recreated a lost store would make it read "empty".
+    await bus.wait_for_topology(js, log)
     telemetry.publish_spans_on(js)
     placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
     containers = HostContainers(
@@ -117,7 +160,9 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
         directory=directory,
         telemetry=telemetry,
     )
+    ledger.install(HostLedger(config.state_dir, config.host))
     await register(ctx)
+    ctx.spawn(_watch_topology(js, config.host, role))
     log.info("%s worker ready on %s", role, config.host)
 
     stop = asyncio.Event()

@@ -170,7 +170,7 @@ def up(
         else:
             _ensure_bridge(layout, spec)
         _ensure_nats(layout, spec, say)
-        asyncio.run(_ensure_topology(spec))
+        asyncio.run(_ensure_topology(spec, say))
         HOST_STATE_MOUNT.mkdir(parents=True, exist_ok=True)
         for host in spec.hosts:
             if spec.segmented:
@@ -235,12 +235,32 @@ def _ensure_nats(layout: LabLayout, spec: LabSpec, say: Say) -> None:
     raise RuntimeFailure(f"nats-server did not start within {NATS_READY_TIMEOUT_S:.0f}s: {tail}")
 
 
-async def _ensure_topology(spec: LabSpec) -> None:
+def restart_nats(layout: LabLayout, say: Say, *, lose_store: bool = False) -> None:
+    """Stop the lab's nats-server and start it again with the same config; `lose_store`
+    removes its JetStream store in between, as a lost disk or a rebuilt server would (for
+    tests and chaos). Nothing is bootstrapped: that is the operator's next step."""
+    spec = read_spec(layout)
+    if spec is None:
+        raise InvalidInput(f"lab {layout.lab!r} is not up", field="FERRY_LAB")
+    with locked(layout):
+        pid = _nats_pid(layout)
+        if pid is not None:
+            kernel.terminate([pid], grace=10.0)
+        if lose_store:
+            shutil.rmtree(layout.nats_dir / "store", ignore_errors=True)
+            say(f"lab {layout.lab}: JetStream store removed")
+        _ensure_nats(layout, spec, say)
+
+
+async def _ensure_topology(spec: LabSpec, say: Say) -> None:
+    """The lab's bootstrap: what `ferry bootstrap` does on a real fleet."""
     nc = await bus.connect(spec.nats_url, name="ferry-lab")
     try:
-        await bus.ensure_topology(nc.jetstream())
+        created = await bus.create_topology(nc.jetstream())
     finally:
         await nc.close()
+    if created:
+        say(f"bootstrap: created {', '.join(created)}")
 
 
 def _ensure_host_network(layout: LabLayout, spec: LabSpec, host: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from schemas.v1.containers import ContainerRemoved, RemoveContainer
 from schemas.v2.results import CleanSourceResult
+from services.runtime import ledger
 from services.runtime.containers import HostContainers
 from services.runtime.source_cleanup import SourceCleanup
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun
@@ -37,6 +38,7 @@ class Cleanup:
             rc, pages = await self.cleanup.pages_served(run.migration_id, SOURCE_CRIU_EXIT_S)
             result = CleanSourceResult(source_criu_rc=rc, pages_served=pages)
         await self.cleanup.clean_source(run.container, run.migration_id)
+        ledger.source_done(run.record)
         await progress(f"nothing of {run.container} is left on {run.source}", None, None)
         # Post-copy's pages moved after the commit; they count once the source says so.
         served = result.pages_served if result else 0

@@ -58,7 +58,7 @@ def _mib(size: int) -> str:
 
 async def image_store(nc: NATS) -> KvImageStore:
     js = nc.jetstream()
-    await bus.ensure_topology(js)  # a lab started before images existed lacks the bucket
+    await bus.require_topology(js)  # never made here: `ferry bootstrap` does, once
     return KvImageStore(await bus.bucket(js, subjects.IMAGES_BUCKET))
 
 

@@ -12,11 +12,13 @@ from collections.abc import Callable, Sequence
 
 from schemas.v1.migrations import FAULT_EXAMPLES
 from services.cli import (
+    bootstrap_commands,
     container_commands,
     host_commands,
     image_commands,
     migrate_commands,
     plugins,
+    reconcile_commands,
     trace_commands,
 )
 from services.cli.errors import exit_code, one_line
@@ -130,6 +132,20 @@ def build_parser() -> Parser:
     traced.add_argument("--failed", action="store_true", help="list recent failed migrations")
     traced.add_argument("--json", action="store_true")
     traced.set_defaults(run=trace_commands.trace)
+
+    boot = sub.add_parser(
+        "bootstrap", help="create the bus's buckets and streams (once; workers never do)"
+    )
+    boot.add_argument("--json", action="store_true")
+    boot.set_defaults(run=bootstrap_commands.bootstrap)
+
+    rec = sub.add_parser(
+        "reconcile",
+        help="after a lost store: rebuild placements and end migrations from the hosts' ledgers",
+    )
+    rec.add_argument("--apply", action="store_true", help="write it (default: only show it)")
+    rec.add_argument("--json", action="store_true")
+    rec.set_defaults(run=reconcile_commands.reconcile_command)
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

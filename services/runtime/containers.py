@@ -26,7 +26,7 @@ from schemas.v1.containers import (
 from services.config import HostConfig
 from services.errors import Conflict, NotFound, RuntimeFailure
 from services.retrying import transient
-from services.runtime import bundle, layers, netns
+from services.runtime import bundle, layers, ledger, netns
 from services.runtime.runc import Runc
 from services.stores import AddressPool, LayerSource, PlacementStore
 
@@ -140,6 +140,7 @@ class HostContainers:
             await self.placements.update(
                 placement.model_copy(update={"state": "running"}), revision
             )
+            ledger.held(placement)  # this host's own record, for a store that gets lost
         except BaseException:
             for step in reversed(undo):
                 try:
@@ -254,6 +255,7 @@ class HostContainers:
         await layers.unmount(paths.rootfs)
         await netns.destroy(paths.netns, netns.host_veth_name(name))
         await asyncio.to_thread(shutil.rmtree, paths.root, True)
+        ledger.forgot(name)
 
     async def remove(self, cmd: RemoveContainer) -> ContainerRemoved:
         found = await self.placements.get(cmd.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
@@ -10,10 +11,12 @@ from pydantic import BaseModel
 from schemas import subjects
 from schemas.v1.containers import ListContainers
 from schemas.v1.migrations import HostCheck, PageServerStarted, StartPageServer
+from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus
 from services.errors import FerryError, RuntimeFailure
 from services.intake import Intake
 from services.kvstores import KvMigrationStore
+from services.runtime.ledger import HostLedger
 from services.runtime.source_side import SourceSide
 from services.saga.runner import SagaRunner
 from services.source.handlers import Source
@@ -50,6 +53,25 @@ async def register(ctx: WorkerContext) -> None:
         role.list_containers,
         on_error=ctx.log_error,
     )
+    host_ledger = HostLedger(ctx.config.state_dir, ctx.config.host)
+
+    async def read_ledger(cmd: ReadLedger) -> LedgerReport:
+        """For `ferry reconcile`: this host's own record and what its runc runs now."""
+        held, migrations = await asyncio.to_thread(
+            lambda: (host_ledger.containers(), host_ledger.migrations())
+        )
+        runtime = await ctx.containers.list()
+        return LedgerReport(
+            host=ctx.config.host,
+            containers=tuple(held),
+            migrations=tuple(migrations),
+            runtime=runtime.containers,
+        )
+
+    await bus.serve(
+        ctx.nc, ctx.host_subject(subjects.HOST_LEDGER), ReadLedger, read_ledger,
+        on_error=ctx.log_error,
+    )  # fmt: skip
     await bus.serve(
         ctx.nc,
         ctx.host_subject(f"{subjects.HOST_CHECK}.source"),

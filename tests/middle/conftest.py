@@ -35,7 +35,7 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     """A client connected by services.bus.connect, with Ferry's buckets and streams created."""
     nc = await ferry_bus.connect(nats_server.url, name="ferry-middle-test")
     js = nc.jetstream()
-    await ferry_bus.ensure_topology(js)
+    await ferry_bus.create_topology(js)
     yield Bus(nc, js, nats_server)
     await nc.close()
 
@@ -48,7 +48,7 @@ def nc(bus: Bus) -> NATS:
 
 @pytest.fixture
 def js(bus: Bus) -> JetStreamContext:
-    """A JetStream context on this test's server, Ferry's topology created by ensure_topology."""
+    """A JetStream context on this test's server, Ferry's topology created by create_topology."""
     return bus.js
 
 
