@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test test-middle lint typecheck workloads schemas demo demo-minecraft chaos bench clean
+.PHONY: setup test test-middle lint typecheck workloads schemas demo demo-minecraft chaos chaos-cell bench clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -34,9 +34,16 @@ demo: workloads
 demo-minecraft:
 	$(PY) -m deploy.minecraft.play --bots 4 --json bench/minecraft.json
 
-## chaos: 382 cells (strategy x fault x step x before/after), directions alternating (~30 min).
+## chaos: 452 cells (strategy x fault x step x when), directions alternating (~45 min); every
+## cell gets a verdict, the run goes to the end and fails on any lost/two-copies/misplaced cell.
 chaos: workloads
 	$(PY) -m deploy.chaos --repeat 1 --json bench/chaos.json
+
+## chaos-cell: one cell, REPEAT times in a row (the labels: python -m deploy.chaos --list).
+CELL ?= kill[transfer]:stop_destination:after
+REPEAT ?= 20
+chaos-cell: workloads
+	$(PY) -m deploy.chaos --cell '$(CELL)' --repeat $(REPEAT) --json bench/chaos-cell.json
 
 ## schemas: export JSON Schema and the AsyncAPI document after changing schemas/.
 schemas:

@@ -16,6 +16,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
 from schemas import subjects
 from schemas.v1.hosts import (
     WORKER_ROLES,
@@ -29,6 +33,7 @@ from services.config import HostConfig
 from services.errors import Unavailable
 from services.runtime.features import host_features
 from services.worker import setup_logging
+from services.worker_clock import worker_env
 
 log = logging.getLogger("ferry.agent")
 
@@ -36,6 +41,7 @@ RESTART_BACKOFF_MIN_S = 0.2
 RESTART_BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a worker that ran this long starts again from the minimum backoff
 STOP_GRACE_S = 5.0
+REGISTRATION_CHECK_S = 5.0
 
 
 @dataclass
@@ -63,6 +69,7 @@ async def _spawn(worker: Supervised, config: HostConfig) -> None:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=logfile,
             stderr=logfile,
+            env=worker_env(config.host),  # tests: a host's clock off (libfaketime)
         )
     worker.started_at = time.monotonic()
     log.info("started %s worker, pid %d", worker.role, worker.process.pid)
@@ -101,7 +108,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
             log.warning("%s; retrying", exc.reason)
             await asyncio.sleep(1.0)
     js = nc.jetstream()
-    await bus.ensure_topology(js)
+    await bus.wait_for_topology(js, log)  # made by an operator's bootstrap, never here
     kv = await bus.bucket(js, subjects.HOSTS_BUCKET)
     registry = await bus.bucket(js, subjects.REGISTRY_BUCKET)
     features, missing = await host_features()
@@ -113,6 +120,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         missing=missing,
     )
     await registry.put(config.host, registration.to_bytes())
+    checked_at = time.monotonic()
     while not stopping.is_set():
         beat = HostHeartbeat(
             host=config.host,
@@ -125,9 +133,33 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
             await kv.put(config.host, beat.to_bytes())
         except Exception as exc:  # the bus may be restarting; keep supervising
             log.warning("heartbeat not published: %s", exc)
+        if time.monotonic() - checked_at >= REGISTRATION_CHECK_S:
+            checked_at = time.monotonic()
+            await _stay_registered(js, registry, registration)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), subjects.HEARTBEAT_INTERVAL_S)
     await nc.close()
+
+
+async def _stay_registered(
+    js: JetStreamContext, registry: KeyValue, registration: HostRegistration
+) -> None:
+    """A store lost and bootstrapped again has an empty registry: join it again (reconcile
+    asks the registered hosts). A missing topology is said, never recreated."""
+    try:
+        try:
+            await registry.get(registration.host)
+            return
+        except KeyNotFoundError:  # a missing stream can answer this way too: put says
+            pass
+        await registry.put(registration.host, registration.to_bytes())
+        log.warning("this host was not in the registry (a new store?): registered again")
+    except Exception as exc:
+        try:
+            await bus.require_topology(js)
+            log.warning("registration not checked: %r", exc)
+        except Unavailable as why:  # TopologyMissing among them
+            log.error("registration not checked: %s", why.reason)
 
 
 async def _stop_all(workers: list[Supervised]) -> None:

@@ -251,7 +251,8 @@ def is_current(record: MigrationRecord, command: StepCommand) -> bool:
 
 
 def _duration_ms(entry: StepRecord, now: float) -> int:
-    return round((now - (entry.started_at or now)) * 1000)
+    # For display only: `started_at` may come from another host's clock, ahead of ours.
+    return max(0, round((now - (entry.started_at or now)) * 1000))
 
 
 def _start_entry(record: MigrationRecord, entry: StepRecord, now: float) -> Decision:

@@ -43,6 +43,8 @@ FERRY_LINK=/usr/local/bin/ferry
 APT_PACKAGES=(
     runc iptables iproute2 busybox-static redis-server redis-tools util-linux procps psmisc
     kmod ca-certificates xz-utils
+    # tests: one host's Ferry workers with their clock off (libfaketime; never runc or CRIU)
+    faketime
     # CRIU build dependencies (docs/recipes.md#R1)
     gcc make libc6-dev pkg-config libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
     libnl-3-dev libcap-dev uuid-dev libnet1-dev libnftables-dev libgnutls28-dev libbsd-dev

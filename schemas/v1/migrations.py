@@ -27,10 +27,12 @@ Fact = str | int | float | bool | None
 #   silent:STEP:after       the worker running STEP goes silent right after its side effect
 #                           (stops itself, as if cut off; it continues after
 #                           FERRY_FAULT_SILENT_S on its host, default 120 s)
+#   slow:STEP               the worker running STEP takes FERRY_FAULT_SLOW_S on its host
+#                           (default 15 s) longer, alive and reporting progress meanwhile
 #   several at once, joined with "+" (e.g. restore+kill:resume_source:before)
 _ONE_FAULT = (
     r"(restore|lazy-pages-dies|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after)"
-    r"|silent:[a-z_]+:after)"
+    r"|silent:[a-z_]+:after|slow:[a-z_]+)"
 )
 FAULT_PATTERN = rf"^{_ONE_FAULT}(\+{_ONE_FAULT})*$"
 FAULT_EXAMPLES = (

@@ -12,7 +12,7 @@ from pathlib import Path
 from services.errors import RuntimeFailure
 from services.runtime import paths
 from services.runtime.cmdlines import CRIU, STATUS_FD, criu_check, criu_lazy_pages, criu_page_server
-from services.runtime.proc import arun
+from services.runtime.proc import arun, host_env
 
 __all__ = ["CRIU", "STATUS_FD"]  # re-exported: callers name the binary as criu.CRIU
 
@@ -63,6 +63,7 @@ async def start_background(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env=host_env(),
         )
     finally:
         os.close(write_end)

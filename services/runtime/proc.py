@@ -1,4 +1,11 @@
-"""Running host commands with errors that keep the command's own words."""
+"""Running host commands with errors that keep the command's own words.
+
+Every command a step runs starts in a session of its own; a step that is cancelled (its
+deadline, a lost lease) kills that process group — runc and the CRIU it drives — and
+nothing else: a container is always its own session (runc's init calls setsid), so it is
+never in the group. Commands get the host's environment without what only Ferry's own
+workers may run under (libfaketime in tests): runc, CRIU and containers keep the host's clock.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,52 @@ from pathlib import Path
 from services.errors import RuntimeFailure
 
 DEFAULT_TIMEOUT_S = 60.0
+
+# Set for a worker (e.g. libfaketime's LD_PRELOAD and FAKETIME in the lab), never for what
+# it runs.
+WORKER_ONLY_ENV = ("LD_PRELOAD", "FAKETIME", "FAKETIME_NO_CACHE", "DONT_FAKE_MONOTONIC")
+
+
+def host_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a host command: ours, minus what only the worker runs under."""
+    env = {k: v for k, v in os.environ.items() if k not in WORKER_ONLY_ENV}
+    return {**env, **(extra or {})}
+
+
+async def spawn(
+    argv: Sequence[str], *, stdout: int = subprocess.DEVNULL, stderr: int = subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """Start a step's own command in a new session (its own process group)."""
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=host_env(),
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise RuntimeFailure(f"{argv[0]} is not installed (run `make setup`)") from exc
+
+
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command's process group (it leads it: see `spawn`), children included,
+    even those that outlived it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def wait_owned(proc: asyncio.subprocess.Process, timeout: float | None = None) -> int:
+    """Its exit code. If the caller is cancelled, or `timeout` passes, the process group is
+    killed and reaped first: a cancelled step leaves none of its commands running."""
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except BaseException:  # CancelledError is not an Exception; TimeoutError is
+        kill_group(proc)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(proc.wait())
+        raise
 
 
 @dataclass(frozen=True)
@@ -51,6 +104,7 @@ def run(
             timeout=timeout,
             input=input_text,
             stdin=None if input_text is not None else subprocess.DEVNULL,
+            env=host_env(),
         )
     except subprocess.TimeoutExpired as exc:
         raise _failure(argv, None, str(exc.stdout or ""), str(exc.stderr or "")) from exc
@@ -68,23 +122,28 @@ async def arun(
     timeout: float = DEFAULT_TIMEOUT_S,
     env: dict[str, str] | None = None,
 ) -> Completed:
-    """Async `run`: the worker's event loop keeps serving while the command runs."""
+    """Async `run`: the worker's event loop keeps serving while the command runs; a
+    cancelled caller kills the command's process group."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=None if env is None else {**os.environ, **env},
+            env=host_env(env),
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise RuntimeFailure(f"{argv[0]} is not installed (run `make setup`)") from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError as exc:
-        proc.kill()
+        kill_group(proc)
         await proc.wait()
         raise _failure(argv, None, "", "") from exc
+    except BaseException:
+        kill_group(proc)
+        raise
     stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
     assert proc.returncode is not None
     if check and proc.returncode != 0:

@@ -4,11 +4,16 @@ takes its container back from its own images."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 
 from services.errors import RuntimeFailure
 from services.runtime import cmdlines, criu, spans
+from services.runtime import paths as layout
 from services.runtime.containers import ContainerPaths
 from services.runtime.paths import MigrationPaths
+from services.runtime.proc import spawn, wait_owned
 from services.runtime.runc import Runc, log_errors
 
 
@@ -23,6 +28,10 @@ async def restore_container(
         except RuntimeFailure as failure:
             spans.fail(span, failure)
             raise
+        except asyncio.CancelledError:
+            if lazy:  # it would serve a half-restored container: it goes with runc and CRIU
+                _kill_background(paths, layout.LAZY_PAGES)
+            raise
         stats = criu.load_stats(paths.stats_restore)
         span.set_attribute("criu.restore_time_us", stats.get("restore_time", 0))
         span.set_attribute("criu.pages_restored", stats.get("pages_restored", 0))
@@ -33,13 +42,9 @@ async def _run_restore(
 ) -> None:
     log_file = paths.runc_restore_log
     argv = cmdlines.runc_restore(runc, name, paths.images, cpaths.bundle, log_file, lazy_pages=lazy)
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    code = await proc.wait()
+    # Cancelled (the step's deadline, a lost lease): runc and its CRIU are killed, a
+    # half-restored container is left for the compensation (stop_destination) to remove.
+    code = await wait_owned(await spawn(argv))
     if code != 0:
         errors = log_errors(log_file)
         raise RuntimeFailure(
@@ -49,3 +54,11 @@ async def _run_restore(
     state = await runc.state(name)
     if state is None or state.status != "running":
         raise RuntimeFailure(f"{name} did not stay running after restore")
+
+
+def _kill_background(paths: MigrationPaths, tag: str) -> None:
+    """SIGKILL a background CRIU of this migration (its wrapper records how it ended)."""
+    pid = criu.background_pid(paths.images, tag)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

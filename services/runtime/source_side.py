@@ -31,7 +31,14 @@ from services.runtime import (
 from services.runtime import paths as layout
 from services.runtime.containers import ContainerPaths, HostContainers
 from services.runtime.paths import MigrationPaths
-from services.runtime.proc import arun, kill_working_on, process_state, resident_memory
+from services.runtime.proc import (
+    arun,
+    kill_working_on,
+    process_state,
+    resident_memory,
+    spawn,
+    wait_owned,
+)
 from services.runtime.proc import tree as proc_tree
 from services.runtime.restore import restore_container
 from services.runtime.runc import log_errors
@@ -106,13 +113,8 @@ class SourceSide:
         argv = cmdlines.runc_checkpoint(
             self.runc, name, paths.images, paths.runc_log, page_server=page_server, parent=parent
         )
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        code = await proc.wait()
+        # Cancelled: runc and its CRIU die (their own process group), never the container.
+        code = await wait_owned(await spawn(argv))
         dumped_at = time.time()
         if code != 0:
             raise _dump_failed(span, f"checkpoint of {name}", paths, f"exit {code}")

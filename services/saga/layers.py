@@ -1,6 +1,7 @@
 """The layers a step command passes through in the runner, each small and on its own:
 progress events, the keep-alive that tells JetStream the command is still being worked on,
-the guard that turns a handler's failure into a saga StepError, and the step's span.
+the step's lease that tells every watchdog the step is alive (with its progress), the guard
+that turns a handler's failure into a saga StepError, and the step's span.
 
 None of them acks, records or publishes a decision: that is the runner's last layer.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 from nats.aio.msg import Msg
@@ -19,10 +22,15 @@ from nats.js import JetStreamContext
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, StatusCode
 
+from schemas.v1.leases import LeaseHolder, StepLease, step_lease_key
+from schemas.v1.leases import StepProgress as LeaseProgress
 from schemas.v1.migrations import StepProgress
 from services import bus, tracing
 from services.errors import FerryError
+from services.faults import FaultPlan
+from services.leases import Held, LeaseLost, Leases
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun
+from workflows.definitions import DEFINITIONS
 from workflows.saga import Decision, StepError
 
 log = logging.getLogger("ferry.saga")
@@ -82,6 +90,105 @@ async def kept_alive(msg: Msg, work: Awaitable[T]) -> T:
         beating.cancel()
 
 
+SLOW_BEAT_S = 1.0
+
+
+def slowed(plan: FaultPlan, run: StepRun, handler: StepHandler | None) -> StepHandler | None:
+    """The handler, first made slow by the test fault `slow:STEP` (once per migration): a
+    worker that is alive and reporting, only slower than a clock-judging watchdog allows."""
+    if handler is None or not plan.fires(run.migration_id, f"slow:{run.command.step}"):
+        return handler
+    seconds = float(os.environ.get("FERRY_FAULT_SLOW_S", "15"))
+    inner = handler
+
+    async def slow(run: StepRun, progress: Progress) -> StepOutcome:
+        began = time.monotonic()
+        while (waited := time.monotonic() - began) < seconds:
+            await progress(f"slowed by a test fault ({waited:.0f}/{seconds:.0f} s)", None, None)
+            await asyncio.sleep(min(SLOW_BEAT_S, seconds - waited))
+        return await inner(run, progress)
+
+    return slow
+
+
+# After the handler's own deadline: time to record its outcome before the lease lapses.
+RECORD_MARGIN_S = 30.0
+
+
+def retry_wait_s(run: StepRun) -> float:
+    """How long to wait before this attempt: until the command's not_before, but never
+    longer than its retry policy's delay (not_before is another host's clock)."""
+    command = run.command
+    policy = DEFINITIONS[run.record.chosen].action(command.step, command.kind).retry
+    return max(0.0, min(command.not_before - time.time(), policy.delay_before(command.attempt)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class LeasedStep:
+    """A step attempt whose lease this worker holds: progress goes into it, and the work is
+    cancelled if the lease is lost (a watchdog gave the attempt up, or it could not be
+    renewed for a whole TTL)."""
+
+    held: Held[StepLease]
+
+    def reporting(self, progress: Progress) -> Progress:
+        async def report(text: str, done: int | None = None, total: int | None = None) -> None:
+            now = LeaseProgress(message=text[:200], bytes_done=done, bytes_total=total)
+            self.held.update(self.held.payload.model_copy(update={"progress": now}))
+            await progress(text, done, total)
+
+        return report
+
+    async def bounded(self, work: Awaitable[StepOutcome | StepError]) -> StepOutcome | StepError:
+        try:
+            return await self.held.guard(work)
+        except LeaseLost as exc:
+            return StepError(exc.reason, retryable=True)
+
+
+@contextlib.asynccontextmanager
+async def step_lease(
+    js: JetStreamContext, run: StepRun, host: str, role: str, timeout_s: float
+) -> AsyncIterator[LeasedStep]:
+    """Hold this attempt's lease while the step runs: acquired before the retry wait,
+    renewed by compare-and-set, released once the outcome is known. Renewal stops at the
+    step's own deadline plus a margin, so a handler that ignores cancellation (a hung CRIU)
+    still lets its lease expire. Refused (Conflict, TopologyMissing) if another live holder
+    has it, if it expired (a watchdog acts on that), or if there is no leases bucket: the
+    command is then not acked and comes back later."""
+    command = run.command
+    key = step_lease_key(command.migration_id, command.kind, command.step, command.attempt)
+    me = LeaseHolder(host=host, role=role, pid=os.getpid())
+    payload = StepLease(
+        migration_id=command.migration_id,
+        step=command.step,
+        kind=command.kind,
+        attempt=command.attempt,
+        holder=me,
+    )
+
+    def gone(found: StepLease) -> bool:
+        # This worker's earlier incarnation (one per host and role) that died holding it.
+        before = found.holder
+        same = (before.host, before.role) == (host, role) and not found.abandoned
+        return same and (before.pid == me.pid or not _alive(before.pid))
+
+    leases = await Leases.open(js, StepLease)
+    renew_for = retry_wait_s(run) + timeout_s + RECORD_MARGIN_S
+    async with leases.hold(key, payload, take_over=gone, renew_for_s=renew_for) as held:
+        yield LeasedStep(held)
+
+
 async def guarded(
     handler: StepHandler | None, run: StepRun, progress: Progress, timeout_s: float, where: str
 ) -> StepOutcome | StepError:
@@ -91,7 +198,7 @@ async def guarded(
     if handler is None:
         return StepError(f"{where} has no handler for {command.step}", retryable=False)
     try:
-        wait = command.not_before - time.time()
+        wait = retry_wait_s(run)
         if wait > 0:
             with tracing.tracer().start_as_current_span(
                 "retry backoff", attributes={"ferry.wait_s": round(wait, 3)}

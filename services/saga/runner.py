@@ -41,6 +41,7 @@ from services.saga.layers import (
     guarded,
     kept_alive,
     progress_events,
+    slowed,
     step_lease,
     step_span,
 )
@@ -255,7 +256,7 @@ class SagaRunner:
             with step_span(run, msg, self.host, self.role) as span:
                 timeout = definition.action(command.step, command.kind).timeout_s
                 where = f"{self.role} worker on {self.host}"
-                handler = self.handlers.get(command.step)
+                handler = slowed(plan, run, self.handlers.get(command.step))
                 async with step_lease(self.js, run, self.host, self.role, timeout) as lease:
                     progress = lease.reporting(progress_events(self.js, run, self.host))
                     guard = guarded(handler, run, progress, timeout, where)
