@@ -3,6 +3,7 @@ of a move — prepare, restore, verify, commit, open, drain, and undoing them. N
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -19,12 +20,18 @@ from schemas.v1.migrations import HostCheck, HostCheckReply, PageServerStarted, 
 from schemas.v2.results import OpenNetworkResult
 from services import preflight as dry_run
 from services.errors import RuntimeFailure
+from services.runtime import ledger
 from services.runtime.containers import HostContainers
 from services.runtime.destination_side import DestinationSide
+from services.runtime.lazy_pages import DaemonView
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun, placement_of
 from services.stores import PlacementStore
 
-DRAIN_TIMEOUT_S = 840.0  # inside the step's 900 s
+# Post-copy falls back when pages stop arriving for this long, not after a fixed time: a
+# large container may drain for hours. (The step's own timeout is far beyond it.)
+DRAIN_STALLED_AFTER_S = float(os.environ.get("FERRY_DRAIN_STALLED_AFTER_S", "60"))
+DRAIN_REPORT_EVERY_S = 2.0
+PAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,7 @@ class Destination:
         """The point of no return: the placement moves to this host by compare-and-set."""
         placement, revision = await self._locked_placement(run, "refusing to commit")
         if placement.host == run.destination:
+            ledger.committed(run.record, placement)
             return StepOutcome()  # committed by an earlier delivery
         if placement.host != run.source:
             raise RuntimeFailure(
@@ -137,6 +145,7 @@ class Destination:
         await self.placements.update(
             placement.model_copy(update={"host": run.destination}), revision
         )
+        ledger.committed(run.record, placement)  # what survives a lost store says "ours"
         await progress(f"committed: {run.container} belongs to {run.destination}", None, None)
         return StepOutcome()
 
@@ -158,7 +167,20 @@ class Destination:
     async def drain_pages(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Post-copy, after the commit: every page has arrived and the daemon exited 0."""
         await progress("pulling the pages not touched yet from the source", None, None)
-        result = await self.side.drain_pages(run.migration_id, timeout=DRAIN_TIMEOUT_S)
+        last_said = 0.0
+
+        async def heard(view: DaemonView) -> None:
+            nonlocal last_said
+            if view.copied_pages is None or time.monotonic() - last_said < DRAIN_REPORT_EVERY_S:
+                return
+            last_said = time.monotonic()
+            await progress(
+                f"pages arriving: {view.copied_pages}/{view.total_pages}",
+                view.copied_pages * PAGE_SIZE,
+                (view.total_pages or 0) * PAGE_SIZE or None,
+            )
+
+        result = await self.side.drain_pages(run.migration_id, DRAIN_STALLED_AFTER_S, heard)
         if result:
             await progress(f"all pages arrived after {result.drain_ms} ms", None, None)
         return StepOutcome(result)
@@ -171,6 +193,7 @@ class Destination:
             await self.placements.update(
                 placement.model_copy(update={"host": run.source}), revision
             )
+        ledger.uncommitted(run.record)
         await progress(f"{run.container} belongs to {run.source} again", None, None)
         return StepOutcome()
 

@@ -8,19 +8,21 @@ prepare until `open_network`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable
 
 from schemas.v1.containers import Placement
 from schemas.v2.results import DrainResult, PrepareResult, RestoreResult, VerifyResult
 from services.config import HostConfig
 from services.errors import Conflict, RuntimeFailure
 from services.faults import NO_FAULTS, FaultPlan
-from services.runtime import bundle, criu, layers, netlock, netns, precopy
+from services.runtime import bundle, criu, layers, lazy_pages, netlock, netns, precopy
 from services.runtime import paths as layout
 from services.runtime.containers import ContainerPaths, HostContainers
 from services.runtime.paths import MigrationPaths
@@ -29,6 +31,7 @@ from services.runtime.restore import restore_container
 from services.runtime.spans import tracer
 
 PAGE_SERVER_EXIT_S = 30.0
+DRAIN_POLL_S = 0.2
 VERIFY_CONNECT_TIMEOUT_S = 2.0
 
 
@@ -215,7 +218,8 @@ class DestinationSide:
         stats = criu.load_stats(paths.stats_restore)
         return RestoreResult(
             running_at=running_at,
-            freeze_ms=round((running_at - frozen_at) * 1000) if frozen_at else 0,
+            # Two hosts' clocks (the source froze it): a metric, never negative.
+            freeze_ms=max(0, round((running_at - frozen_at) * 1000)) if frozen_at else 0,
             criu_restore_us=stats.get("restore_time", 0),
             pages_restored=stats.get("pages_restored", 0),
         )
@@ -251,25 +255,49 @@ class DestinationSide:
             shutil.rmtree(paths.root, ignore_errors=True)
         return announced
 
-    async def drain_pages(self, migration_id: str, timeout: float) -> DrainResult | None:
+    async def drain_pages(
+        self,
+        migration_id: str,
+        stalled_after_s: float,
+        heard: Callable[[lazy_pages.DaemonView], Awaitable[None]] | None = None,
+    ) -> DrainResult | None:
         """Post-copy, after the commit: wait until the lazy-pages daemon has every page and
-        exits 0. Until then the source keeps its stopped copy. None when an earlier
-        delivery drained it (the directory is gone)."""
+        exits 0, for as long as pages keep arriving. Until then the source keeps its stopped
+        copy. None when an earlier delivery drained it (the directory is gone).
+
+        Fails (so the saga falls back to the source) only when pages stop: the daemon died
+        or failed, or it logged nothing for `stalled_after_s` — never for taking long."""
         paths = self.paths(migration_id)
         if not paths.lazy.exists():
             return None
-        started = time.monotonic()
-        rc = await criu.background_result(paths.images, layout.LAZY_PAGES, timeout)
-        log_tail = criu.tail(paths.criu_log(layout.LAZY_PAGES))
-        if rc is None:
+        log = paths.criu_log(layout.LAZY_PAGES)
+        started = last_sign = time.monotonic()
+        logged = -1
+        while True:
+            view = lazy_pages.look(paths.images, log)
+            if view.rc is not None:
+                break
+            now = time.monotonic()
+            if view.logged_bytes != logged:
+                logged, last_sign = view.logged_bytes, now
+                if heard is not None:
+                    await heard(view)
+            if not view.alive:
+                # Gone without an exit code: killed with its wrapper (or the host rebooted).
+                raise RuntimeFailure(
+                    "the lazy-pages daemon died: pages may be missing", log_tail=criu.tail(log)
+                )
+            if now - last_sign > stalled_after_s:
+                raise RuntimeFailure(
+                    f"no page arrived for {stalled_after_s:.0f} s"
+                    f" ({view.copied_pages or 0}/{view.total_pages or '?'} pages copied)",
+                    log_tail=criu.tail(log),
+                )
+            await asyncio.sleep(DRAIN_POLL_S)
+        if view.rc != 0:
             raise RuntimeFailure(
-                f"the lazy-pages daemon still runs after {timeout:.0f} s",
-                log_tail=log_tail,
-                retryable=True,
-            )
-        if rc != 0:
-            raise RuntimeFailure(
-                f"the lazy-pages daemon exited {rc}: pages may be missing", log_tail=log_tail
+                f"the lazy-pages daemon exited {view.rc}: pages may be missing",
+                log_tail=criu.tail(log),
             )
         result = DrainResult(drain_ms=round((time.monotonic() - started) * 1000))
         shutil.rmtree(paths.root, ignore_errors=True)
