@@ -1,13 +1,18 @@
 """`make chaos`: real faults at every step of real migrations, judged from outside.
 
 Each cell is one migration of a container that keeps a random token and counters in
-memory, with one fault: a worker SIGKILLed before or after a step's side effect, a
-command delivered twice, NATS killed and restarted during a step, the network between
-the hosts cut during a step, corrupted transfer bytes, a full destination disk, a failing
+memory, with one fault: a worker SIGKILLed before, during or after a step (the one the
+migration record says runs the step, or a bystander whose service it needs), frozen with
+SIGSTOP, a command delivered twice, NATS killed and restarted, a host cut from its peer or
+from the bus (proven by the packets dropped), the destination cut off right after its
+commit's compare-and-set, corrupted transfer bytes, a full destination disk, a failing
 CRIU restore. After each cell an external monitor (cgroups and /proc, not Ferry's records)
-says whether two copies ever ran at once and whether exactly one runs now with its memory
-intact, and an independent inventory (runc, netns files, mounts, veths, iptables, state
-dirs) looks for leftovers on both hosts. The table goes to stdout, the cells to JSON.
+says whether two copies ever ran at once, each host is asked what runs there (runc, the
+copy's own loopback) and that is compared with the placement read raw from the KV bucket;
+an independent inventory (runc, netns files, mounts, veths, iptables, state dirs) looks
+for leftovers. Every cell gets a verdict (deploy/chaos_checks.py); the run goes on to the
+end whatever happens, and any lost, two-copies, placement-wrong, failed-without-reason or
+unfinished cell fails it. The table goes to stdout, the cells to JSON.
 """
 
 from __future__ import annotations
@@ -23,13 +28,27 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from deploy import chaos_cuts, chaos_faults
+from deploy.chaos_checks import (
+    FATAL,
+    FLAWED,
+    VERDICTS,
+    Seen,
+    answers_on_loopback,
+    runc_state,
+    runc_status,
+)
+from deploy.chaos_checks import verdict as judge
 from deploy.lab.layout import LabLayout, read_spec
 from deploy.workloads import build_rootfs, query, wait_until_serving
+from schemas import subjects
 from services.runtime.netns import host_veth_name
+from services.watchdog import GRACE_S
 from workflows.definitions import DEFINITIONS
 
 FERRY = str(Path(sys.executable).parent / "ferry")
@@ -41,6 +60,7 @@ CHAOS_ENV = {
     "FERRY_COLLECTOR_MIN_AGE_S": "20",
 }
 NAME = "victim"
+T = TypeVar("T")
 
 
 STRATEGIES = ("stop-and-copy", "post-copy")  # pre-copy cannot run on this kernel
@@ -68,10 +88,15 @@ for _definition in DEFINITIONS.values():
 class Cell:
     """One fault at one step: `before` its side effect (at its start) or `after` it."""
 
-    fault: str  # kill | duplicate | nats-restart | net-cut | corrupt | disk-full | restore-fails
+    # kill | freeze | duplicate | nats-restart | net-cut | cas-cut | corrupt | disk-full |
+    # restore-fails | kv-lost | store-lost | clock
+    fault: str
     step: str
-    when: str  # before | after | during
-    role: str = ""  # for kill: whose worker dies
+    when: str  # before | after | during | mid (while the record shows the step running)
+    # kill: whose worker dies ("step": whoever the record says runs the step);
+    # net-cut: "" cuts the step's host from its peer, "isolate" from its peer and NATS;
+    # clock: the offset, e.g. "+30s"
+    role: str = ""
     strategy: str = "stop-and-copy"
 
     @property
@@ -106,7 +131,13 @@ class Cell:
         """Fired by the harness when the migration reaches the step (not by Ferry)."""
         if self.fault == "kill":
             return self.role != RUNS[self.step][0]
-        return self.fault in ("nats-restart", "net-cut")
+        return self.fault in ("nats-restart", "net-cut", "freeze", "cas-cut", "kv-lost",
+                              "store-lost")  # fmt: skip
+
+    @property
+    def pending(self) -> str:
+        """Why this cell cannot run yet, "" when it can."""
+        return chaos_faults.pending_reason(self.fault)
 
 
 @dataclass
@@ -116,15 +147,25 @@ class Outcome:
     state: str = "unknown"
     fired: bool = False
     evidence: str = ""
-    ran_twice: bool = False
+    ran_twice: bool = False  # two runnable copies on two samples in a row
+    twice_glimpses: list[str] = field(default_factory=list)  # single samples, with detail
     running_now: int = 0
     memory_intact: bool = False
     leftovers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    migration_id: str = ""
+    error: str = ""  # the record's error, when it ended failed
+    verdict: str = "unknown"
+    problems: list[str] = field(default_factory=list)
+    seen: dict[str, Any] = field(default_factory=dict)  # placement vs. hosts, at the end
 
     @property
     def lost(self) -> bool:
-        return self.running_now == 0 or not self.memory_intact
+        return self.verdict == "lost"
+
+    @property
+    def fatal(self) -> bool:
+        return self.verdict in FATAL
 
 
 def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
@@ -144,6 +185,7 @@ def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
             Cell("kill", "resume_source", "after", "source", strategy="post-copy"),
             Cell("kill", "drain_pages", "before", "destination", strategy="post-copy"),
         ]
+        # The kinds added for issue 13 are in the full grid (--only/--cell pick them).
         return [c for c in cells + post if c.strategy in strategies]
     cells = []
     for strategy in strategies:
@@ -158,6 +200,20 @@ def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
                   Cell("restore-fails", "restore", "during", strategy=strategy)]  # fmt: skip
         if strategy == "stop-and-copy":  # post-copy's dump writes no pages to that disk
             cells += [Cell("disk-full", "dump", "during")]
+        # The worker the record names for the step, killed while it runs it.
+        cells += [Cell("kill", s, "mid", "step", strategy) for s in every]
+        # The step's host cut from its peer and from the bus at once.
+        cells += [Cell("net-cut", s, "before", "isolate", strategy) for s in every]
+        # Alive but silent past the step's timeout and grace, then continued.
+        frozen = ("restore",) + (("drain_pages",) if "drain_pages" in steps else ())
+        cells += [Cell("freeze", s, "mid", "destination", strategy) for s in frozen]
+        cells += [Cell("freeze", "commit", "before", "destination", strategy)]
+        cells += [Cell("cas-cut", "commit", "after", "destination", strategy)]
+        if strategy == "stop-and-copy":
+            cells += [Cell("kv-lost", "transfer", "before"), Cell("kv-lost", "commit", "after"),
+                      Cell("store-lost", "dump", "after"),
+                      Cell("clock", "all", "during", "+30s"),
+                      Cell("clock", "all", "during", "-30s")]  # fmt: skip
     return cells
 
 
@@ -202,11 +258,45 @@ class EventTap:
 
             await nc.subscribe("ferry.v1.events.>", cb=seen)
             await nc.flush()
+            self.loop, self.nc = asyncio.get_running_loop(), nc
             self.ready.set()
             while True:
                 await asyncio.sleep(3600)
 
         asyncio.run(main())
+
+    def call(self, make: Callable[[Any], Coroutine[Any, Any, T]], timeout: float = 10.0) -> T:
+        """Run `make(nc)` on the tap's own connection (KV reads, a bucket deleted)."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(make(self.nc), self.loop).result(timeout)
+
+    def placement(self, name: str) -> tuple[dict[str, Any] | None, str]:
+        """The placement as the KV bucket holds it, raw, and why it is missing if it is:
+        a missing bucket, a missing key and no answer are three different things."""
+        return self.kv_json(subjects.PLACEMENT_BUCKET, name)
+
+    def record(self, migration_id: str) -> dict[str, Any]:
+        """The migration record, raw (milliseconds, where `ferry status` takes a process)."""
+        return self.kv_json(subjects.MIGRATIONS_BUCKET, migration_id)[0] or {}
+
+    def kv_json(self, bucket: str, key: str) -> tuple[dict[str, Any] | None, str]:
+        async def read(nc: Any) -> tuple[dict[str, Any] | None, str]:
+            from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+
+            try:
+                kv = await nc.jetstream().key_value(bucket)
+                entry = await kv.get(key)
+            except BucketNotFoundError:
+                return None, "bucket missing"
+            except KeyNotFoundError:
+                return None, "no key"
+            return (json.loads(entry.value) if entry.value else None), "no value"
+
+        try:
+            return self.call(read)
+        except Exception as exc:  # the harness reports it, whatever it is
+            return None, f"unreadable: {type(exc).__name__}"
 
     def mark(self) -> int:
         with self.changed:
@@ -239,8 +329,12 @@ def _runs_user_code(pid: str) -> bool:
     when CRIU lets go of it with SIGSTOP pending (leave-stopped), and when the stopped copy
     is removed with SIGKILL. Neither runs a single instruction of the workload."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # status before stat: a stop signal is taken and the task marked stopped under one
+        # lock, so a mask read empty is followed by a state that already says T. Read the
+        # other way round, the task can be seen R with the signal pending, then with the
+        # signal gone: runnable, for a task that never runs again.
         status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return False
     if fields[0] not in ("R", "S", "D") or int(fields[6]) & PF_EXITING:
@@ -249,14 +343,41 @@ def _runs_user_code(pid: str) -> bool:
     return not any(int(mask, 16) & ON_ITS_WAY_OUT_OR_TO_A_STOP for mask in pending)
 
 
+def _task_detail(pid: str) -> str:
+    """A task's state letter and pending-signal masks, for the record of a glimpse."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (OSError, IndexError):
+        return f"{pid}:gone"
+    masks = [line.split()[1].lstrip("0") or "0" for line in status
+             if line.startswith(("SigPnd:", "ShdPnd:"))]  # fmt: skip
+    return f"{pid}:{state}:pnd={'/'.join(masks)}"
+
+
 class Monitor:
-    """Samples, from /proc and the cgroups, on which hosts the container runs un-frozen."""
+    """Samples, from /proc and the cgroups, on which hosts the container runs un-frozen.
+
+    Two copies count only when two samples in a row (~10 ms apart) see them: a copy
+    going from running to stopped or dead passes, for some microseconds, through a state
+    where /proc shows it runnable with nothing pending (the signal already taken, the stop
+    or exit not yet recorded), and the two files are read one after the other. A real
+    second copy runs for far longer than one sample; each single glimpse is kept, with
+    the tasks' states, so none is hidden."""
 
     def __init__(self, lab: str, hosts: tuple[str, ...]) -> None:
         self.lab, self.hosts = lab, hosts
         self.samples = 0
-        self.twice = 0
+        self.twice = 0  # confirmed: two samples in a row
+        self.glimpses: list[str] = []
         self.stop = threading.Event()
+
+    def pids(self, host: str) -> list[str]:
+        base = Path(f"/sys/fs/cgroup/freezer/ferry-{self.lab}/{host}/{NAME}")
+        try:
+            return (base / "cgroup.procs").read_text().split()
+        except OSError:
+            return []
 
     def running_on(self) -> list[str]:
         found = []
@@ -273,9 +394,16 @@ class Monitor:
         return found
 
     def run(self) -> None:
+        previous = False
         while not self.stop.is_set():
-            if len(self.running_on()) > 1:
+            both = len(self.running_on()) > 1
+            if both and len(self.glimpses) < 5:
+                detail = " ".join(f"{h}[{' '.join(_task_detail(p) for p in self.pids(h))}]"
+                                  for h in self.hosts)  # fmt: skip
+                self.glimpses.append(f"sample {self.samples}: {detail}")
+            if both and previous:
                 self.twice += 1
+            previous = both
             self.samples += 1
             time.sleep(0.01)
 
@@ -295,10 +423,14 @@ def inventory(lab: str, host: str, placed_here: bool) -> list[str]:
         ["ip", "-n", f"{lab}-{host}", "-o", "link"], capture_output=True, text=True
     ).stdout
     if placed_here:
-        netns = state / "netns" / NAME
-        rules = subprocess.run(
-            ["nsenter", f"--net={netns}", "iptables", "-S"], capture_output=True, text=True
-        ).stdout
+        # By the container's pid: its netns file is a mount only the host's mount ns sees.
+        _, pid = runc_state(state / "runc", NAME)
+        read = subprocess.run(
+            ["nsenter", "-t", str(pid), "-n", "iptables", "-S"], capture_output=True, text=True
+        )
+        if pid is None or read.returncode != 0:
+            left.append(f"{host}:iptables unreadable")
+        rules = read.stdout
         for chain in ("FERRY-HOLD", "CRIU"):
             if f"-N {chain}" in rules:
                 left.append(f"{host}:iptables {chain}")
@@ -338,8 +470,10 @@ def run_cell(
     memory: dict[str, Any],
 ) -> Outcome:
     outcome = Outcome(cell=cell.label, direction=f"{source}->{destination}")
+    if cell.pending:
+        outcome.verdict, outcome.evidence = "pending", f"pending: {cell.pending}"
+        return outcome
     started = time.monotonic()
-    pids = worker_pids(lab)
     monitor = Monitor(lab, (source, destination))
     watcher = threading.Thread(target=monitor.run, daemon=True)
     watcher.start()
@@ -350,18 +484,21 @@ def run_cell(
     args = ["migrate", NAME, "--to", destination, "--strategy", cell.strategy, "--json"]
     if cell.injected():
         args += ["--inject-fault", "+".join(cell.injected())]
+    if cell.fault == "clock":  # the destination's workers, for the whole migration
+        outcome.fired, outcome.evidence = _skew(lab, destination, cell.role)
     since = tap.mark()
     env = {**os.environ, **CHAOS_ENV, "FERRY_LAB": lab}
     cli = subprocess.Popen([FERRY, *args], env=env, text=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    must_end_on = ""
     try:
         accepted = tap.wait(since, lambda e: e["type"] == "accepted", 30)
         migration_id = accepted["migration_id"] if accepted else ""
+        outcome.migration_id = migration_id
         if cell.external and migration_id:
-            host = source if RUNS[cell.step][1] == "source" else destination
-            outcome.fired, outcome.evidence = _external_fault(
-                lab, tap, since, cell, migration_id, host, source, destination, pids
-            )
+            fault = ExternalFault(lab, tap, since, cell, migration_id, source, destination)
+            outcome.fired, outcome.evidence = fault.fire()
+            must_end_on = fault.must_end_on
         outcome.state = _wait_for_end(lab, tap, since, migration_id, 240)
     finally:
         if cli.poll() is None:
@@ -369,36 +506,76 @@ def run_cell(
         _, err = cli.communicate()
         if cell.fault == "disk-full":
             subprocess.run([*dest_mnt, "umount", "-l", "/var/lib/ferry/migrations"], check=False)
+        if cell.fault == "clock":
+            _skew(lab, destination, "")
     time.sleep(0.5)
     monitor.stop.set()
     watcher.join()
     outcome.ran_twice = monitor.twice > 0
-    hosts_running = monitor.running_on()
-    outcome.running_now = len(hosts_running)
+    outcome.twice_glimpses = monitor.glimpses
+    seen = observe(lab, tap, monitor, ip, memory)
+    outcome.seen = asdict(seen)
+    running = sorted(set(seen.runnable) | set(seen.answering))
+    outcome.running_now = len(running)
+    outcome.memory_intact = seen.client_ok
+    placed = running[0] if len(running) == 1 else ""
+    for host in (source, destination):
+        outcome.leftovers += inventory(lab, host, host == placed)
+    record = chaos_faults.record_of(env, migration_id) if migration_id else {}
+    outcome.error = str(record.get("error") or "")
+    if cell.fault == "disk-full":
+        errors = " ".join(s.get("error") or "" for s in record.get("steps", []))
+        # The page server could not write into the 512 KiB tmpfs: the dump fails.
+        outcome.fired = any(w in errors for w in ("checkpoint", "page", "space"))
+        outcome.evidence = f"destination disk full: {errors[:100]}"
+    elif not cell.external and cell.fault != "clock":
+        outcome.fired, outcome.evidence = _ferry_fault_evidence(lab, cell, migration_id, err)
+    outcome.verdict, outcome.problems = judge(
+        state=outcome.state,
+        error=outcome.error,
+        fired=outcome.fired,
+        seen=seen,
+        confirmed_twice=outcome.ran_twice,
+        leftovers=outcome.leftovers,
+        must_end_on=must_end_on,
+    )
+    outcome.seconds = round(time.monotonic() - started, 1)
+    return outcome
+
+
+def _skew(lab: str, host: str, offset: str) -> tuple[bool, str]:
+    def up(extra: dict[str, str]) -> None:
+        env = {**os.environ, **CHAOS_ENV, "FERRY_LAB": lab, **extra}
+        argv = [FERRY, "lab", "up", "--hosts", "2", "--allow-faults"]
+        subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+
+    return chaos_faults.skew_workers(lab, host, offset, lambda: worker_pids(lab), up)
+
+
+def observe(lab: str, tap: EventTap, monitor: Monitor, ip: str, memory: dict[str, Any]) -> Seen:
+    """Where the container runs, host by host, beside what the placement says."""
+    layout = LabLayout(lab)
+    placement, note = tap.placement(NAME)
+    seen = Seen(
+        placement_host=str((placement or {}).get("host", "")),
+        placement_state=str((placement or {}).get("state", "")),
+        placement_note="" if placement else note,
+    )
+    for host in monitor.hosts:
+        seen.runc[host], pid = runc_state(layout.runc_root(host), NAME)
+        if answers_on_loopback(pid):
+            seen.answering.append(host)
+    seen.runnable = monitor.running_on()
     try:
         now = query(ip, timeout=10)
-        outcome.memory_intact = (
+        seen.client_ok = (
             now["token"] == memory["token"] and now["requests"] > memory["requests"]
             and now["buffer_ok"] is True
         )  # fmt: skip
         memory.update(now)
     except OSError:
-        outcome.memory_intact = False
-    placed = hosts_running[0] if len(hosts_running) == 1 else ""
-    for host in (source, destination):
-        outcome.leftovers += inventory(lab, host, host == placed)
-    if cell.fault == "disk-full":
-        record = json.loads(
-            ferry(lab, "status", migration_id, "--json", check=False).stdout or "{}"
-        )
-        errors = " ".join(s.get("error") or "" for s in record.get("steps", []))
-        # The page server could not write into the 512 KiB tmpfs: the dump fails.
-        outcome.fired = any(w in errors for w in ("checkpoint", "page", "space"))
-        outcome.evidence = f"destination disk full: {errors[:100]}"
-    elif not cell.external:
-        outcome.fired, outcome.evidence = _ferry_fault_evidence(lab, cell, migration_id, err)
-    outcome.seconds = round(time.monotonic() - started, 1)
-    return outcome
+        seen.client_ok = False
+    return seen
 
 
 def _wait_for_end(lab: str, tap: EventTap, since: int, migration_id: str, timeout: float) -> str:
@@ -422,64 +599,221 @@ def _wait_for_end(lab: str, tap: EventTap, since: int, migration_id: str, timeou
     return "unfinished"
 
 
-def _external_fault(
-    lab: str,
-    tap: EventTap,
-    since: int,
-    cell: Cell,
-    migration_id: str,
-    host: str,
-    source: str,
-    destination: str,
-    pids: dict[tuple[str, str], int],
-) -> tuple[bool, str]:
-    """Fire the fault the moment the migration starts (before) or finishes (after) the step."""
+# How long a frozen worker or a cut-off destination stays silent: past the step's timeout
+# and the watchdog's grace, so the watchdog has to decide while it cannot hear from it.
+SILENCE_MARGIN_S = 5.0
+SILENCE_CAP_S = 60.0
 
-    def reached(e: dict[str, Any]) -> bool:
-        if e.get("migration_id") != migration_id or e.get("step") != cell.step:
-            return False
-        if e.get("kind") != cell.kind:
-            return False
-        wanted = "step_started" if cell.when == "before" else "step_finished"
-        return e["type"] == wanted and (cell.when == "before" or e.get("status") == "done")
 
-    if tap.wait(since, reached, 60) is None:
-        return False, f"{cell.step} was never reached"
-    if cell.fault == "kill":
-        pid = pids.get((host, cell.role))
+def _previous(cell: Cell) -> str:
+    """The forward step before the cell's."""
+    steps = DEFINITIONS[cell.strategy].steps
+    index = next(i for i, s in enumerate(steps) if s.name == cell.step)
+    return steps[index - 1].name
+
+
+def _is_worker(pid: int, role: str) -> bool:
+    try:
+        return f"services.{role}" in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
+
+
+def _silence_for(step: str) -> float:
+    timeout = next(s.timeout_s for d in DEFINITIONS.values() for s in d.steps if s.name == step)
+    return min(timeout + GRACE_S + SILENCE_MARGIN_S, SILENCE_CAP_S)
+
+
+class ExternalFault:
+    """One fault the harness fires itself, the moment the migration reaches the step."""
+
+    def __init__(
+        self,
+        lab: str,
+        tap: EventTap,
+        since: int,
+        cell: Cell,
+        migration_id: str,
+        source: str,
+        destination: str,
+    ) -> None:
+        self.lab, self.tap, self.since, self.cell = lab, tap, since, cell
+        self.migration_id, self.source, self.destination = migration_id, source, destination
+        self.spec = read_spec(LabLayout(lab))
+        assert self.spec is not None
+        self.env = {**os.environ, **CHAOS_ENV, "FERRY_LAB": lab}
+        self.must_end_on = ""  # set when the fault leaves one right answer (rolled forward)
+        # Read now: `ferry hosts` takes longer than a short step runs.
+        self.known_pids = worker_pids(lab)
+
+    def host_of(self, side: str) -> str:
+        return self.source if side == "source" else self.destination
+
+    def pids(self) -> dict[tuple[str, str], int]:
+        """The workers' pids: those read at the start while each is still that worker."""
+        known = {w: pid for w, pid in self.known_pids.items() if _is_worker(pid, w[1])}
+        if len(known) == len(self.known_pids):
+            return known
+        self.known_pids = worker_pids(self.lab)
+        return self.known_pids
+
+    def record(self) -> dict[str, Any]:
+        return self.tap.record(self.migration_id)
+
+    def reached(self, step: str, when: str) -> bool:
+        kind = "compensation" if step in COMPENSATIONS else "forward"
+
+        def match(e: dict[str, Any]) -> bool:
+            if e.get("migration_id") != self.migration_id or e.get("step") != step:
+                return False
+            if e.get("kind") != kind:
+                return False
+            wanted = "step_finished" if when == "after" else "step_started"
+            return e["type"] == wanted and (when != "after" or e.get("status") == "done")
+
+        return self.tap.wait(self.since, match, 60) is not None
+
+    def fire(self) -> tuple[bool, str]:
+        cell = self.cell
+        trigger = (cell.step, cell.when)
+        if cell.fault == "cas-cut":
+            # Armed early: the commit follows verify by milliseconds, iptables takes tens.
+            trigger = ("restore", "before")
+        elif cell.fault == "freeze" and cell.when == "before":
+            # The step is too short to be seen running: freeze the worker as it is sent.
+            trigger = (_previous(cell), "after")
+        if not self.reached(*trigger):
+            return False, f"{trigger[0]} was never reached"
+        fire: dict[str, Callable[[], tuple[bool, str]]] = {
+            "kill": self.kill,
+            "freeze": self.freeze,
+            "nats-restart": self.nats_restart,
+            "net-cut": self.net_cut,
+            "cas-cut": self.cas_cut,
+            "kv-lost": self.kv_lost,
+            "store-lost": self.store_lost,
+        }
+        return fire[cell.fault]()
+
+    def _step_worker(self) -> tuple[str, str] | None:
+        """(host, role) of the worker the record names for the running step."""
+        step = chaos_faults.wait_running_step(self.record, self.cell.step)
+        return (str(step["host"]), str(step["role"])) if step else None
+
+    def kill(self) -> tuple[bool, str]:
+        cell = self.cell
+        if cell.role == "step":
+            worker = self._step_worker()
+            if worker is None:
+                return False, f"the record never showed {cell.step} running"
+            host, role = worker
+            why = f"runs {cell.step} per the record"
+        else:
+            # A worker whose service the step needs (the transfer server on the step's host).
+            host, role = self.host_of(RUNS[cell.step][1]), cell.role
+            now = [s for s in self.record().get("steps", []) if s.get("status") == "running"]
+            runs = ", ".join(f"{s['name']} ({s['role']}@{s['host']})" for s in now) or "nothing"
+            why = f"record runs {runs}"
+        pid = chaos_faults.signal_worker(self.pids, host, role, signal.SIGKILL)
         if pid is None:
-            return False, f"no {cell.role} worker on {host}"
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            return False, f"no {role} worker on {host}"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            new = worker_pids(lab).get((host, cell.role))
+            new = worker_pids(self.lab).get((host, role))
             if new and new != pid:
-                return True, f"{cell.role} on {host}: pid {pid} killed, restarted as {new}"
+                return True, f"{role} on {host} ({why}): pid {pid} killed, restarted as {new}"
             time.sleep(0.3)
-        return False, f"{cell.role} on {host} was not restarted"
-    if cell.fault == "nats-restart":
-        old = nats_pid(lab)
+        return False, f"{role} on {host} was not restarted"
+
+    def freeze(self) -> tuple[bool, str]:
+        cell = self.cell
+        if cell.when == "before":
+            host, role = self.host_of(RUNS[cell.step][1]), RUNS[cell.step][0]
+            placement, _ = self.tap.placement(NAME)
+            where = f"placement on {(placement or {}).get('host', '?')} as it froze"
+            fired, said = chaos_faults.freeze_worker(self.pids, host, role, _silence_for(cell.step))
+            return fired, f"{said} ({where})"
+        worker = self._step_worker()
+        if worker is None:
+            return False, f"the record never showed {cell.step} running"
+        host, role = worker
+        return chaos_faults.freeze_worker(self.pids, host, role, _silence_for(cell.step))
+
+    def nats_restart(self) -> tuple[bool, str]:
+        old = nats_pid(self.lab)
         if old:
             os.kill(old, signal.SIGKILL)
         time.sleep(0.5)
-        spec = read_spec(LabLayout(lab))
-        hosts = str(len(spec.hosts)) if spec else "2"
-        ferry(lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
-        new = nats_pid(lab)
+        assert self.spec is not None
+        hosts = str(len(self.spec.hosts))
+        ferry(self.lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
+        new = nats_pid(self.lab)
         return bool(old and new and old != new), f"nats-server pid {old} -> {new}"
-    spec = read_spec(LabLayout(lab))
-    assert spec is not None
-    peer = spec.address(destination)
-    rule = ["OUTPUT", "-d", peer, "-m", "comment", "--comment", "ferry-chaos", "-j", "DROP"]
-    ns = ["nsenter", f"--net=/run/netns/{lab}-{source}", "iptables", "-w"]
-    subprocess.run([*ns, "-I", *rule], check=True)
-    time.sleep(3.0)
-    counters = subprocess.run([*ns, "-L", "OUTPUT", "-v", "-x", "-n"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-    subprocess.run([*ns, "-D", *rule], check=False)
-    dropped = sum(int(line.split()[0]) for line in counters.splitlines() if "ferry-chaos" in line)
-    return True, f"{source}->{destination} cut for 3 s ({dropped} packets dropped)"
+
+    def _cut(self, host: str, *, nats: bool) -> chaos_cuts.Cut:
+        assert self.spec is not None
+        peer = self.destination if host == self.source else self.source
+        return chaos_cuts.Cut(
+            netns=str(LabLayout(self.lab).netns_path(host)),
+            peer=self.spec.address(peer),
+            nats=(self.spec.nats_address, self.spec.nats_port) if nats else None,
+        )
+
+    def net_cut(self) -> tuple[bool, str]:
+        host = self.host_of(RUNS[self.cell.step][1])
+        isolate = self.cell.role == "isolate"
+        dropped, lasted = chaos_cuts.hold(self._cut(host, nats=isolate), 3.0, 8.0)
+        what = "its peer and NATS" if isolate else "its peer"
+        # A cut that dropped nothing cut nothing: the step sent no packet meanwhile.
+        return dropped > 0, f"{host} cut from {what} for {lasted} s ({dropped} packets dropped)"
+
+    def cas_cut(self) -> tuple[bool, str]:
+        """The destination loses NATS and its peer right after its commit's CAS leaves."""
+        cut = self._cut(self.destination, nats=True)
+        subject = f"$KV.{subjects.PLACEMENT_BUCKET}.{NAME}"
+        rules = chaos_cuts.arm_after_publish(cut, subject)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not chaos_cuts.counters(cut, chaos_cuts.CAS_TAG):
+                time.sleep(0.05)
+            if not chaos_cuts.counters(cut, chaos_cuts.CAS_TAG):
+                return False, "the commit's compare-and-set was never seen leaving"
+            self.must_end_on = self.destination
+            silence = _silence_for("commit")
+            time.sleep(silence)
+            dropped = chaos_cuts.counters(cut)
+        finally:
+            chaos_cuts.disarm(cut, rules)
+        return dropped > 0, (
+            f"{self.destination} cut off {silence:.0f} s right after its commit's CAS"
+            f" ({dropped} packets dropped), then healed"
+        )
+
+    def kv_lost(self) -> tuple[bool, str]:
+        async def delete(nc: Any) -> bool:
+            return bool(await nc.jetstream().delete_key_value(subjects.PLACEMENT_BUCKET))
+
+        deleted = self.tap.call(delete)
+        time.sleep(float(CHAOS_ENV["FERRY_COLLECTOR_INTERVAL_S"]))  # a sweep sees it gone
+        said = chaos_faults.reconcile(self.env, self._placed)
+        return deleted, f"placement bucket deleted ({deleted}), then {said}"
+
+    def _placed(self) -> bool:
+        return self.tap.placement(NAME)[0] is not None
+
+    def store_lost(self) -> tuple[bool, str]:
+        old = nats_pid(self.lab)
+        if old:
+            os.kill(old, signal.SIGKILL)
+        time.sleep(0.5)
+        store = LabLayout(self.lab).nats_dir / "store"
+        subprocess.run(["rm", "-rf", str(store)], check=False)
+        assert self.spec is not None
+        hosts = str(len(self.spec.hosts))
+        ferry(self.lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
+        said = chaos_faults.reconcile(self.env, self._placed)
+        new = nats_pid(self.lab)
+        return bool(old and new), f"JetStream store lost, nats {old} -> {new}; {said}"
 
 
 def _ferry_fault_evidence(lab: str, cell: Cell, migration_id: str, err: str) -> tuple[bool, str]:
@@ -507,14 +841,19 @@ def table(outcomes: list[Outcome]) -> str:
     for o in outcomes:
         c = rows.setdefault(o.cell, Counter())
         c["runs"] += 1
+        c["fired"] += o.fired
         c["completed"] += o.state == "completed"
         c["rolled back"] += o.state == "rolled_back"
-        c["failed"] += o.state not in ("completed", "rolled_back")
-        c["lost"] += o.lost
-        c["ran twice"] += o.ran_twice
+        c["failed"] += o.state.startswith("failed")
+        c["unfinished"] += o.state.startswith("unfinished")
+        c["pending"] += o.verdict == "pending"
+        c["lost"] += o.verdict == "lost" or any(p.startswith("lost") for p in o.problems)
+        c["two copies"] += any(p.startswith("two-copies") for p in o.problems)
+        c["misplaced"] += any(p.startswith("placement-wrong") for p in o.problems)
         c["leftovers"] += bool(o.leftovers)
-        c["fired"] += o.fired
-    cols = ["runs", "fired", "completed", "rolled back", "failed", "lost", "ran twice", "leftovers"]
+        c["bad"] += o.fatal
+    cols = ["runs", "fired", "completed", "rolled back", "failed", "unfinished", "pending",
+            "lost", "two copies", "misplaced", "leftovers", "bad"]  # fmt: skip
     lines = [f"{'fault':<40} {'step':<20} " + " ".join(f"{c:>11}" for c in cols)]
     for label, c in rows.items():
         fault, step, when = label.split(":")
@@ -527,34 +866,90 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def summary(outcomes: list[Outcome]) -> str:
+    """Counts by verdict, and every cell that fails the run, with why."""
+    counts = Counter(o.verdict for o in outcomes)
+    lines = [
+        f"chaos: {len(outcomes)} runs: "
+        + ", ".join(f"{v} {counts[v]}" for v in VERDICTS if counts[v]),
+        f"chaos: ran twice (confirmed) {sum(o.ran_twice for o in outcomes)},"
+        f" single-sample glimpses {sum(bool(o.twice_glimpses) for o in outcomes)}",
+    ]
+    for o in outcomes:
+        if o.verdict not in ("ok", "failed"):
+            lines.append(f"  {o.verdict:<22} {o.cell} {o.direction}: {'; '.join(o.problems)}"
+                         f"{o.evidence if o.verdict == 'pending' else ''}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _flag(outcome: Outcome) -> str:
     """What is wrong with a run, for the progress line; empty when nothing is."""
-    wrong = [
-        *([] if outcome.fired else ["did not fire"]),
-        *([f"LOST ({outcome.running_now} running)"] if outcome.lost else []),
-        *(["RAN TWICE"] if outcome.ran_twice else []),
-        *([f"left {', '.join(outcome.leftovers)}"] if outcome.leftovers else []),
-    ]
-    return f"  <-- {'; '.join(wrong)}" if wrong else ""
+    if outcome.verdict in ("ok", "pending"):
+        return ""
+    return f"  <-- {outcome.verdict.upper()}: {'; '.join(outcome.problems)}"
 
 
-def placed_host(lab: str, attempts: int = 10) -> str:
-    """Where the placement says the victim runs (the listing can fail while the bus is busy)."""
-    for _ in range(attempts):
-        listed = ferry(lab, "containers", "--json", check=False)
-        with contextlib.suppress(ValueError):
-            placed = {c["name"]: c for c in json.loads(listed.stdout)}
-            if NAME in placed:
-                return str(placed[NAME]["host"])
-        time.sleep(1.0)
-    raise RuntimeError(f"{NAME} has no placement any more: {listed.stderr.strip()[-300:]}")
+def where_it_is(lab: str, tap: EventTap, hosts: tuple[str, ...]) -> str | None:
+    """Where the victim is to move from: the placement, if a host's runc agrees."""
+    placement, _ = tap.placement(NAME)
+    layout = LabLayout(lab)
+    running = [h for h in hosts if runc_status(layout.runc_root(h), NAME) == "running"]
+    if placement and placement.get("state") == "running" and running == [placement["host"]]:
+        return str(placement["host"])
+    return None
+
+
+class Victim:
+    """The lab and the container every cell moves; brought up again after a bad cell, so
+    one loss does not end the run."""
+
+    def __init__(self, lab: str) -> None:
+        self.lab = lab
+        self.ip = ""
+        self.memory: dict[str, Any] = {}
+        self.tap: EventTap | None = None
+
+    def up(self) -> None:
+        ferry(self.lab, "lab", "down", check=False)
+        ferry(self.lab, "lab", "up", "--hosts", "2", "--allow-faults", timeout=180)
+        with tempfile.TemporaryDirectory(prefix="ferry-chaos-") as tmp:
+            rootfs = build_rootfs(Path(tmp) / "rootfs")
+            run = ferry(self.lab, "container", "run", "--host", "h1", "--name", NAME, "--rootfs",
+                        str(rootfs), "--", "/bin/memapp", "7000", "8")  # fmt: skip
+        self.ip = run.stdout.strip().splitlines()[-1]
+        self.memory = wait_until_serving(self.ip)
+        spec = read_spec(LabLayout(self.lab))
+        assert spec is not None
+        # The tap reconnects to a new server on its own, unless the lab moved its port.
+        if self.tap is None or self.tap.url != spec.nats_url:
+            self.tap = EventTap(spec.nats_url)
+
+    def source(self) -> str | None:
+        assert self.tap is not None
+        for _ in range(10):
+            found = where_it_is(self.lab, self.tap, ("h1", "h2"))
+            if found:
+                return found
+            time.sleep(1.0)
+        return None
+
+
+def select(args: argparse.Namespace) -> list[Cell]:
+    cells = grid(args.quick, tuple(args.strategies.split(",")))
+    if args.cell:
+        by_label = {c.label: c for c in grid(False)}
+        unknown = [label for label in args.cell if label not in by_label]
+        if unknown:
+            raise SystemExit(f"no such cell: {', '.join(unknown)} (see --list)")
+        return [by_label[label] for label in args.cell]
+    return [c for c in cells if args.only in c.label]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="one cell per fault kind")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs per cell (directions alternate as it moves)"
+        "--repeat", type=int, default=1, help="runs per cell, in a row (directions alternate)"
     )
     parser.add_argument("--json", type=Path, default=Path("bench/chaos.json"))
     parser.add_argument("--lab", default=os.environ.get("FERRY_LAB", "chaos"))
@@ -562,49 +957,54 @@ def main() -> int:
         "--strategies", default=",".join(STRATEGIES), help="comma-separated, default: all"
     )
     parser.add_argument("--only", default="", help="only cells whose label contains this")
+    parser.add_argument(
+        "--cell", action="append", default=[], help="exactly this cell (repeatable)"
+    )
+    parser.add_argument("--list", action="store_true", help="print the cells' labels and exit")
     args = parser.parse_args()
-    lab = args.lab
-    ferry(lab, "lab", "down", check=False)
-    ferry(lab, "lab", "up", "--hosts", "2", "--allow-faults", timeout=180)
+    cells = select(args)
+    if args.list:
+        print("\n".join(c.label + (f"  (pending: {c.pending})" if c.pending else "")
+                        for c in cells))  # fmt: skip
+        return 0
+    victim = Victim(args.lab)
     outcomes: list[Outcome] = []
+    plan = [(c, r) for c in cells for r in range(args.repeat)]
     try:
-        with tempfile.TemporaryDirectory(prefix="ferry-chaos-") as tmp:
-            rootfs = build_rootfs(Path(tmp) / "rootfs")
-            run = ferry(lab, "container", "run", "--host", "h1", "--name", NAME, "--rootfs",
-                        str(rootfs), "--", "/bin/memapp", "7000", "8")  # fmt: skip
-        ip = run.stdout.strip().splitlines()[-1]
-        memory = wait_until_serving(ip)
-        spec = read_spec(LabLayout(lab))
-        assert spec is not None
-        tap = EventTap(spec.nats_url)
-        cells = [
-            c for c in grid(args.quick, tuple(args.strategies.split(","))) if args.only in c.label
-        ]
-        plan = [(c, r) for c in cells for r in range(args.repeat)]
-        print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {lab}", file=sys.stderr)
+        victim.up()
+        print(f"chaos: {len(cells)} cells x {args.repeat} runs on lab {args.lab}", file=sys.stderr)
         for n, (cell, _) in enumerate(plan, 1):
-            source = placed_host(lab)
+            source = victim.source()
+            if source is None:
+                print("chaos: the victim is not where its placement says: new lab",
+                      file=sys.stderr)  # fmt: skip
+                victim.up()
+                source = "h1"
             destination = "h2" if source == "h1" else "h1"
-            outcome = run_cell(lab, tap, cell, source, destination, ip, memory)
+            assert victim.tap is not None
+            outcome = run_cell(
+                args.lab, victim.tap, cell, source, destination, victim.ip, victim.memory
+            )
             outcomes.append(outcome)
-            flag = _flag(outcome)
             print(
                 f"[{n}/{len(plan)}] {cell.label:<32} {outcome.direction} {outcome.state:<11}"
-                f" {outcome.seconds:>5}s {outcome.evidence}{flag}",
+                f" {outcome.seconds:>5}s {outcome.verdict:<10} {outcome.evidence}{_flag(outcome)}",
                 file=sys.stderr,
                 flush=True,
             )
-            if outcome.lost:
-                print("the container was lost: stopping", file=sys.stderr)
-                break
+            if outcome.fatal or outcome.leftovers:
+                # Judge the next cell on a clean lab, not on this one's wreckage.
+                victim.up()
     finally:
-        ferry(lab, "lab", "down", check=False)
+        ferry(args.lab, "lab", "down", check=False)
         # Whatever ran is evidence, even when the harness itself stopped early.
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(o) | {"lost": o.lost} for o in outcomes], indent=2))
     print(table(outcomes))
-    bad = [o for o in outcomes if o.lost or o.ran_twice or o.leftovers or not o.fired]
-    return 1 if bad else 0
+    print(summary(outcomes))
+    if any(o.fatal for o in outcomes):
+        return 1
+    return 2 if any(o.verdict in FLAWED for o in outcomes) else 0
 
 
 if __name__ == "__main__":

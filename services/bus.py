@@ -295,6 +295,11 @@ async def serve(
             if on_error is not None:
                 on_error(subject, exc)
             reply = error_reply(exc)
+        except ConnectionError as exc:  # a peer went away mid-answer: a retry may help
+            failure: FerryError = Unavailable(f"a connection failed while answering: {exc!r}")
+            if on_error is not None:
+                on_error(subject, failure)
+            reply = error_reply(failure)
         except Exception as exc:  # a bug must still answer, or the caller waits in vain
             failure = RuntimeFailure(f"internal error: {type(exc).__name__}: {exc}")
             if on_error is not None:

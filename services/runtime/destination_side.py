@@ -287,7 +287,10 @@ class DestinationSide:
                 raise RuntimeFailure(
                     "the lazy-pages daemon died: pages may be missing", log_tail=criu.tail(log)
                 )
-            if now - last_sign > stalled_after_s:
+            everything_in = view.total_pages and view.copied_pages == view.total_pages
+            if now - last_sign > stalled_after_s and not everything_in:
+                # (With every page in, memory is whole: the daemon is only saying goodbye
+                # to a source it cannot reach yet; wait for its exit, never fall back.)
                 raise RuntimeFailure(
                     f"no page arrived for {stalled_after_s:.0f} s"
                     f" ({view.copied_pages or 0}/{view.total_pages or '?'} pages copied)",

@@ -224,6 +224,10 @@ async def guarded(
         # The step's own deadline, or a bus request inside it: the traceback says which.
         log.warning("%s timed out", command.step, exc_info=True)
         return StepError(f"{command.step} timed out", retryable=True)
+    except ConnectionError as exc:
+        # A peer reset or refused the connection (its worker restarting): asking again helps.
+        log.warning("%s: connection to a peer failed: %r", command.step, exc)
+        return StepError(f"{command.step}: a peer's connection failed: {exc!r}", retryable=True)
     except Exception as exc:
         log.exception("%s crashed", command.step)
         return StepError(f"internal error in {command.step}: {type(exc).__name__}: {exc}", False)
