@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
-from workflows.reconcile import newest
 
 from schemas.v1.containers import Placement
 from schemas.v2.ledger import LedgerMigration, LedgerRole
 from schemas.v2.migrations import MigrationRecord
+from workflows.reconcile import newest
 
 log = logging.getLogger("ferry.ledger")
 
