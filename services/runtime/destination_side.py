@@ -32,6 +32,7 @@ from services.runtime.spans import tracer
 
 PAGE_SERVER_EXIT_S = 30.0
 DRAIN_POLL_S = 0.2
+EXIT_CODE_GRACE_S = 3.0
 VERIFY_CONNECT_TIMEOUT_S = 2.0
 
 
@@ -273,6 +274,7 @@ class DestinationSide:
         log = paths.criu_log(layout.LAZY_PAGES)
         started = last_sign = time.monotonic()
         logged = -1
+        gone_since: float | None = None
         while True:
             view = lazy_pages.look(paths.images, log)
             if view.rc is not None:
@@ -282,8 +284,10 @@ class DestinationSide:
                 logged, last_sign = view.logged_bytes, now
                 if heard is not None:
                     await heard(view)
-            if not view.alive:
+            gone_since = None if view.alive else (gone_since or now)
+            if gone_since is not None and now - gone_since > EXIT_CODE_GRACE_S:
                 # Gone without an exit code: killed with its wrapper (or the host rebooted).
+                # (Not at once: the wrapper writes the code a moment after the daemon exits.)
                 raise RuntimeFailure(
                     "the lazy-pages daemon died: pages may be missing", log_tail=criu.tail(log)
                 )
