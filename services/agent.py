@@ -119,6 +119,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         features=features,
         missing=missing,
     )
+    registration = await _keep_declaration(registry, registration)
     await registry.put(config.host, registration.to_bytes())
     checked_at = time.monotonic()
     while not stopping.is_set():
@@ -139,6 +140,22 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), subjects.HEARTBEAT_INTERVAL_S)
     await nc.close()
+
+
+async def _keep_declaration(registry: KeyValue, registration: HostRegistration) -> HostRegistration:
+    """A host an operator declared dead stays declared when its agent comes back: what the
+    sagas decided on that evidence (its copies given up) must not be undone by a restart."""
+    try:
+        entry = await registry.get(registration.host)
+    except KeyNotFoundError:
+        return registration
+    if not entry.value:
+        return registration
+    before = HostRegistration.from_bytes(entry.value)
+    if before.declared_dead is None:
+        return registration
+    log.critical("this host was declared dead by an operator: %s", before.declared_dead.reason)
+    return registration.model_copy(update={"declared_dead": before.declared_dead})
 
 
 async def _stay_registered(

@@ -17,7 +17,7 @@ from nats.js.kv import KeyValue
 
 from schemas import subjects
 from schemas.v1.containers import Image, Placement
-from schemas.v1.hosts import HostRegistration
+from schemas.v1.hosts import DeadDeclaration, HostRegistration
 from schemas.v2.migrations import MigrationRecord, read_record
 from services.errors import Conflict, NotFound, Unavailable
 
@@ -246,3 +246,45 @@ class KvHostDirectory:
         except KeyNotFoundError:
             return False
         return bool(beat.value)
+
+    async def declared_dead(self) -> dict[str, DeadDeclaration]:
+        """The hosts an operator declared dead, and what they said."""
+        found = {}
+        for host in await self.known_hosts():
+            registration = await self.registered(host)
+            if registration is not None and registration.declared_dead is not None:
+                found[host] = registration.declared_dead
+        return found
+
+    async def declare_dead(
+        self, host: str, declaration: DeadDeclaration, *, force: bool = False
+    ) -> HostRegistration:
+        """Record an operator's declaration in the host's registry entry (compare-and-set: an
+        agent registering again meanwhile is read again, never overwritten). A host whose agent
+        still heartbeats is refused unless `force`. Declaring twice keeps the first words."""
+        for _ in range(KEYS_ATTEMPTS):
+            entry = await _entry(self.registry, host)
+            if entry is None or not entry.value:
+                known = ", ".join(await self.known_hosts()) or "none"
+                raise NotFound(f"unknown host {host!r} (known: {known})", field="host")
+            registration = HostRegistration.from_bytes(entry.value)
+            if registration.declared_dead is not None:
+                return registration
+            live = await self.alive(host)
+            if live and not force:
+                raise Conflict(
+                    f"{host}'s agent still sends heartbeats: a live host is not dead"
+                    " (stop it first, or --force if you know its containers and disks are gone)",
+                    field="host",
+                )
+            declared = registration.model_copy(
+                update={"declared_dead": declaration.model_copy(update={"forced": live})}
+            )
+            try:
+                await self.registry.update(host, declared.to_bytes(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise Unavailable(f"cannot write {host!r}'s registration: {exc!r}") from exc
+            return declared
+        raise Conflict(f"the registration of {host!r} kept changing; try again", field="host")

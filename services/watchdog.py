@@ -24,6 +24,7 @@ from schemas.v2.migrations import MigrationRecord
 from services.errors import Conflict, NotFound, Unavailable
 from services.kvstores import KvMigrationStore
 from services.leases import LeaseRead, Leases
+from services.saga.dead_hosts import past_dead_hosts
 from services.saga.publish import publish_decision
 from services.saga.transitions import transition
 from workflows.definitions import DEFINITIONS
@@ -156,6 +157,8 @@ class Watchdog:
             return False  # another host's watchdog, or the step itself, got there first
         if applied is None or not applied.changed:
             return False
+        # A compensation it starts or retries on a host declared dead is moved past now.
+        applied = await past_dead_hosts(self.js, self.migrations, DEFINITIONS[seen.chosen], applied)
         log.warning("migration %s: %s", seen.id, applied.record.error or "step moved on")
         await publish_decision(self.js, applied)
         return True

@@ -355,6 +355,11 @@ def _next_forward(
     return _start_entry(record, entry, now)
 
 
+# A compensation is over when it ran, or when it was skipped because nothing of it could run
+# (its host was declared dead by an operator: workflows/dead_hosts.py).
+HANDLED = ("done", "skipped")
+
+
 def _to_compensate(defn: SagaDefinition, record: MigrationRecord) -> list[Step]:
     """Forward steps that ran (or tried to) and still need undoing, latest first."""
     ran = {s.name for s in record.steps if s.kind == "forward" and s.status in ("done", "failed")}
@@ -380,7 +385,9 @@ def _next_fallback(
 ) -> Decision:
     """The next action of `step`'s fallback; when all ran, the source has the container."""
     index = max(i for i, s in enumerate(record.steps) if s.name == step.name)
-    done = [s for s in record.steps[index + 1 :] if s.kind == "compensation" and s.status == "done"]
+    done = [
+        s for s in record.steps[index + 1 :] if s.kind == "compensation" and s.status in HANDLED
+    ]
     if len(done) < len(step.fallback):
         action = step.fallback[len(done)]
         entry = StepRecord(
@@ -407,7 +414,7 @@ def _next_compensation(defn: SagaDefinition, record: MigrationRecord, now: float
     falling_back = _falling_back(defn, record)
     if falling_back is not None:
         return _next_fallback(defn, record, falling_back, now)
-    undone = {s.name for s in record.steps if s.kind == "compensation" and s.status == "done"}
+    undone = {s.name for s in record.steps if s.kind == "compensation" and s.status in HANDLED}
     for step in _to_compensate(defn, record):
         assert step.compensation is not None
         if step.compensation.name in undone:
@@ -560,6 +567,34 @@ def roll_forward(
         error=reason,
     )
     return Decision(decision.record, decision.commands, (done, *decision.events))
+
+
+def skip_current(
+    defn: SagaDefinition, record: MigrationRecord, reason: str, now: float
+) -> Decision:
+    """The compensation running now can run nowhere (its host is gone for good): it is marked
+    skipped, with the reason, and the saga goes on with what follows it."""
+    entry = current(record)
+    if entry is None or entry.kind != "compensation":
+        return Decision(record, pending_commands(record), changed=False)
+    duration = _duration_ms(entry, now)
+    steps = _replace_last(
+        record, entry, status="skipped", finished_at=now, duration_ms=duration, error=reason
+    )
+    skipped = record.model_copy(update={"steps": steps, "updated_at": now})
+    event = StepFinished(
+        migration_id=record.id,
+        at=now,
+        step=entry.name,
+        kind=entry.kind,
+        host=entry.host,
+        attempt=entry.attempts,
+        status="skipped",
+        duration_ms=duration,
+        error=reason,
+    )
+    decision = _next_compensation(defn, skipped, now)
+    return Decision(decision.record, decision.commands, (event, *decision.events))
 
 
 def request_cancel(record: MigrationRecord, reason: str, now: float) -> MigrationRecord:

@@ -42,6 +42,17 @@ class WorkerHeartbeat(Message):
     )
 
 
+class DeadDeclaration(Part):
+    """An operator's word that a host and everything it held are gone for good: the only
+    evidence that ends a way back waiting for that host (`ferry hosts declare-dead`)."""
+
+    reason: str = Field(min_length=1)
+    declared_at: float
+    forced: bool = Field(
+        default=False, description="declared while the host's agent still sent heartbeats"
+    )
+
+
 class HostRegistration(Message):
     """A host that joined the fleet; kept after it goes down, so "down" differs from "unknown"."""
 
@@ -52,3 +63,6 @@ class HostRegistration(Message):
         default=(), description="migration features this host supports (lazy_pages, ...)"
     )
     missing: dict[str, str] = Field(default_factory=dict, description="features it lacks, and why")
+    declared_dead: DeadDeclaration | None = Field(
+        default=None, description="set by an operator who declared the host dead; absent: not"
+    )

@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import re
+import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -15,10 +16,16 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
-from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat, WorkerHeartbeat
+from schemas.v1.hosts import (
+    WORKER_ROLES,
+    DeadDeclaration,
+    HostHeartbeat,
+    HostRegistration,
+    WorkerHeartbeat,
+)
 from services import bus
 from services.cli import plugins
-from services.cli.context import BusContext, connected, context_or_none, say
+from services.cli.context import BusContext, connected, context_or_none, current_context, say
 from services.errors import InvalidInput, Unavailable
 from services.kvstores import KvHostDirectory
 
@@ -79,6 +86,8 @@ async def host_rows(nc: NATS) -> list[dict[str, Any]]:
         }
         if alerts := await worker_alerts(directory.heartbeats, host):
             row["alerts"] = alerts  # only when there are some: the row keeps its old shape
+        if registration and registration.declared_dead:  # likewise only when declared
+            row["declared_dead"] = registration.declared_dead.model_dump(mode="json")
         rows.append(row)
     return rows
 
@@ -112,8 +121,64 @@ def hosts(args: argparse.Namespace) -> int:
     for row in rows:
         state_dir = row.get("state_dir", "-")
         print(f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {state_dir}")
+        if dead := row.get("declared_dead"):
+            print(f"       ! declared dead by an operator: {dead['reason']}")
         for alert in row.get("alerts", []):
             print(f"       ! {alert}")
+    return 0
+
+
+def add_subcommands(hosts_parser: argparse.ArgumentParser) -> None:
+    """`ferry hosts declare-dead HOST --reason TEXT [--force] [--json]`."""
+    sub = hosts_parser.add_subparsers(dest="hosts_command", parser_class=type(hosts_parser))
+    dead = sub.add_parser(
+        "declare-dead",
+        help="record that a host is gone for good: ways back that wait for it end,"
+        " `ferry recover` may act",
+    )
+    dead.add_argument("host", metavar="HOST")
+    dead.add_argument("--reason", required=True, help="why: kept in the host's registry entry")
+    dead.add_argument(
+        "--force",
+        action="store_true",
+        help="even though its agent still sends heartbeats (only if you know it is gone)",
+    )
+    dead.add_argument("--json", action="store_true")
+    dead.set_defaults(run=declare_dead)
+
+
+async def _declare_dead(
+    context: BusContext, host: str, reason: str, force: bool
+) -> HostRegistration:
+    async with connected(context) as nc:
+        js = nc.jetstream()
+        await bus.require_topology(js)
+        directory = KvHostDirectory(
+            await bus.bucket(js, subjects.REGISTRY_BUCKET),
+            await bus.bucket(js, subjects.HOSTS_BUCKET),
+        )
+        declaration = DeadDeclaration(reason=reason, declared_at=time.time())
+        return await directory.declare_dead(host, declaration, force=force)
+
+
+def declare_dead(args: argparse.Namespace) -> int:
+    """Exit 0 once recorded (or already declared), 2 for an unknown or live host or no reason."""
+    reason = args.reason.strip()
+    if not reason:
+        raise InvalidInput("say why the host is dead (it is kept with the declaration)",
+                           field="--reason")  # fmt: skip
+    registration = asyncio.run(_declare_dead(current_context(args), args.host, reason, args.force))
+    declared = registration.declared_dead
+    assert declared is not None
+    if args.json:
+        print(
+            json.dumps(
+                {"host": registration.host, "declared_dead": declared.model_dump(mode="json")}
+            )
+        )
+    else:
+        again = "" if declared.reason == reason else " (already declared; kept the first reason)"
+        print(f"{registration.host} declared dead: {declared.reason}{again}")
     return 0
 
 

@@ -19,6 +19,7 @@ from services.cli import (
     migrate_commands,
     plugins,
     reconcile_commands,
+    recover_commands,
     trace_commands,
 )
 from services.cli.errors import exit_code, one_line
@@ -44,6 +45,7 @@ def build_parser() -> Parser:
     hosts = sub.add_parser("hosts", help="the hosts that joined the bus, and their health")
     hosts.add_argument("--json", action="store_true")
     hosts.set_defaults(run=host_commands.hosts)
+    host_commands.add_subcommands(hosts)  # `ferry hosts declare-dead`
 
     container = sub.add_parser("container", help="run or remove a container")
     c_sub = container.add_subparsers(dest="container_command", required=True, parser_class=Parser)
@@ -146,6 +148,8 @@ def build_parser() -> Parser:
     rec.add_argument("--apply", action="store_true", help="write it (default: only show it)")
     rec.add_argument("--json", action="store_true")
     rec.set_defaults(run=reconcile_commands.reconcile_command)
+
+    recover_commands.register(sub)  # `ferry recover`
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

@@ -36,6 +36,7 @@ from services.errors import Conflict, NotFound
 from services.faults import FaultPlan
 from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.runtime import ledger
+from services.saga.dead_hosts import dead_host_decision, past_dead_hosts
 from services.saga.layers import (
     annotate,
     guarded,
@@ -245,6 +246,8 @@ class SagaRunner:
             return owned
         if isinstance(owned, StepError):
             return await self._advance(migrations, definition, command, owned)
+        if past := await dead_host_decision(self.js, migrations, definition, run.record):
+            return past  # what it needs was on a host declared dead
         with plan.armed(run.record):
             if plan.fires(run.migration_id, f"duplicate:{command.step}"):
                 await bus.publish_command(
@@ -291,7 +294,7 @@ class SagaRunner:
 
         decision = await transition(migrations, command.migration_id, decide)
         assert decision is not None  # decide always decides
-        return decision
+        return await past_dead_hosts(self.js, migrations, definition, decision)
 
     async def _record_and_publish(self, decision: Decision, placements: KvPlacementStore) -> None:
         if decision.finished and decision.changed:
