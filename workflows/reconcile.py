@@ -11,13 +11,19 @@ The rules (issue 13):
   ledger says committed → roll forward (open the network, clean the source), the
   placement names the destination. Either way the placement is written locked by the
   migration, so the saga finds it as it left it and unlocks it when it ends;
+- a migration whose record is still on the bus is judged by that record, not by the
+  ledgers' copies (they may lag behind it: a host writes down only what its own workers
+  saw): if it is unfinished, its container's placement is written locked by it, on the
+  destination once a commit is known, else on the source, and the saga goes on by itself;
+- one container has at most one unfinished migration: an older one a ledger kept is over
+  once a newer one of the same container is live on the bus;
 - a host that did not answer may run anything: nothing is written while one is silent;
 - a placement still on the bus is never overwritten; if it differs, that is reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -148,6 +154,22 @@ def _merge_migrations(reports: Sequence[LedgerReport]) -> dict[str, _Migration]:
     return merged
 
 
+def _with_the_bus(
+    merged: dict[str, _Migration], records_on_bus: Mapping[str, MigrationRecord]
+) -> dict[str, _Migration]:
+    """The bus's record replaces the ledgers' copies: it is the truth while it exists, and a
+    copy may be stale (an end the watchdog wrote, or one no worker of that host saw). A live
+    record no ledger mentions yet still locks its container."""
+    for migration_id, record in records_on_bus.items():
+        found = merged.get(migration_id)
+        if found is None:
+            merged[migration_id] = _Migration(record, record.committed, set())
+            continue
+        found.record = record
+        found.committed = found.committed or record.committed
+    return merged
+
+
 def _says_committed(entry: LedgerMigration) -> bool:
     return (entry.role == "destination" and entry.committed) or (
         entry.role == "source" and entry.source_done
@@ -188,13 +210,13 @@ def plan(
     reports: Sequence[LedgerReport],
     silent: Mapping[str, str],
     on_bus: Mapping[str, Placement],
-    records_on_bus: Iterable[str],
+    records_on_bus: Mapping[str, MigrationRecord],
     now: float,
     definitions: Mapping[str, SagaDefinition] = DEFINITIONS,
 ) -> Plan:
-    """What reconcile would write, from the answered hosts' ledgers and runc lists."""
+    """What reconcile would write, from the answered hosts' ledgers and runc lists, and the
+    migration records the bus still has (by id)."""
     result = Plan(answered=tuple(r.host for r in reports), silent=dict(silent))
-    known_records = set(records_on_bus)
     ledgers = {r.host: {p.name: p for p in r.containers} for r in reports}
     running: dict[str, list[str]] = {}
     for report in reports:
@@ -206,25 +228,43 @@ def plan(
     # container -> (its host now, the migration, whether that host is the committed destination)
     owner_by_migration: dict[str, tuple[str, str, bool]] = {}
     committed_to: dict[str, list[tuple[MigrationRecord, str]]] = {}
-    for migration_id, migration in sorted(_merge_migrations(reports).items()):
+    merged = _with_the_bus(_merge_migrations(reports), records_on_bus)
+    caught: list[tuple[str, _Migration]] = []
+    contested: set[str] = set()  # two unfinished migrations: nothing is written for it
+    for migration_id, migration in sorted(merged.items()):
         record = migration.record
         if migration.committed:
             committed_to.setdefault(record.container, []).append((record, record.destination))
         if record.state in FINISHED_STATES:
             result.migrations.append(PlannedMigration(record, "ended", f"it {record.state}"))
             continue
-        if migration_id in known_records:
-            # The saga goes on by itself; its container's placement stays locked by it.
-            owner = record.destination if migration.committed else record.source
-            owner_by_migration.setdefault(
-                record.container, (owner, migration_id, migration.committed)
+        if migration_id not in records_on_bus:
+            caught.append((migration_id, migration))
+            continue
+        # The saga goes on by itself; its container's placement stays locked by it.
+        if record.container in owner_by_migration:
+            other = owner_by_migration[record.container][1]
+            contested.add(record.container)
+            result.conflicts.append(
+                Conflict(record.container, f"migrations {other} and {migration_id} both unfinished")
             )
-            result.migrations.append(
-                PlannedMigration(record, "on_bus", "its record is on the bus; the saga goes on")
-            )
+            continue
+        owner = record.destination if migration.committed else record.source
+        owner_by_migration[record.container] = (owner, migration_id, migration.committed)
+        result.migrations.append(
+            PlannedMigration(record, "on_bus", "its record is on the bus; the saga goes on")
+        )
+    live_on_bus = {c: m for c, (_, m, _) in owner_by_migration.items()}
+    for migration_id, migration in caught:
+        record = migration.record
+        if record.container in live_on_bus:
+            # A newer migration could lock the container only after this one let it go.
+            reason = f"migration {live_on_bus[record.container]} of it is live on the bus"
+            result.migrations.append(PlannedMigration(record, "ended", reason))
             continue
         if record.container in owner_by_migration:
             other = owner_by_migration[record.container][1]
+            contested.add(record.container)
             result.conflicts.append(
                 Conflict(record.container, f"migrations {other} and {migration_id} both unfinished")
             )
@@ -240,7 +280,7 @@ def plan(
 
     names = set(running) | {n for held in ledgers.values() for n in held}
     names |= set(owner_by_migration)
-    for name in sorted(names):
+    for name in sorted(names - contested):
         placement, why = _placement_of(name, running, ledgers, owner_by_migration, committed_to)
         if placement is None:
             result.conflicts.append(Conflict(name, why))

@@ -66,7 +66,7 @@ async def gather_plan(nc: NATS) -> reconcile.Plan:
     placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
     migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
     on_bus = {p.name: p for p in await placements.all()}
-    records = [r.id for r in await migrations.all()]
+    records = {r.id: r for r in await migrations.all()}  # the truth, where a ledger's copy lags
     return reconcile.plan(reports, silent, on_bus, records, time.time())
 
 
@@ -183,4 +183,6 @@ def reconcile_command(args: argparse.Namespace) -> int:
                 print(f"not written: {line}")
     if args.apply and plan.blocked:
         raise Unavailable(plan.blocked)
-    return 1 if applied is not None and applied["refused"] else 0
+    # A conflict leaves a container without a placement: an operator must look.
+    refused = applied is not None and applied["refused"]
+    return 1 if refused or plan.conflicts else 0

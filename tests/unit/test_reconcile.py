@@ -40,12 +40,15 @@ def took_part(
     )
 
 
-def plan(*reports: LedgerReport, **kwargs: object) -> reconcile.Plan:
+def plan(
+    *reports: LedgerReport, records: tuple[MigrationRecord, ...] = (), **kwargs: object
+) -> reconcile.Plan:
+    """`records`: what the migrations bucket still holds."""
     return reconcile.plan(
         reports,
         kwargs.get("silent", {}),  # type: ignore[arg-type]
         kwargs.get("on_bus", {}),  # type: ignore[arg-type]
-        kwargs.get("records", ()),  # type: ignore[arg-type]
+        {r.id: r for r in records},
         NOW,
     )
 
@@ -159,7 +162,7 @@ def test_a_migration_whose_record_is_on_the_bus_is_left_to_the_saga() -> None:
     record = running_at("restore", since=1.0)
     result = plan(
         report("h1", held=(placement(),), runs=("web",), migrations=(took_part(record, "source"),)),
-        records=(record.id,),
+        records=(record,),
     )
     assert [m.action for m in result.migrations] == ["on_bus"]
     assert actions(result) == [("create", "web", "h1", record.id)], "still locked by it"
@@ -167,7 +170,7 @@ def test_a_migration_whose_record_is_on_the_bus_is_left_to_the_saga() -> None:
     result = plan(
         report("h1", migrations=(took_part(finished, "source", source_done=True),)),
         report("h2", held=(placement("web", "h2"),), runs=("web",)),
-        records=(finished.id,),
+        records=(finished,),
     )
     assert [m.action for m in result.migrations] == ["ended"]
     assert actions(result) == [("create", "web", "h2", None)]
@@ -188,3 +191,64 @@ def test_no_roll_forward_onto_a_destination_that_does_not_run_it() -> None:
     assert result.placements == []
     assert [c.name for c in result.conflicts] == ["web"]
     assert "does not run it" in result.conflicts[0].reason
+
+
+def dumped_on_h1(record: MigrationRecord, *older: LedgerMigration) -> LedgerReport:
+    """The source after its dump: its ledger holds the container, runc no longer lists it."""
+    return report("h1", held=(placement(),), migrations=(*older, took_part(record, "source")))
+
+
+def test_a_live_move_is_placed_though_an_older_one_looks_unfinished_in_the_ledgers() -> None:
+    # Only the placement bucket was lost, at the transfer of web's move h1 -> h2. An earlier
+    # move h2 -> h1 ended, but the ledgers' copies of its record stop before the end (no
+    # worker of either host wrote the last one down); its id sorts first.
+    earlier = running_at(
+        "open_network", since=1.0, migration_id="0000000000000001", source="h2", destination="h1"
+    )
+    ended = earlier.model_copy(update={"state": "completed"})
+    live = running_at("transfer", since=2.0, migration_id="ffffffffffffffff")
+    h1 = dumped_on_h1(live, took_part(earlier, "destination", committed=True))
+    h2 = report("h2", migrations=(took_part(earlier, "source"), took_part(live, "destination")))
+    result = plan(h1, h2, records=(ended, live))
+    assert result.conflicts == []
+    assert actions(result) == [("create", "web", "h1", live.id)], "on the source, locked by it"
+    assert result.placements[0].placement.state == "migrating"
+    assert {m.record.id: m.action for m in result.migrations} == {
+        earlier.id: "ended", live.id: "on_bus",
+    }  # fmt: skip
+
+
+def test_the_bus_record_says_whether_a_live_migration_committed() -> None:
+    # The commit's record write reached the bus; the destination's ledger never heard.
+    live = running_at("open_network", since=2.0)
+    h2 = report("h2", runs=("web",), migrations=(took_part(live, "destination"),))
+    result = plan(report("h1", held=(placement(),)), h2, records=(live,))
+    assert actions(result) == [("create", "web", "h2", live.id)]
+
+
+def test_a_live_record_no_ledger_mentions_still_locks_its_container() -> None:
+    live = running_at("preflight", since=2.0)
+    result = plan(report("h1", held=(placement(),), runs=("web",)), records=(live,))
+    assert actions(result) == [("create", "web", "h1", live.id)]
+
+
+def test_an_older_migration_only_a_ledger_kept_is_over_once_a_newer_one_is_live() -> None:
+    # Its record is gone from the bus, its copies look unfinished: ending it would
+    # compensate a move that is long over (discarding h1's copy: the live move's source).
+    older = running_at(
+        "restore", since=1.0, migration_id="0000000000000001", source="h2", destination="h1"
+    )
+    live = running_at("transfer", since=2.0, migration_id="ffffffffffffffff")
+    h1 = dumped_on_h1(live, took_part(older, "destination"))
+    result = plan(h1, report("h2", migrations=(took_part(older, "source"),)), records=(live,))
+    assert actions(result) == [("create", "web", "h1", live.id)]
+    by_id = {m.record.id: m for m in result.migrations}
+    assert by_id[older.id].action == "ended" and by_id[older.id].decision is None
+
+
+def test_two_live_migrations_of_one_container_write_nothing_for_it() -> None:
+    one = running_at("transfer", since=2.0, migration_id="0000000000000001")
+    two = running_at("restore", since=3.0, migration_id="ffffffffffffffff")
+    result = plan(dumped_on_h1(one, took_part(two, "source")), records=(one, two))
+    assert result.placements == []
+    assert [c.name for c in result.conflicts] == ["web"]
