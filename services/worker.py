@@ -46,6 +46,9 @@ class WorkerContext:
     directory: KvHostDirectory
     telemetry: tracing.Telemetry
     background: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set once this worker's command consumer exists (the runner subscribed): from then on
+    # its absence is a loss, not "not made yet".
+    consumer_made: asyncio.Event = field(default_factory=asyncio.Event)
     # What the worker wants an operator to see (`ferry hosts`); its heartbeat carries it.
     health: list[str] = field(default_factory=list)
 
@@ -99,7 +102,9 @@ async def _heartbeat(ctx: WorkerContext) -> None:
         await asyncio.sleep(subjects.HEARTBEAT_INTERVAL_S)
 
 
-async def _watch_topology(js: JetStreamContext, host: str, role: WorkerRole) -> None:
+async def _watch_topology(
+    js: JetStreamContext, host: str, role: WorkerRole, consumer_made: asyncio.Event
+) -> None:
     """Exit (the agent restarts us, and the start waits for a bootstrap) once the topology,
     or this worker's own command consumer, is positively gone on two checks in a row: a
     store lost and restarted empty leaves a worker whose subscriptions point at nothing.
@@ -115,7 +120,7 @@ async def _watch_topology(js: JetStreamContext, host: str, role: WorkerRole) -> 
                 await js.consumer_info(subjects.COMMANDS_STREAM, durable)
                 seen_consumer = True
             except NotFoundError:
-                if seen_consumer:
+                if seen_consumer or consumer_made.is_set():
                     raise
             seen_missing = 0
         except TopologyMissing as exc:
@@ -162,7 +167,7 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     )
     ledger.install(HostLedger(config.state_dir, config.host))
     await register(ctx)
-    ctx.spawn(_watch_topology(js, config.host, role))
+    ctx.spawn(_watch_topology(js, config.host, role, ctx.consumer_made))
     log.info("%s worker ready on %s", role, config.host)
 
     stop = asyncio.Event()

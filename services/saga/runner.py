@@ -85,8 +85,10 @@ class SagaRunner:
         handlers: Mapping[str, StepHandler],
         telemetry: tracing.Telemetry,
         faults: FaultPlan,
+        subscribed: asyncio.Event | None = None,
     ) -> None:
         self.js = js
+        self.subscribed = subscribed or asyncio.Event()
         self.host = host
         self.role = role
         self.handlers = dict(handlers)
@@ -107,6 +109,7 @@ class SagaRunner:
             handlers=handlers,
             telemetry=ctx.telemetry,
             faults=ctx.faults,
+            subscribed=ctx.consumer_made,
         )
 
     async def stores(self) -> tuple[KvMigrationStore, KvPlacementStore]:
@@ -118,6 +121,7 @@ class SagaRunner:
 
     async def run(self) -> None:
         sub = await bus.command_subscription(self.js, self.host, self.role)
+        self.subscribed.set()
         while True:
             await self.slots.acquire()
             try:
