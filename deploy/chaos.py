@@ -209,8 +209,11 @@ def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
         cells += [Cell("freeze", s, "mid", "destination", strategy) for s in frozen]
         cells += [Cell("freeze", "commit", "before", "destination", strategy)]
         cells += [Cell("cas-cut", "commit", "after", "destination", strategy)]
+        # The placement bucket or the whole store lost before and after the commit.
+        cells += [Cell("kv-lost", "transfer", "before", strategy=strategy),
+                  Cell("store-lost", "commit", "after", strategy=strategy)]  # fmt: skip
         if strategy == "stop-and-copy":
-            cells += [Cell("kv-lost", "transfer", "before"), Cell("kv-lost", "commit", "after"),
+            cells += [Cell("kv-lost", "commit", "after"),
                       Cell("store-lost", "dump", "after"),
                       Cell("clock", "all", "during", "+30s"),
                       Cell("clock", "all", "during", "-30s")]  # fmt: skip
