@@ -17,6 +17,8 @@ from services.runtime.proc import arun, host_env
 __all__ = ["CRIU", "STATUS_FD"]  # re-exported: callers name the binary as criu.CRIU
 
 PAGE_SERVER_READY_S = 10.0
+STATUS_FILE_FD = 9  # the fd a background CRIU writes its status to (a file)
+STATUS_POLL_S = 0.005  # a few ms on the freeze's path at most
 
 
 async def check() -> None:
@@ -50,38 +52,50 @@ async def start_background(
     Returns its pid (also in images/TAG.pid).
     """
     images.mkdir(parents=True, exist_ok=True)
-    paths.rc_file(images, tag).unlink(missing_ok=True)
-    read_end, write_end = os.pipe()
-    command = [str(write_end) if a == STATUS_FD else a for a in argv]
     pid_file, rc_file = paths.pid_file(images, tag), paths.rc_file(images, tag)
-    script = f"{shlex.join(command)} & echo $! > {pid_file}; wait $!; echo $? > {rc_file}"
-    try:
-        subprocess.Popen(
-            ["sh", "-c", script],
-            pass_fds=(write_end,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            env=host_env(),
-        )
-    finally:
-        os.close(write_end)
+    status_file = images / f"{tag}.status"
+    for stale in (rc_file, status_file):
+        stale.unlink(missing_ok=True)
+    # The status goes to a file, not a pipe to this worker: if the worker dies while CRIU
+    # works, a pipe with no reader fails CRIU's notification and aborts a dump midway
+    # (runc: "criu failed: type NOTIFY"), leaving the container's tasks in CRIU's hands.
+    command = [str(STATUS_FILE_FD) if a == STATUS_FD else a for a in argv]
+    script = (
+        f"{shlex.join(command)} {STATUS_FILE_FD}>{shlex.quote(str(status_file))} &"
+        f" echo $! > {pid_file}; wait $!; echo $? > {rc_file}"
+    )
+    subprocess.Popen(
+        ["sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=host_env(),
+    )
+    return await wait_ready(images, tag, ready_timeout_s)
+
+
+async def wait_ready(images: Path, tag: str, timeout_s: float) -> int:
+    """Wait for a background process started for these images (by this worker or by an
+    earlier one that died) to report ready; its pid. Killed if it does not in time."""
+    pid_file, rc_file = paths.pid_file(images, tag), paths.rc_file(images, tag)
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not _ready(images / f"{tag}.status"):
+        if rc_file.exists() or loop.time() > deadline:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid_file.read_text()), 9)
+            said = "exited before it was ready" if rc_file.exists() else "did not get ready in time"
+            raise RuntimeFailure(f"{tag} {said}", log_tail=tail(images / f"{tag}.log"))
+        await asyncio.sleep(STATUS_POLL_S)
+    return int(pid_file.read_text())
+
+
+def _ready(status_file: Path) -> bool:
     try:
-        ready = await asyncio.wait_for(
-            loop.run_in_executor(None, os.read, read_end, 1), ready_timeout_s
-        )
-    except TimeoutError:
-        ready = b"timeout"
-    finally:
-        os.close(read_end)
-    if ready != b"\0":
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(paths.pid_file(images, tag).read_text()), 9)
-        said = "did not get ready in time" if ready == b"timeout" else "exited before it was ready"
-        raise RuntimeFailure(f"{tag} {said}", log_tail=tail(images / f"{tag}.log"))
-    return int(paths.pid_file(images, tag).read_text())
+        return status_file.read_bytes()[:1] == b"\0"
+    except OSError:
+        return False
 
 
 async def start_page_server(images: Path, address: str, port: int) -> int:

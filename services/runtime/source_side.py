@@ -176,6 +176,10 @@ class SourceSide:
         to the destination on demand. CRIU leaves the source *stopped*, not killed, once
         the pages are served: the way back until the destination is verified."""
         paths, cpaths = self.paths(migration_id), self.cpaths(name)
+        if paths.lazy.exists() and criu.background_pid(paths.images, layout.LAZY_DUMP):
+            # An earlier delivery's worker died while its dump ran; the dump did not (its
+            # own session): adopt it. A second checkpoint beside it would break both.
+            return await self._adopt_lazy_dump(name, paths)
         earlier = await self._earlier_dump(name, paths)
         if earlier is not None:
             return earlier
@@ -204,6 +208,24 @@ class SourceSide:
         )
         span.set_attribute("criu.dump_ms", result.dump_ms)
         span.end()
+        paths.dump_done.write_text(result.model_dump_json())
+        return result
+
+    async def _adopt_lazy_dump(self, name: str, paths: MigrationPaths) -> DumpResult:
+        try:
+            await criu.wait_ready(paths.images, layout.LAZY_DUMP, LAZY_DUMP_READY_S)
+        except RuntimeFailure as exc:
+            span = tracer.start_span("criu.dump", attributes={"ferry.adopted": True})
+            raise _dump_failed(span, f"lazy checkpoint of {name}", paths, exc.reason) from exc
+        bundle.ensure_criu_config(self.cpaths(name).criu_config)
+        await netns.set_link(name, up=False)
+        # It froze about when its pid file was written (this host's clock).
+        frozen_at = layout.pid_file(paths.images, layout.LAZY_DUMP).stat().st_mtime
+        result = DumpResult(
+            frozen_at=frozen_at,
+            dump_ms=max(0, round((time.time() - frozen_at) * 1000)),
+            lazy_pages=paths.lazy.read_text(),
+        )
         paths.dump_done.write_text(result.model_dump_json())
         return result
 
