@@ -241,8 +241,11 @@ class SagaRunner:
         command, plan = run.command, self.faults
         definition = definition_of(run.record)
         latest = await migrations.get(run.migration_id)
-        if latest is None or not is_current(latest[0], command):
-            await msg.ack()
+        if latest is None:  # unknown, not "none": asked again later, as at accept
+            await msg.nak(delay=UNKNOWN_RECORD_RETRY_S)
+            return None
+        if not is_current(latest[0], command):
+            await msg.ack()  # the record moved on while this waited: its new step decides
             return None
         run = StepRun(command, latest[0])
         owned = await committed_unseen(definition, run, migrations, placements)
