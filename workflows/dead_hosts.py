@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.v1.containers import Placement
-from schemas.v1.migrations import EventBase, StepFinished, StepRecord, StepStarted
+from schemas.v1.migrations import EventBase, StepRecord, StepStarted
 from schemas.v2.migrations import MigrationRecord
 from workflows.saga import (
     HANDLED,
@@ -29,6 +29,7 @@ from workflows.saga import (
     pending_commands,
     skip_current,
     step_failed,
+    step_finished,
 )
 
 # host -> the operator's reason
@@ -198,19 +199,7 @@ def _fall_back(
     events: list[EventBase] = []
 
     def finished(entry: StepRecord) -> None:
-        events.append(
-            StepFinished(
-                migration_id=record.id,
-                at=now,
-                step=entry.name,
-                kind=entry.kind,
-                host=entry.host,
-                attempt=entry.attempts,
-                status=entry.status,
-                duration_ms=0,
-                error=entry.error,
-            )
-        )
+        events.append(step_finished(record, entry, entry.status, now, 0, error=entry.error))
 
     uncommitted = f"{dest} cannot run it: `ferry recover` moved the placement back to {source}"
     running = current(record)

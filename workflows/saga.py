@@ -19,6 +19,7 @@ from schemas.v1.migrations import (
     StepKind,
     StepRecord,
     StepStarted,
+    StepStatus,
 )
 from schemas.v2.migrations import MigrationRecord, StepCommand
 from schemas.v2.results import RestoreResult, StepResult
@@ -250,6 +251,31 @@ def is_current(record: MigrationRecord, command: StepCommand) -> bool:
     return _is_current(record, command.step, command.kind, command.attempt) is not None
 
 
+def step_finished(
+    record: MigrationRecord,
+    entry: StepRecord,
+    status: StepStatus,
+    now: float,
+    duration_ms: int,
+    *,
+    error: str | None = None,
+    will_retry: bool = False,
+) -> StepFinished:
+    """The event that says how one attempt of a step or compensation ended."""
+    return StepFinished(
+        migration_id=record.id,
+        at=now,
+        step=entry.name,
+        kind=entry.kind,
+        host=entry.host,
+        attempt=entry.attempts,
+        status=status,
+        duration_ms=duration_ms,
+        error=error,
+        will_retry=will_retry,
+    )
+
+
 def _duration_ms(entry: StepRecord, now: float) -> int:
     # For display only: `started_at` may come from another host's clock, ahead of ours.
     return max(0, round((now - (entry.started_at or now)) * 1000))
@@ -314,16 +340,7 @@ def step_succeeded(
         )
         updates["steps"] = steps
     record = record.model_copy(update=updates)
-    finished_event = StepFinished(
-        migration_id=record.id,
-        at=now,
-        step=entry.name,
-        kind=entry.kind,
-        host=entry.host,
-        attempt=entry.attempts,
-        status="done",
-        duration_ms=duration,
-    )
+    finished_event = step_finished(record, entry, "done", now, duration)
     if entry.kind == "compensation":
         decision = _next_compensation(defn, record, now)
     elif record.cancel_requested and not record.committed:
@@ -452,17 +469,8 @@ def step_failed(
     will_retry = error.retryable and (
         entry.attempts < policy.max_attempts or _still_trying(policy, record, entry, now)
     )
-    failed_event = StepFinished(
-        migration_id=record.id,
-        at=now,
-        step=entry.name,
-        kind=entry.kind,
-        host=entry.host,
-        attempt=entry.attempts,
-        status="failed",
-        duration_ms=duration,
-        error=error.reason,
-        will_retry=will_retry,
+    failed_event = step_finished(
+        record, entry, "failed", now, duration, error=error.reason, will_retry=will_retry
     )
     if will_retry:
         attempt = entry.attempts + 1
@@ -555,16 +563,8 @@ def roll_forward(
         }
     )
     decision = _next_forward(defn, forward, defn.commit_after, now)
-    done = StepFinished(
-        migration_id=record.id,
-        at=now,
-        step=defn.commit_after,
-        kind="forward",
-        host=steps[index].host,
-        attempt=steps[index].attempts,
-        status="done",
-        duration_ms=_duration_ms(steps[index], now),
-        error=reason,
+    done = step_finished(
+        record, steps[index], "done", now, _duration_ms(steps[index], now), error=reason
     )
     return Decision(decision.record, decision.commands, (done, *decision.events))
 
@@ -582,17 +582,7 @@ def skip_current(
         record, entry, status="skipped", finished_at=now, duration_ms=duration, error=reason
     )
     skipped = record.model_copy(update={"steps": steps, "updated_at": now})
-    event = StepFinished(
-        migration_id=record.id,
-        at=now,
-        step=entry.name,
-        kind=entry.kind,
-        host=entry.host,
-        attempt=entry.attempts,
-        status="skipped",
-        duration_ms=duration,
-        error=reason,
-    )
+    event = step_finished(record, entry, "skipped", now, duration, error=reason)
     decision = _next_compensation(defn, skipped, now)
     return Decision(decision.record, decision.commands, (event, *decision.events))
 
