@@ -6,10 +6,13 @@ Everything that speaks NATS goes through here, so no handler has to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -38,8 +41,10 @@ from schemas.v1.base import ErrorReply
 from schemas.v1.base import Message as MessageV1
 from schemas.v2.base import Message as MessageV2
 from schemas.v2.migrations import StepCommand
+from services.credentials import load_credentials
 from services.errors import (
     FerryError,
+    Forbidden,
     InvalidInput,
     RuntimeFailure,
     TopologyMissing,
@@ -48,6 +53,7 @@ from services.errors import (
 )
 from services.leases import LEASES_BUCKET_CONFIG
 
+log = logging.getLogger("ferry.bus")
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 Message = MessageV1 | MessageV2
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -99,21 +105,71 @@ IN_PROGRESS_EVERY_S = 3.0
 TOPOLOGY_RETRY_S = 2.0
 
 
-async def connect(url: str | Sequence[str], name: str, *, connect_timeout: float = 5.0) -> NATS:
+async def connect(
+    url: str | Sequence[str],
+    name: str,
+    *,
+    creds: Path | None = None,
+    ca: Path | None = None,
+    connect_timeout: float = 5.0,
+    give_up_after: float | None = None,
+) -> NATS:
     """Connect to one server or any of a cluster's, and keep reconnecting forever (to the
-    others too): a worker outlives a restarting server."""
+    others too): a worker outlives a restarting server. `creds` is this identity's
+    credentials file; `ca` the CA that signed the servers' certificates (TLS);
+    `give_up_after` bounds the first connection (a CLI), else it is tried until it works."""
     servers = [url] if isinstance(url, str) else list(url)
-    try:
-        return await nats.connect(
+    auth: dict[str, Any] = {}
+    if creds is not None:
+        secret = load_credentials(creds)
+        auth = {"user": secret.user, "password": secret.password.get_secret_value()}
+    if ca is not None:
+        try:
+            auth["tls"] = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(f"cannot use CA {ca}: {exc}", field="ca") from exc
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        # One line, no traceback; a permissions violation is worth seeing in the log.
+        if "authorization violation" in str(exc).lower():
+            refused.set()
+        log.warning("nats: %s", exc)
+
+    connecting = asyncio.ensure_future(
+        nats.connect(
             servers,
             name=name,
             connect_timeout=connect_timeout,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
+            error_cb=on_error,
+            **auth,
         )
-    except (OSError, NatsTimeout, nats.errors.NoServersError) as exc:
+    )
+    # nats-py retries a refused login forever: the server's answer ends it here.
+    said_no = asyncio.ensure_future(refused.wait())
+    await asyncio.wait(
+        {connecting, said_no}, timeout=give_up_after, return_when=asyncio.FIRST_COMPLETED
+    )
+    said_no.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(BaseException):
+            await connecting
+        if refused.is_set():
+            raise _refused(servers, creds)
+        raise Unavailable(f"cannot reach NATS at {', '.join(servers)} (tried {give_up_after}s)")
+    try:
+        return connecting.result()
+    except (OSError, NatsTimeout, NatsError) as exc:
         raise Unavailable(f"cannot reach NATS at {', '.join(servers)}: {exc}") from exc
+
+
+def _refused(servers: list[str], creds: Path | None) -> Forbidden:
+    who = f"the credentials in {creds}" if creds else "an anonymous client (no credentials)"
+    return Forbidden(f"NATS at {', '.join(servers)} refused {who}", field="creds")
 
 
 @dataclass(frozen=True)

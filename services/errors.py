@@ -61,6 +61,13 @@ class TopologyMissing(Unavailable):
         self.missing = missing
 
 
+class Forbidden(FerryError):
+    """The bus refused this identity (bad credentials, or a subject it may not use): a retry
+    with the same credentials cannot help."""
+
+    kind = "forbidden"
+
+
 class RuntimeFailure(FerryError):
     """A host-side operation (runc, CRIU, ip, mount) failed."""
 
@@ -81,6 +88,7 @@ def from_detail(detail: ErrorDetail) -> FerryError:
         "not_found": NotFound,
         "conflict": Conflict,
         "unavailable": Unavailable,
+        "forbidden": Forbidden,
     }
     cls = classes.get(detail.kind)
     if cls is None:

@@ -82,12 +82,7 @@ ServerUrl = Annotated[str, AfterValidator(_server_url)]
 
 
 class BusContext(BaseModel):
-    """One bus `ferry` can talk to.
-
-    `creds` and `ca` are accepted and kept, but nothing uses them yet: the connection is
-    plain NATS until the security issue adds credentials and TLS. They are here now so
-    context files written today keep working then.
-    """
+    """One bus `ferry` can talk to, and the identity `ferry` speaks as there."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -95,10 +90,10 @@ class BusContext(BaseModel):
         description="NATS server URLs of one cluster, e.g. nats://10.0.0.1:4222"
     )
     creds: Path | None = Field(
-        default=None, description="NATS credentials file (stored; unused until TLS/auth)"
+        default=None, description="this identity's credentials file (JSON user+password, mode 0600)"
     )
     ca: Path | None = Field(
-        default=None, description="CA certificate file (stored; unused until TLS/auth)"
+        default=None, description="CA of the servers' TLS certificates (tls:// servers)"
     )
     description: str = Field(default="", description="for people; `ferry lab up` marks its own")
 
@@ -222,7 +217,14 @@ def write_context(path: Path, context: BusContext) -> None:
 @contextlib.asynccontextmanager
 async def connected(context: BusContext, *, connect_timeout: float = 5.0) -> AsyncIterator[NATS]:
     """Connected to any of the context's servers (nats-py fails over between them)."""
-    nc = await bus.connect(context.servers, name="ferry-cli", connect_timeout=connect_timeout)
+    nc = await bus.connect(
+        context.servers,
+        name="ferry-cli",
+        creds=context.creds,
+        ca=context.ca,
+        connect_timeout=connect_timeout,
+        give_up_after=3 * connect_timeout,
+    )
     try:
         yield nc
     finally:
