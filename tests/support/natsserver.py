@@ -40,9 +40,10 @@ def nats_server_binary() -> Path:
 class NatsServer:
     """One nats-server process with JetStream storing under `store_dir`."""
 
-    def __init__(self, store_dir: Path, port: int = -1) -> None:
+    def __init__(self, store_dir: Path, port: int = -1, config: Path | None = None) -> None:
         self.store_dir = store_dir
         self.port = port
+        self.config = config  # a config file (an auth include), the flags still apply
         self.process: subprocess.Popen[str] | None = None
         self.reader: threading.Thread | None = None
         self.log: deque[str] = deque(maxlen=200)
@@ -64,6 +65,8 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [str(nats_server_binary()), "--addr", "127.0.0.1", "--port", str(self.port)]
         command += ["--jetstream", "--store_dir", str(self.store_dir)]
+        if self.config is not None:
+            command += ["-c", str(self.config)]
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
