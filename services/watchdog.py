@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 
 from schemas.v1.leases import LeaseHolder, StepLease, step_lease_key
 from schemas.v2.migrations import MigrationRecord
+from services import metrics
 from services.errors import Conflict, NotFound, Unavailable
 from services.kvstores import KvMigrationStore
 from services.leases import LeaseRead, Leases
@@ -118,7 +119,10 @@ class Watchdog:
             claimed = await self._claim(leases, key, seen, lease)
         if not claimed:
             return False  # a worker took the step meanwhile: look again next round
-        return await self._apply(seen, decision)
+        moved = await self._apply(seen, decision)
+        if moved and lease.state == "expired":
+            metrics.lease_expired(attempt[2])
+        return moved
 
     async def _claim(
         self,
@@ -160,6 +164,7 @@ class Watchdog:
         # A compensation it starts or retries on a host declared dead is moved past now.
         applied = await past_dead_hosts(self.js, self.migrations, DEFINITIONS[seen.chosen], applied)
         log.warning("migration %s: %s", seen.id, applied.record.error or "step moved on")
+        metrics.saga_decided(applied)  # a move on that ended the saga (e.g. failed)
         await publish_decision(self.js, applied)
         return True
 

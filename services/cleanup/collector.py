@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from schemas.v1.containers import Placement
+from services import metrics
 from services.errors import Conflict, FerryError
 from services.runtime import netlock
 from services.runtime.containers import HostContainers
@@ -182,6 +183,7 @@ class Collector:
         if plan.mass_orphaning:
             log.error("%s", plan.mass_orphaning)
             done.mass_orphaning = plan.mass_orphaning
+            metrics.mass_orphaning(config.host)
         for decision in plan.decisions:
             if decision.alert:
                 log.error("%s: %s", decision.name, decision.reason)
@@ -191,6 +193,7 @@ class Collector:
             except FerryError as exc:  # one container's trouble must not stop the sweep
                 log.error("%s: %s failed: %s", decision.name, decision.action, exc.reason)
                 done.alerts.append(f"{decision.name}: {decision.action} failed")
+        metrics.frozen_orphans(config.host, sum(self._marker(n).exists() for n in known))
 
     async def _act(
         self,

@@ -31,7 +31,7 @@ from schemas import subjects
 from schemas.v1.containers import Placement
 from schemas.v1.migrations import Role
 from schemas.v2.migrations import MigrationRecord, StepCommand, read_command
-from services import bus, faults, tracing
+from services import bus, faults, metrics, tracing
 from services.errors import Conflict, NotFound
 from services.faults import FaultPlan
 from services.kvstores import KvMigrationStore, KvPlacementStore
@@ -121,6 +121,7 @@ class SagaRunner:
 
     async def run(self) -> None:
         sub = await bus.command_subscription(self.js, self.host, self.role)
+        metrics.watch_commands(sub, self.host, self.role)
         self.subscribed.set()
         while True:
             await self.slots.acquire()
@@ -304,6 +305,7 @@ class SagaRunner:
         return await past_dead_hosts(self.js, migrations, definition, decision)
 
     async def _record_and_publish(self, decision: Decision, placements: KvPlacementStore) -> None:
+        metrics.saga_decided(decision)  # counts an end once: only the writer sees `changed`
         if decision.finished and decision.changed:
             tracing.emit_root_span(self.telemetry, decision.record)
             await self._release_placement(placements, decision.record)
