@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError
 
 from schemas import subjects
 from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
-from services import bus, tracing
+from services import bus, metrics, tracing
 from services.config import HostConfig
 from services.errors import FerryError, TopologyMissing
 from services.faults import FaultPlan
@@ -139,7 +139,13 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     config = HostConfig.from_env()
     setup_logging(role, config.host)
     telemetry = tracing.setup(f"ferry-{role}", config.host)
-    nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-{role}")
+    metrics.setup_metrics(f"ferry-{role}", config.host, config.state_dir)
+    nc = await bus.connect(
+        config.nats_servers,
+        f"ferry-{config.host}-{role}",
+        creds=config.nats_creds,
+        ca=config.nats_ca,
+    )
     js = nc.jetstream()
     # Never created here: a worker that recreated a lost store would make it read "empty".
     await bus.wait_for_topology(js, log)

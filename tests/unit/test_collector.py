@@ -67,7 +67,7 @@ class Containers:
 
     def __init__(self, state_dir: Path) -> None:
         self.config = HostConfig(
-            host="h1", address="10.0.0.11", nats_url="nats://x:1",
+            host="h1", address="10.0.0.11", nats_servers=("nats://x:1",),
             subnet=ipaddress.IPv4Network("10.0.0.0/24"), gateway="10.0.0.1",
             ip_pool=(100, 200), state_dir=state_dir,
         )  # fmt: skip

@@ -128,7 +128,7 @@ def _host(tmp_path: Path, store: FakeStore) -> HostContainers:
     config = HostConfig(
         host="h1",
         address="10.0.0.11",
-        nats_url="nats://127.0.0.1:4222",
+        nats_servers=("nats://127.0.0.1:4222",),
         subnet=ipaddress.IPv4Network("10.0.0.0/24"),
         gateway="10.0.0.1",
         ip_pool=(100, 200),
