@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.v1.base import Message, Part
+from schemas.v1.versions import HostVersions
 
 WorkerRole = Literal["source", "transfer", "destination", "cleanup"]
 WORKER_ROLES: tuple[WorkerRole, ...] = ("source", "transfer", "destination", "cleanup")
@@ -53,6 +54,13 @@ class DeadDeclaration(Part):
     )
 
 
+class HostCapacity(Part):
+    """What an operator declared a host may give containers; None: not declared."""
+
+    memory_mib: int | None = Field(default=None, gt=0)
+    cpus: float | None = Field(default=None, gt=0)
+
+
 class HostRegistration(Message):
     """A host that joined the fleet; kept after it goes down, so "down" differs from "unknown"."""
 
@@ -63,6 +71,13 @@ class HostRegistration(Message):
         default=(), description="migration features this host supports (lazy_pages, ...)"
     )
     missing: dict[str, str] = Field(default_factory=dict, description="features it lacks, and why")
+    zone: str = Field(default="", description="the failure domain it is in; empty: not said")
+    region: str = Field(default="", description="the region it is in; empty: not said")
+    labels: dict[str, str] = Field(default_factory=dict, description="its operator's labels")
+    capacity: HostCapacity = Field(default_factory=HostCapacity, description="declared capacity")
     declared_dead: DeadDeclaration | None = Field(
         default=None, description="set by an operator who declared the host dead; absent: not"
+    )
+    versions: HostVersions | None = Field(
+        default=None, description="what it runs; absent: an agent older than announcements"
     )

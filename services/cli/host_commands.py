@@ -88,6 +88,8 @@ async def host_rows(nc: NATS) -> list[dict[str, Any]]:
             row["alerts"] = alerts  # only when there are some: the row keeps its old shape
         if registration and registration.declared_dead:  # likewise only when declared
             row["declared_dead"] = registration.declared_dead.model_dump(mode="json")
+        if registration and registration.versions:  # an older agent announces none
+            row["versions"] = registration.versions.model_dump(mode="json")
         rows.append(row)
     return rows
 
@@ -117,10 +119,16 @@ def hosts(args: argparse.Namespace) -> int:
         if context is not None:
             say("no host has joined this bus yet")
         return 0
-    print(f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} STATE DIR")
+    print(
+        f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} {'WIRE':<6} {'CRIU':<8} {'RUNC':<10} STATE DIR"
+    )
     for row in rows:
-        state_dir = row.get("state_dir", "-")
-        print(f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {state_dir}")
+        v = row.get("versions") or {}
+        wire = f"{v['wire_min']}..{v['wire']}" if v else "-"
+        what = f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {wire:<6}"
+        print(
+            f"{what} {v.get('criu', '-'):<8} {v.get('runc', '-'):<10} {row.get('state_dir', '-')}"
+        )
         if dead := row.get("declared_dead"):
             print(f"       ! declared dead by an operator: {dead['reason']}")
         for alert in row.get("alerts", []):
