@@ -20,15 +20,15 @@ class Cut:
 
     netns: str  # /run/netns/<lab>-<host>
     peer: str = ""  # the other host's address; "" leaves host-to-host traffic alone
-    nats: tuple[str, int] | None = None  # NATS address and port; None leaves the bus alone
+    nats: tuple[tuple[str, int], ...] = ()  # every NATS node's address and port; () spares the bus
 
     def rules(self) -> list[list[str]]:
         drop = ["-m", "comment", "--comment", TAG, "-j", "DROP"]
         rules = []
         if self.peer:
             rules += [["INPUT", "-s", self.peer, *drop], ["OUTPUT", "-d", self.peer, *drop]]
-        if self.nats:
-            address, port = self.nats[0], str(self.nats[1])
+        for address, number in self.nats:
+            port = str(number)
             rules += [
                 ["INPUT", "-p", "tcp", "-s", address, "--sport", port, *drop],
                 ["OUTPUT", "-p", "tcp", "-d", address, "--dport", port, *drop],
@@ -79,18 +79,18 @@ def arm_after_publish(cut: Cut, subject: str, name: str = "ferrycas") -> list[li
     list, and every later packet to or from NATS and the peer is dropped. This is how a
     destination loses the bus right after its commit's compare-and-set reached the server
     but before it heard back. Returns the rules, for `disarm`."""
-    assert cut.nats is not None
-    address, port = cut.nats[0], str(cut.nats[1])
+    assert cut.nats, "a cut after a publish needs the NATS nodes"
     marked = ["-m", "recent", "--rcheck", "--name", name]
     drop = ["-m", "comment", "--comment", TAG, "-j", "DROP"]
-    others = [address, *([cut.peer] if cut.peer else [])]
+    others = [address for address, _ in cut.nats] + ([cut.peer] if cut.peer else [])
     rules = [
-        # Order matters: -I puts each rule first, so the marking rule is inserted last.
+        # Order matters: -I puts each rule first, so the marking rules are inserted last.
         *[["OUTPUT", "-d", other, *marked, "--rsource", *drop] for other in others],
         *[["INPUT", "-s", other, *marked, "--rdest", *drop] for other in others],
-        ["OUTPUT", "-p", "tcp", "-d", address, "--dport", port, "-m", "string", "--algo", "bm",
-         "--string", f"PUB {subject}", "-m", "recent", "--set", "--name", name, "--rsource",
-         "-m", "comment", "--comment", CAS_TAG, "-j", "ACCEPT"],
+        *[["OUTPUT", "-p", "tcp", "-d", address, "--dport", str(port), "-m", "string",
+           "--algo", "bm", "--string", f"PUB {subject}", "-m", "recent", "--set", "--name", name,
+           "--rsource", "-m", "comment", "--comment", CAS_TAG, "-j", "ACCEPT"]
+          for address, port in cut.nats],
     ]  # fmt: skip
     for rule in rules:
         cut.iptables("-I", *rule)

@@ -108,7 +108,9 @@ def asyncapi() -> dict[str, Any]:
             "version": "1.0.0",
             "description": (
                 "Live migration of running containers. Publish a MigrationRequest on "
-                f"{subjects.MIGRATION_REQUEST} with NATS request/reply; the reply is "
+                f"{subjects.MIGRATION_REQUEST}.{{identity}} (your bus user: the bus lets each"
+                " identity publish only on its own, and the record's requested_by says who"
+                " asked) with NATS request/reply; the reply is "
                 'MigrationAccepted ({"id": ...}) or ErrorReply ({"error": {"field", '
                 '"reason"}}). Follow the migration on its event subject; read its record '
                 f"from the KV bucket {subjects.MIGRATIONS_BUCKET} (json/v2/MigrationRecord; records"
@@ -120,7 +122,8 @@ def asyncapi() -> dict[str, Any]:
         "servers": {"nats": {"host": "localhost:4222", "protocol": "nats"}},
         "channels": {
             "migrationRequest": {
-                "address": subjects.MIGRATION_REQUEST,
+                "address": subjects.migration_request("{identity}"),
+                "parameters": {"identity": {"description": "the requester's NATS user"}},
                 "description": "Answered by a queue group of every host's source worker.",
                 "messages": {
                     "request": _message("MigrationRequest", "Move a container"),
@@ -130,7 +133,8 @@ def asyncapi() -> dict[str, Any]:
                 },
             },
             "migrationCancel": {
-                "address": subjects.MIGRATION_CANCEL,
+                "address": subjects.migration_cancel("{identity}"),
+                "parameters": {"identity": {"description": "the requester's NATS user"}},
                 "description": "Stop before the commit and roll back; refused after it.",
                 "messages": {
                     "request": _message("CancelRequest", "Cancel a migration"),

@@ -37,8 +37,26 @@ def ip_key(ip: str) -> str:
 
 
 # Migrations.
+# Requests and cancels are published on a subject that ends in the requester's identity
+# (the bus lets each identity publish only on its own), so a record can say who asked.
 MIGRATION_REQUEST = f"{PREFIX}.migrations.request"  # request/reply, answered by source workers
 MIGRATION_CANCEL = f"{PREFIX}.migrations.cancel"  # request/reply, same queue group
+ANONYMOUS = "anonymous"  # the identity of a client with no credentials (a bus without auth)
+
+
+def migration_request(identity: str) -> str:
+    return f"{MIGRATION_REQUEST}.{identity}"
+
+
+def migration_cancel(identity: str) -> str:
+    return f"{MIGRATION_CANCEL}.{identity}"
+
+
+def requester_of(subject: str) -> str:
+    """The identity a request or cancel subject names (its last token)."""
+    return subject.rsplit(".", 1)[-1]
+
+
 PAGE_SERVER = "migration.page-server"  # per host: a page server for one pre-copy round
 HOST_CHECK = "migration.check"  # per host: can this host play its part (dry run)
 HOST_LEDGER = "host.ledger"  # per host, source worker: its local record and runc's list

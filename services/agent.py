@@ -1,14 +1,17 @@
 """A host's agent: runs the four workers, restarts any that dies, heartbeats the host.
 
-In the lab, `ferry lab up` starts one per simulated host inside that host's namespaces.
-On a real host a service manager would run it; a systemd unit for it comes with the
-real-deployment work (none exists yet).
+In the lab, `ferry lab up` starts one per simulated host inside that host's namespaces
+(`python -m services.agent`, configured by FERRY_* variables). On a real host systemd runs
+`ferry agent --config /etc/ferry/agent.toml` (deploy/systemd/ferry-agent.service); the
+workers it spawns read the same file (FERRY_CONFIG in their environment).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import logging
 import os
 import signal
@@ -28,10 +31,13 @@ from schemas.v1.hosts import (
     WorkerRole,
     WorkerStatus,
 )
-from services import bus
+from services import bus, metrics
 from services.config import HostConfig
-from services.errors import Unavailable
+from services.config_layout import CONFIG_ENV
+from services.errors import FerryError, InvalidInput, Unavailable
+from services.runtime import firewall
 from services.runtime.features import host_features
+from services.runtime.versions import host_versions
 from services.worker import setup_logging
 from services.worker_clock import worker_env
 
@@ -40,8 +46,10 @@ log = logging.getLogger("ferry.agent")
 RESTART_BACKOFF_MIN_S = 0.2
 RESTART_BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0  # a worker that ran this long starts again from the minimum backoff
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 5.0  # deploy/systemd/ferry-agent.service's TimeoutStopSec allows for it
 REGISTRATION_CHECK_S = 5.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True)  # resolved here: after fork, only the call
 
 
 @dataclass
@@ -59,6 +67,16 @@ class Supervised:
         return WorkerStatus(role=self.role, pid=pid, restarts=self.restarts)
 
 
+def _die_with_agent(agent_pid: int) -> None:
+    """In a worker, between fork and exec: SIGTERM when the agent dies, even by SIGKILL.
+    systemd stops only the agent (KillMode=process, so that CRIU daemons serving restored
+    containers live on); without this a killed agent's workers would outlive it and run
+    beside its successor's. What a worker started itself (runc, CRIU) is not affected."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != agent_pid:  # the agent died before prctl: no signal will come
+        os._exit(1)
+
+
 async def _spawn(worker: Supervised, config: HostConfig) -> None:
     config.log_dir.mkdir(parents=True, exist_ok=True)
     with (config.log_dir / f"{worker.role}.log").open("ab") as logfile:
@@ -69,10 +87,20 @@ async def _spawn(worker: Supervised, config: HostConfig) -> None:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=logfile,
             stderr=logfile,
-            env=worker_env(config.host),  # tests: a host's clock off (libfaketime)
+            env=_worker_environment(config),
+            preexec_fn=functools.partial(_die_with_agent, os.getpid()),
         )
     worker.started_at = time.monotonic()
     log.info("started %s worker, pid %d", worker.role, worker.process.pid)
+
+
+def _worker_environment(config: HostConfig) -> dict[str, str] | None:
+    """The agent's environment (None: inherited as is), naming the agent's file so that
+    its workers load the same one; the variables that override it are inherited too."""
+    env = worker_env(config.host)  # tests: a host's clock off (libfaketime)
+    if config.config_file is None:
+        return env
+    return {**(os.environ if env is None else env), CONFIG_ENV: str(config.config_file)}
 
 
 async def supervise(worker: Supervised, config: HostConfig, stopping: asyncio.Event) -> None:
@@ -102,7 +130,12 @@ async def supervise(worker: Supervised, config: HostConfig, stopping: asyncio.Ev
 async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asyncio.Event) -> None:
     while True:
         try:
-            nc = await bus.connect(config.nats_url, name=f"ferry-{config.host}-agent")
+            nc = await bus.connect(
+                config.nats_servers,
+                f"ferry-{config.host}-agent",
+                creds=config.nats_creds,
+                ca=config.nats_ca,
+            )
             break
         except Unavailable as exc:
             log.warning("%s; retrying", exc.reason)
@@ -118,6 +151,11 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         registered_at=time.time(),
         features=features,
         missing=missing,
+        zone=config.zone,
+        region=config.region,
+        labels=config.labels,
+        capacity=config.capacity,
+        versions=await host_versions(),
     )
     registration = await _keep_declaration(registry, registration)
     await registry.put(config.host, registration.to_bytes())
@@ -191,26 +229,68 @@ async def _stop_all(workers: list[Supervised]) -> None:
             await proc.wait()
 
 
-async def run_agent() -> None:
-    config = HostConfig.from_env()
+async def run_agent(config: HostConfig | None = None) -> None:
+    """Until SIGTERM or SIGINT; then the workers are stopped, never their containers."""
+    if config is None:
+        config = HostConfig.load()
     setup_logging("agent", config.host)
+    metrics.setup_metrics("ferry-agent", config.host, config.state_dir)
     for d in (config.run_dir, config.log_dir):
         d.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+    # Before any worker listens: nothing a container sends may reach this host's ports.
+    fenced = firewall.fence_tenants(config.bridge, str(config.subnet))
+    log.info("tenants fenced off this host (%s, bridge %s)", " and ".join(fenced), config.bridge)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     workers = [Supervised(role) for role in WORKER_ROLES]
     tasks = [asyncio.create_task(supervise(w, config, stopping)) for w in workers]
-    tasks.append(asyncio.create_task(heartbeat(config, workers, stopping)))
+    beating = asyncio.create_task(heartbeat(config, workers, stopping))
+    beating.add_done_callback(functools.partial(_heartbeat_ended, stopping=stopping))
+    tasks.append(beating)
     await stopping.wait()
     log.info("agent stopping its workers")
     await _stop_all(workers)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    refused = _refusal(beating)
+    if refused is not None:
+        raise refused  # exit 2 (bad config: systemd leaves it) or 1 (restarted)
+
+
+def _refusal(beating: asyncio.Task[None]) -> FerryError | None:
+    """Why the heartbeat stopped for good: the bus refused these credentials, or the config
+    names a creds or CA file that cannot be used; retrying as is cannot help."""
+    if not beating.done() or beating.cancelled():
+        return None
+    exc = beating.exception()
+    return exc if isinstance(exc, FerryError) and not exc.retryable else None
+
+
+def _heartbeat_ended(beating: asyncio.Task[None], *, stopping: asyncio.Event) -> None:
+    refused = _refusal(beating)
+    if refused is not None:
+        log.critical("the agent cannot join the bus: %s; stopping", refused.reason)
+        stopping.set()
+    elif not beating.cancelled() and beating.exception() is not None:
+        log.critical("heartbeat stopped: %r", beating.exception())
+
+
+def main() -> int:
+    """`python -m services.agent`: FERRY_CONFIG and FERRY_* variables, as the lab sets them."""
+    try:
+        asyncio.run(run_agent())
+    except InvalidInput as exc:  # a bad config: exit 2, which systemd does not restart
+        print(f"ferry agent: {exc.reason}", file=sys.stderr)
+        return 2
+    except FerryError as exc:
+        print(f"ferry agent: {exc.reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(run_agent())
+    sys.exit(main())

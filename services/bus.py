@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
@@ -26,11 +27,12 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from opentelemetry import propagate
@@ -39,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import subjects
 from schemas.v1.base import ErrorReply
 from schemas.v1.base import Message as MessageV1
+from schemas.v1.hosts import WORKER_ROLES
 from schemas.v2.base import Message as MessageV2
 from schemas.v2.migrations import StepCommand
 from services.credentials import load_credentials
@@ -122,7 +125,12 @@ async def connect(
     auth: dict[str, Any] = {}
     if creds is not None:
         secret = load_credentials(creds)
-        auth = {"user": secret.user, "password": secret.password.get_secret_value()}
+        auth = {
+            "user": secret.user,
+            "password": secret.password.get_secret_value(),
+            # Replies to this identity come to its own inboxes: no one else may read them.
+            "inbox_prefix": f"_INBOX.{secret.user}",
+        }
     if ca is not None:
         try:
             auth["tls"] = ssl.create_default_context(cafile=str(ca))
@@ -162,9 +170,26 @@ async def connect(
             raise _refused(servers, creds)
         raise Unavailable(f"cannot reach NATS at {', '.join(servers)} (tried {give_up_after}s)")
     try:
-        return connecting.result()
+        nc = connecting.result()
     except (OSError, NatsTimeout, NatsError) as exc:
         raise Unavailable(f"cannot reach NATS at {', '.join(servers)}: {exc}") from exc
+    if not nc.is_connected:
+        # nats-py returns a client stuck "connecting" (it never sends) when any line beats the
+        # PONG to its PING, e.g. the server's first PING, sent 2 s after the client arrived,
+        # when checking the CONNECT (bcrypt) took longer on a busy server.
+        await nc.close()
+        log.warning("nats: %s sent another line before PONG; connecting again", ", ".join(servers))
+        return await connect(
+            url, name, creds=creds, ca=ca, connect_timeout=connect_timeout,
+            give_up_after=give_up_after,
+        )  # fmt: skip
+    return nc
+
+
+def identity(nc: NATS) -> str:
+    """The bus identity this connection speaks as (its NATS user), or anonymous."""
+    user = nc.options.get("user")
+    return str(user) if user else subjects.ANONYMOUS
 
 
 def _refused(servers: list[str], creds: Path | None) -> Forbidden:
@@ -246,25 +271,95 @@ async def wait_for_topology(js: JetStreamContext, logger: logging.Logger) -> Non
         await asyncio.sleep(TOPOLOGY_RETRY_S)
 
 
-async def create_topology(js: JetStreamContext) -> list[str]:
+def command_consumer(host: str, role: str) -> ConsumerConfig:
+    """The durable of one host's role on the command work queue, made by the bootstrap:
+    hosts may bind to theirs but never create one (a consumer could read others' commands)."""
+    return ConsumerConfig(
+        durable_name=subjects.command_durable(host, role),
+        ack_policy=AckPolicy.EXPLICIT,
+        max_deliver=COMMAND_MAX_DELIVER,
+        backoff=COMMAND_BACKOFF_S,
+        filter_subject=subjects.command_subject(host, role),
+    )
+
+
+async def create_topology(
+    js: JetStreamContext, *, hosts: Sequence[str] = (), replicas: int = 1
+) -> list[str]:
     """Bootstrap: create what is missing, leave what exists as it is; returns what it made.
-    Only an operator's `ferry bootstrap` (or `ferry lab up`) calls this."""
+    `replicas` copies of every stream, bucket and consumer (3 on a 3-node cluster); each of
+    `hosts` gets its durable command consumers. Only an operator's `ferry bootstrap` (or
+    `ferry lab up`) calls this."""
     created = []
     for part in await missing_parts(js):
         if part.kind == "bucket" and part.name == LEASES_BUCKET_CONFIG.bucket:
-            await js.create_key_value(config=LEASES_BUCKET_CONFIG)
+            config = dataclasses.replace(LEASES_BUCKET_CONFIG, replicas=replicas)
+            await js.create_key_value(config=config)
         elif part.kind == "bucket":
             history, ttl = BUCKETS[part.name]
             config = KeyValueConfig(
-                bucket=part.name, history=history, ttl=ttl or None, storage=StorageType.FILE
+                bucket=part.name,
+                history=history,
+                ttl=ttl or None,
+                storage=StorageType.FILE,
+                replicas=replicas,
             )
             await js.create_key_value(config=config)
         elif part.kind == "stream":
-            await js.add_stream(config=next(s for s in STREAMS if s.name == part.name))
+            stream = next(s for s in STREAMS if s.name == part.name)
+            await js.add_stream(config=dataclasses.replace(stream, num_replicas=replicas))
         else:
-            await js.create_object_store(part.name)
+            # nats-py overwrites config.bucket with the positional name: pass both.
+            await js.create_object_store(
+                part.name,
+                config=ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+            )
         created.append(str(part))
+    for host in hosts:
+        for role in WORKER_ROLES:
+            durable = subjects.command_durable(host, role)
+            try:
+                await js.consumer_info(subjects.COMMANDS_STREAM, durable)
+                continue
+            except NotFoundError:
+                pass
+            consumer = dataclasses.replace(command_consumer(host, role), num_replicas=replicas)
+            await js.add_consumer(subjects.COMMANDS_STREAM, config=consumer)
+            created.append(f"consumer {durable}")
     return created
+
+
+# JetStream's answers while a cluster has no meta leader yet, or too few servers joined.
+NOT_READY_CODES = frozenset({10005, 10008, 10023})  # no peers; temporarily unavailable; no quorum
+
+
+async def create_topology_when_ready(
+    js: JetStreamContext,
+    *,
+    hosts: Sequence[str] = (),
+    replicas: int = 1,
+    wait_s: float = 60.0,
+    say: Callable[[str], None] = lambda _: None,
+) -> list[str]:
+    """`create_topology`, waiting (and saying so) while a cluster that just started elects
+    its leader: its first API calls time out or answer "no suitable peers"."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    created: list[str] = []
+    said = ""
+    while True:
+        try:
+            created += await create_topology(js, hosts=hosts, replicas=replicas)
+            return created
+        except (NatsTimeout, TimeoutError, APIError) as exc:
+            if isinstance(exc, APIError) and exc.err_code not in NOT_READY_CODES:
+                raise
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"JetStream not ready after {wait_s:.0f}s: {exc!r}") from exc
+            why = f"waiting for JetStream to be ready: {exc!r}"
+            if why != said:
+                say(why)
+                said = why
+            await asyncio.sleep(1.0)
 
 
 async def bucket(js: JetStreamContext, name: str) -> KeyValue:
@@ -368,20 +463,26 @@ async def serve(
 
 
 async def command_subscription(js: JetStreamContext, host: str, role: str) -> Any:
-    """The durable pull consumer of one host's role on the command work queue."""
-    config = ConsumerConfig(
-        durable_name=subjects.command_durable(host, role),
-        ack_policy=AckPolicy.EXPLICIT,
-        max_deliver=COMMAND_MAX_DELIVER,
-        backoff=COMMAND_BACKOFF_S,
-        filter_subject=subjects.command_subject(host, role),
-    )
-    return await js.pull_subscribe(
-        subjects.command_subject(host, role),
-        durable=subjects.command_durable(host, role),
-        stream=subjects.COMMANDS_STREAM,
-        config=config,
-    )
+    """Bind to the durable pull consumer of one host's role, waiting (and saying why) until
+    the bootstrap has made it: a host never creates its own."""
+    durable = subjects.command_durable(host, role)
+    said = ""
+    while True:
+        try:
+            await js.consumer_info(subjects.COMMANDS_STREAM, durable)
+            break
+        except NotFoundError:
+            why = (
+                f"no durable consumer {durable} on {subjects.COMMANDS_STREAM};"
+                f" create it with `ferry bootstrap --host {host}`"
+            )
+        except (NatsError, TimeoutError) as exc:
+            why = f"could not look up consumer {durable}: {exc!r}"
+        if why != said:
+            log.warning("waiting: %s", why)
+            said = why
+        await asyncio.sleep(TOPOLOGY_RETRY_S)
+    return await js.pull_subscribe_bind(durable=durable, stream=subjects.COMMANDS_STREAM)
 
 
 async def publish_command(

@@ -94,3 +94,8 @@ def from_detail(detail: ErrorDetail) -> FerryError:
     if cls is None:
         return RuntimeFailure(detail.reason, field=detail.field, retryable=detail.retryable)
     return cls(detail.reason, field=detail.field)
+
+
+class Incompatible(InvalidInput):
+    """Two hosts cannot take part in one migration (their Ferry, CRIU or runc versions do not
+    interoperate): repeating the request cannot help until one of them is upgraded."""

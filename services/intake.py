@@ -30,7 +30,7 @@ from schemas.v1.migrations import (
     StrategyChoice,
 )
 from schemas.v2.migrations import MigrationOptions, MigrationRecord
-from services import bus, tracing
+from services import bus, preflight, tracing
 from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavailable
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga.publish import publish_decision
@@ -115,7 +115,9 @@ class Intake:
         self.migrations = migrations
         self.hosts = hosts
 
-    async def accept(self, data: bytes) -> MigrationAccepted | DryRunReport:
+    async def accept(
+        self, data: bytes, requested_by: str = subjects.ANONYMOUS
+    ) -> MigrationAccepted | DryRunReport:
         request = parse_request(data)
         found = await self.placements.get(request.container)
         if found is None:
@@ -146,6 +148,7 @@ class Intake:
                 field="container",
             )
         source = await self.hosts.registered(placement.host)
+        preflight.refuse_incompatible(placement.host, source, request.destination, destination)
         try:
             strategy = choose(
                 request.strategy,
@@ -172,6 +175,7 @@ class Intake:
                 "ferry.strategy": strategy.chosen,
                 "ferry.strategy_reason": strategy.reason,
                 "ferry.host": os.environ.get("FERRY_HOST", ""),
+                "ferry.requested_by": requested_by,
             },
         ):
             # The placement is the container's lock: once it says "migrating", a second
@@ -194,6 +198,7 @@ class Intake:
             updated_at=now,
             deadline=now,
             options=_options(request),
+            requested_by=requested_by,
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
@@ -225,7 +230,7 @@ class Intake:
         checks = (*on_source.checks, *on_destination.checks, chosen)
         return DryRunReport(ok=all(c.ok for c in checks), checks=checks)
 
-    async def cancel(self, data: bytes) -> CancelAccepted:
+    async def cancel(self, data: bytes, requested_by: str = subjects.ANONYMOUS) -> CancelAccepted:
         """Ask a running migration to stop at its next step boundary and roll back."""
         try:
             request = CancelRequest.model_validate_json(data)
@@ -234,7 +239,8 @@ class Intake:
 
         def stop(record: MigrationRecord) -> tuple[MigrationRecord | None, None]:
             try:
-                stopping = request_cancel(record, request.reason, time.time())
+                why = f"{request.reason} (asked by {requested_by})"
+                stopping = request_cancel(record, why, time.time())
             except ValueError as exc:
                 raise Conflict(f"cannot cancel: {exc}", field="id") from exc
             return (None if stopping == record else stopping), None

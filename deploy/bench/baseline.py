@@ -99,7 +99,8 @@ class Hosts:
         ]
 
     def address(self, host: str) -> str:
-        return self.spec.address(host)
+        """Where the other host reaches it (management network, as Ferry's own transfers)."""
+        return self.spec.mgmt_address(host)
 
     def outside(self, host: str, inside: Path) -> Path:
         """The root namespace's view of a path under the host's /var/lib/ferry."""

@@ -94,7 +94,7 @@ def lab_serving(context: BusContext) -> tuple[LabLayout, LabSpec] | None:
     for lab_file in sorted(root.glob("*/lab.json")) if root.is_dir() else []:
         with contextlib.suppress(Exception):  # a lab being made or torn down right now
             spec = LabSpec.from_json(lab_file.read_text())
-            if spec.nats_url in context.servers:
+            if set(spec.nats_urls) & set(context.servers):
                 return LabLayout(spec.lab), spec
     return None
 

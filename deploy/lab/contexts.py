@@ -35,7 +35,9 @@ MARK = "ferry lab "
 
 
 def lab_context(spec: LabSpec) -> BusContext:
-    return BusContext(servers=(spec.nats_url,), description=f"{MARK}{spec.lab}")
+    """The lab's operator: every node of its cluster, and the operator's credentials."""
+    creds = LabLayout(spec.lab).operator_dir / "operator.creds"
+    return BusContext(servers=spec.nats_urls, creds=creds, description=f"{MARK}{spec.lab}")
 
 
 def written_for(path: Path) -> str | None:

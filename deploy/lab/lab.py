@@ -15,37 +15,46 @@ import fcntl
 import ipaddress
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from deploy.lab import contexts, kernel
+from deploy.lab import contexts, kernel, natscluster
 from deploy.lab import segments as segments_net
 from deploy.lab.layout import (
     CONTAINER_POOL,
+    HOST_ETC_MOUNT,
     HOST_STATE_MOUNT,
     LABS_ROOT,
     LABS_RUN,
     MAX_HOSTS,
+    NATS_CLIENT_PORT,
     LabLayout,
     LabSpec,
-    candidate_ports,
     candidate_subnets,
     host_names,
     read_spec,
 )
 from schemas import subjects
 from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
-from services import bus
+from services import bus, identities
 from services.errors import Conflict, InvalidInput, RuntimeFailure, Unavailable
+from services.identity_files import creds_path, write_identities
 from services.runtime.proc import run
 
 Say = Callable[[str], None]
 READY_TIMEOUT_S = 60.0
-NATS_READY_TIMEOUT_S = 10.0
+# What the host's agent.toml says: never taken from the caller's environment.
+HOST_CONFIG_VARS = frozenset(
+    {
+        "FERRY_CONFIG", "FERRY_CONTEXT", "FERRY_HOST", "FERRY_HOST_ADDRESS", "FERRY_NATS_URL",
+        "FERRY_NATS_CREDS", "FERRY_NATS_CA", "FERRY_DC_SUBNET", "FERRY_DC_GATEWAY",
+        "FERRY_IP_POOL", "FERRY_STATE_DIR", "FERRY_BRIDGE", "FERRY_CGROUP_PARENT",
+    }
+)  # fmt: skip
+LAB_REQUESTER = "lab"  # the identity tests use as "another system"
 
 
 @contextlib.contextmanager
@@ -55,23 +64,6 @@ def locked(layout: LabLayout) -> Iterator[None]:
     with layout.lock_file.open("w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
-
-
-def nats_binary() -> Path:
-    path = Path(sys.executable).parent / "nats-server"
-    if not path.exists():
-        raise RuntimeFailure(f"nats-server not found at {path} (run `make setup`)")
-    return path
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def plan(
@@ -90,13 +82,14 @@ def plan(
         raise Conflict(f"{subnet} is already routed on this machine", field="--subnet")
     free = (s for s in candidate_subnets(layout.lab) if str(s) not in taken and s != subnet)
     subnet = subnet or next(free)
+    mgmt_subnet = next(free)
     extra = [next(free) for _ in range(segments + 1)] if segments > 1 else []
-    port = next(p for p in candidate_ports(layout.lab) if _port_free(p))
     return LabSpec(
         lab=layout.lab,
         hosts=host_names(count),
         subnet=subnet,
-        nats_port=port,
+        nats_port=NATS_CLIENT_PORT,  # each node has a namespace of its own: no clash
+        mgmt_subnet=mgmt_subnet,
         allow_faults=allow_faults,
         segment_subnets=tuple(extra[1:]),
         core_subnet=extra[0] if extra else None,
@@ -163,20 +156,27 @@ def up(
             spec = plan(layout, count, allow_faults, segments, wanted)
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
-            say(f"lab {layout.lab}: datacenter {spec.subnet}, NATS on {spec.nats_url}")
+            say(
+                f"lab {layout.lab}: datacenter {spec.subnet}, management {spec.mgmt_subnet},"
+                f" NATS on {', '.join(spec.nats_urls)}"
+            )
+        _write_identities(layout, spec)
         contexts.write(layout, spec, say, select_default=select_default)
         if spec.segmented:
             segments_net.ensure_router(layout, spec)
         else:
             _ensure_bridge(layout, spec)
-        _ensure_nats(layout, spec, say)
-        asyncio.run(_ensure_topology(spec, say))
+        _ensure_mgmt_bridge(layout, spec)
+        natscluster.ensure_cluster(layout, spec, say)
+        asyncio.run(_ensure_topology(layout, spec, say))
         HOST_STATE_MOUNT.mkdir(parents=True, exist_ok=True)
         for host in spec.hosts:
             if spec.segmented:
                 segments_net.ensure_host(layout, spec, host)
             else:
                 _ensure_host_network(layout, spec, host)
+            _ensure_host_mgmt(layout, spec, host)
+            _give_host_creds(layout, host)
             _ensure_host_mounts(layout, host)
             _ensure_agent(layout, spec, host, say)
     asyncio.run(wait_ready(spec, say))
@@ -194,73 +194,56 @@ def _ensure_bridge(layout: LabLayout, spec: LabSpec) -> None:
     run(["ip", "link", "set", layout.bridge, "up"])
 
 
-def _nats_pid(layout: LabLayout) -> int | None:
-    try:
-        pid = int((layout.nats_dir / "nats.pid").read_text())
-    except (OSError, ValueError):
-        return None
-    return pid if kernel.alive(pid) else None
+def _write_identities(layout: LabLayout, spec: LabSpec) -> None:
+    """What an operator does first: every identity's credentials and the servers' auth
+    config (`ferry identities`); each host then gets only its own credentials."""
+    wanted = [
+        identities.operator(),
+        *(identities.host(h) for h in spec.hosts),
+        identities.requester(LAB_REQUESTER),
+    ]
+    write_identities(layout.operator_dir, wanted, [spec.nats_address(n) for n in spec.nats_nodes])
 
 
-def _ensure_nats(layout: LabLayout, spec: LabSpec, say: Say) -> None:
-    if _nats_pid(layout) is not None:
-        return
-    layout.nats_dir.mkdir(parents=True, exist_ok=True)
-    conf = layout.nats_dir / "nats.conf"
-    conf.write_text(
-        f'server_name: "{layout.lab}-nats"\n'
-        f'listen: "{spec.nats_address}:{spec.nats_port}"\n'
-        f'pid_file: "{layout.nats_dir / "nats.pid"}"\n'
-        "max_payload: 8MB\n"
-        f'jetstream {{ store_dir: "{layout.nats_dir / "store"}" }}\n'
-    )
-    with (layout.nats_dir / "nats.log").open("ab") as logfile:
-        subprocess.Popen(
-            [str(nats_binary()), "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + NATS_READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection((spec.nats_address, spec.nats_port), 0.2),
-        ):
-            say(f"nats-server up on {spec.nats_address}:{spec.nats_port}")
-            return
-        time.sleep(0.05)
-    tail = (layout.nats_dir / "nats.log").read_text()[-500:]
-    raise RuntimeFailure(f"nats-server did not start within {NATS_READY_TIMEOUT_S:.0f}s: {tail}")
+def operator_creds(layout: LabLayout) -> Path:
+    return creds_path(layout.operator_dir, identities.operator())
+
+
+def requester_creds(layout: LabLayout) -> Path:
+    """Credentials of the lab's stand-in for "another system" that publishes requests."""
+    return creds_path(layout.operator_dir, identities.requester(LAB_REQUESTER))
+
+
+def _ensure_mgmt_bridge(layout: LabLayout, spec: LabSpec) -> None:
+    if not kernel.link_exists(layout.mgmt_bridge):
+        run(["ip", "link", "add", layout.mgmt_bridge, "type", "bridge"])
+    prefix = spec.mgmt_subnet.prefixlen
+    run(["ip", "addr", "replace", f"{spec.operator_address}/{prefix}", "dev", layout.mgmt_bridge])
+    run(["ip", "link", "set", layout.mgmt_bridge, "up"])
 
 
 def restart_nats(layout: LabLayout, say: Say, *, lose_store: bool = False) -> None:
-    """Stop the lab's nats-server and start it again with the same config; `lose_store`
-    removes its JetStream store in between, as a lost disk or a rebuilt server would (for
-    tests and chaos). Nothing is bootstrapped: that is the operator's next step."""
+    """Stop the lab's NATS nodes and start them again with the same config; `lose_store`
+    removes every node's JetStream store in between, as lost disks or rebuilt servers would
+    (for tests and chaos). Nothing is bootstrapped: that is the operator's next step."""
     spec = read_spec(layout)
     if spec is None:
         raise InvalidInput(f"lab {layout.lab!r} is not up", field="FERRY_LAB")
     with locked(layout):
-        pid = _nats_pid(layout)
-        if pid is not None:
-            kernel.terminate([pid], grace=10.0)
-        if lose_store:
-            shutil.rmtree(layout.nats_dir / "store", ignore_errors=True)
-            say(f"lab {layout.lab}: JetStream store removed")
-        _ensure_nats(layout, spec, say)
+        natscluster.restart(layout, spec, say, lose_store=lose_store)
 
 
-async def _ensure_topology(spec: LabSpec, say: Say) -> None:
-    """The lab's bootstrap: what `ferry bootstrap` does on a real fleet."""
-    nc = await bus.connect(spec.nats_url, name="ferry-lab")
+async def _ensure_topology(layout: LabLayout, spec: LabSpec, say: Say) -> None:
+    """The lab's bootstrap: what `ferry bootstrap --host … --replicas 3` does on a fleet."""
+    nc = await bus.connect(spec.nats_urls, name="ferry-lab", creds=operator_creds(layout))
     try:
-        created = await bus.create_topology(nc.jetstream())
+        created = await bus.create_topology_when_ready(
+            nc.jetstream(), hosts=spec.hosts, replicas=len(spec.nats_nodes), say=say
+        )
     finally:
         await nc.close()
     if created:
-        say(f"bootstrap: created {', '.join(created)}")
+        say(f"bootstrap: created {len(created)} streams, buckets and consumers")
 
 
 def _ensure_host_network(layout: LabLayout, spec: LabSpec, host: str) -> None:
@@ -295,6 +278,28 @@ def _ensure_host_network(layout: LabLayout, spec: LabSpec, host: str) -> None:
     run([*in_ns, "route", "replace", "default", "via", spec.gateway])
 
 
+def _ensure_host_mgmt(layout: LabLayout, spec: LabSpec, host: str) -> None:
+    """The host's second interface, on the management network (NATS, other hosts)."""
+    ns = layout.netns(host)
+    link = layout.mgmt_link(host)
+    if not kernel.link_exists(link):
+        run(["ip", "link", "add", link, "type", "veth", "peer", "name", "mgmt", "netns", ns])
+    run(["ip", "link", "set", link, "master", layout.mgmt_bridge, "up"])
+    prefix = spec.mgmt_subnet.prefixlen
+    run(["ip", "-n", ns, "addr", "replace", f"{spec.mgmt_address(host)}/{prefix}", "dev", "mgmt"])
+    run(["ip", "-n", ns, "link", "set", "mgmt", "up"])
+
+
+def _give_host_creds(layout: LabLayout, host: str) -> None:
+    """The host's /etc/ferry: only its own credentials, as an operator would copy them."""
+    etc = layout.host_etc(host)
+    etc.mkdir(parents=True, exist_ok=True)
+    etc.chmod(0o700)
+    own = creds_path(layout.operator_dir, identities.host(host))
+    shutil.copyfile(own, etc / own.name)
+    (etc / own.name).chmod(0o600)
+
+
 def _ensure_host_mounts(layout: LabLayout, host: str) -> None:
     """A persistent private mount namespace where only this host's state dir is visible."""
     mntns = layout.mntns_path(host)
@@ -308,8 +313,14 @@ def _ensure_host_mounts(layout: LabLayout, host: str) -> None:
     state = layout.state_dir(host)
     state.mkdir(parents=True, exist_ok=True)
     mntns.touch()
+    etc = layout.host_etc(host)
+    etc.mkdir(parents=True, exist_ok=True)
+    HOST_ETC_MOUNT.mkdir(parents=True, exist_ok=True)
     hide = "mount -t tmpfs -o mode=755,size=1m ferry-hidden"
-    script = f"mount --bind {state} {HOST_STATE_MOUNT} && {hide} {LABS_ROOT} && {hide} {LABS_RUN}"
+    script = (
+        f"mount --bind {state} {HOST_STATE_MOUNT} && mount --bind {etc} {HOST_ETC_MOUNT}"
+        f" && {hide} {LABS_ROOT} && {hide} {LABS_RUN}"
+    )
     run(["unshare", f"--mount={mntns}", "--propagation", "slave", "sh", "-c", script])
 
 
@@ -331,23 +342,47 @@ def agent_pid(layout: LabLayout, host: str) -> int | None:
     if not kernel.alive(pid):
         return None
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    return pid if b"services.agent" in cmdline else None
+    return pid if b"agent" in cmdline else None
 
 
-def host_env(layout: LabLayout, spec: LabSpec, host: str) -> dict[str, str]:
-    return {
-        "FERRY_HOST": host,
-        "FERRY_HOST_ADDRESS": spec.address(host),
-        "FERRY_NATS_URL": spec.nats_url,
-        "FERRY_DC_SUBNET": str(spec.subnet),
-        "FERRY_DC_GATEWAY": spec.gateway,
-        "FERRY_IP_POOL": f"{CONTAINER_POOL[0]}-{CONTAINER_POOL[1]}",
-        "FERRY_STATE_DIR": str(HOST_STATE_MOUNT),
-        "FERRY_BRIDGE": "br0",
-        "FERRY_CGROUP_PARENT": layout.cgroup_parent(host),
-        "FERRY_LAB": layout.lab,
-        "FERRY_ALLOW_FAULTS": "1" if spec.allow_faults else "0",
-    }
+AGENT_CONFIG = HOST_ETC_MOUNT / "agent.toml"
+
+
+def host_config(layout: LabLayout, spec: LabSpec, host: str) -> str:
+    """The host's /etc/ferry/agent.toml, as an operator writes it (deploy/systemd/)."""
+    creds = HOST_ETC_MOUNT / f"{identities.host(host).user}.creds"
+    servers = ", ".join(f'"{url}"' for url in spec.nats_urls)
+    return "\n".join(
+        [
+            f"# {host} of lab {layout.lab}, written by `ferry lab up`",
+            f'host = "{host}"',
+            f'address = "{spec.mgmt_address(host)}"',
+            f'state_dir = "{HOST_STATE_MOUNT}"',
+            f'cgroup_parent = "{layout.cgroup_parent(host)}"',
+            "",
+            "[bus]",
+            f"servers = [{servers}]",
+            f'creds = "{creds}"',
+            "",
+            "[network]",
+            f'subnet = "{spec.subnet}"',
+            f'gateway = "{spec.gateway}"',
+            f'ip_pool = "{CONTAINER_POOL[0]}-{CONTAINER_POOL[1]}"',
+            'bridge = "br0"',
+            "",
+        ]
+    )
+
+
+def host_env(layout: LabLayout, spec: LabSpec) -> dict[str, str]:
+    """What only a lab sets: its name (for tests' helpers) and whether faults may be injected."""
+    return {"FERRY_LAB": layout.lab, "FERRY_ALLOW_FAULTS": "1" if spec.allow_faults else "0"}
+
+
+def _inherited_env() -> dict[str, str]:
+    """The caller's environment minus what would override the host's config file (a
+    variable beats the file): test knobs such as sweep intervals still pass."""
+    return {k: v for k, v in os.environ.items() if k not in HOST_CONFIG_VARS}
 
 
 def _ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None:
@@ -355,10 +390,14 @@ def _ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None
         return
     log_dir = layout.state_dir(host) / "log"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **host_env(layout, spec, host), "PYTHONUNBUFFERED": "1"}
+    config = layout.host_etc(host) / "agent.toml"
+    config.write_text(host_config(layout, spec, host))
+    env = {**_inherited_env(), **host_env(layout, spec), "PYTHONUNBUFFERED": "1"}
+    ferry = Path(sys.executable).parent / "ferry"
     with (log_dir / "agent.log").open("ab") as logfile:
         proc = subprocess.Popen(
-            [*host_exec_prefix(layout, host), sys.executable, "-m", "services.agent"],
+            # What ferry-agent.service runs, inside the host's namespaces.
+            [*host_exec_prefix(layout, host), str(ferry), "agent", "--config", str(AGENT_CONFIG)],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=logfile,
@@ -366,14 +405,20 @@ def _ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None
             start_new_session=True,
             cwd="/",
         )
-    say(f"{host}: agent started (pid {proc.pid}) at {spec.address(host)}")
+    say(f"{host}: agent started (pid {proc.pid}) at {spec.mgmt_address(host)}")
 
 
 async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHeartbeat | None]:
     """Each host's latest heartbeat if the host and all four of its workers are alive."""
     health: dict[str, HostHeartbeat | None] = {h: None for h in spec.hosts}
     try:
-        nc = await bus.connect(spec.nats_url, name="ferry-cli", connect_timeout=timeout)
+        nc = await bus.connect(
+            spec.nats_urls,
+            name="ferry-cli",
+            creds=operator_creds(LabLayout(spec.lab)),
+            connect_timeout=timeout,
+            give_up_after=3 * timeout,
+        )
     except Unavailable:
         return health
     try:
@@ -433,8 +478,7 @@ def down(layout: LabLayout, say: Say) -> None:
         kernel.terminate(pids)
         for top in kernel.cgroup_dirs(layout.cgroup_name):
             kernel.kill_cgroup_tree(top)
-        nats = kernel.pids_with_cmdline(str(layout.nats_dir / "nats.conf"))
-        kernel.terminate(nats)
+        kernel.terminate(kernel.pids_with_cmdline(str(layout.nats_dir)))
         for mount in kernel.mounts_under(layout.run) + kernel.mounts_under(layout.root):
             run(["umount", "--lazy", str(mount)], check=False)
         for name in host_namespaces:

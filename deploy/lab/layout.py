@@ -16,9 +16,14 @@ DEFAULT_LAB = "ferry"  # the lab when FERRY_LAB is unset
 LABS_ROOT = Path("/var/lib/ferry-lab")
 LABS_RUN = Path("/run/ferry-lab")
 HOST_STATE_MOUNT = Path("/var/lib/ferry")  # where a host sees its own state dir
+HOST_ETC_MOUNT = Path("/etc/ferry")  # where a host sees its own config and credentials
 FIRST_HOST_OFFSET = 10  # h1 gets .11
 CONTAINER_POOL = (100, 250)
 MAX_HOSTS = 50
+NATS_NODES = 3  # a JetStream cluster that survives the loss of any one node
+NATS_CLIENT_PORT = 4222  # as in deploy/nats/nats.conf
+NATS_CLUSTER_PORT = 6222
+NATS_MONITOR_PORT = 8222
 
 
 def validate_lab_name(name: str) -> str:
@@ -43,11 +48,6 @@ def candidate_subnets(name: str) -> list[ipaddress.IPv4Network]:
         ipaddress.IPv4Network(f"10.{200 + (i // 256)}.{i % 256}.0/24")
         for i in ((start + k) % (50 * 256) for k in range(50 * 256))
     ]
-
-
-def candidate_ports(name: str) -> list[int]:
-    start = lab_hash(name) % 2000
-    return [14222 + (start + k) % 2000 for k in range(2000)]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,31 @@ class LabLayout:
     def segment_bridge(self, segment: int) -> str:
         return f"{self.lab}-s{segment}"
 
+    # The management network: NATS nodes, hosts' Ferry traffic and the operator (the root
+    # namespace). Containers have no route to it and each host drops what they send it.
+    @property
+    def mgmt_bridge(self) -> str:
+        return f"{self.lab}-mg"
+
+    def mgmt_link(self, host: str) -> str:
+        """The root-namespace end of a host's management veth (the host's end is `mgmt`)."""
+        return f"{self.lab}-{host}m"
+
+    def nats_netns(self, node: int) -> str:
+        return f"{self.lab}-n{node}"
+
+    def nats_node_dir(self, node: int) -> Path:
+        return self.nats_dir / f"n{node}"
+
+    @property
+    def operator_dir(self) -> Path:
+        """What the lab's operator holds: every identity's credentials, the auth config."""
+        return self.root / "operator"
+
+    def host_etc(self, host: str) -> Path:
+        """The host's /etc/ferry (bound there in its mount namespace): config, credentials."""
+        return self.state_dir(host) / "etc"
+
 
 @dataclass(frozen=True)
 class LabSpec:
@@ -142,6 +167,7 @@ class LabSpec:
     hosts: tuple[str, ...]
     subnet: ipaddress.IPv4Network
     nats_port: int
+    mgmt_subnet: ipaddress.IPv4Network
     allow_faults: bool = False
     # Segmented labs: each segment is its own routed network; containers keep their
     # addresses on `subnet`, carried between hosts by a VXLAN overlay.
@@ -162,10 +188,31 @@ class LabSpec:
         return str(self.subnet.network_address + 1)
 
     @property
-    def nats_address(self) -> str:
-        if self.core_subnet is not None:
-            return str(self.core_subnet.network_address + 1)
-        return self.gateway
+    def operator_address(self) -> str:
+        """The root namespace's address on the management network."""
+        return str(self.mgmt_subnet.network_address + 1)
+
+    @property
+    def nats_nodes(self) -> tuple[int, ...]:
+        return tuple(range(1, NATS_NODES + 1))
+
+    def nats_address(self, node: int) -> str:
+        return str(self.mgmt_subnet.network_address + 1 + node)
+
+    @property
+    def nats_urls(self) -> tuple[str, ...]:
+        return tuple(f"nats://{self.nats_address(n)}:{self.nats_port}" for n in self.nats_nodes)
+
+    def mgmt_address(self, host: str) -> str:
+        """Where other hosts reach this one: transfers, page servers, its NATS connection."""
+        index = self.hosts.index(host) + 1
+        return str(self.mgmt_subnet.network_address + FIRST_HOST_OFFSET + index)
+
+    @property
+    def core_address(self) -> str:
+        """The root namespace's end of the link to the router (segmented labs)."""
+        assert self.core_subnet is not None
+        return str(self.core_subnet.network_address + 1)
 
     @property
     def router_core_address(self) -> str:
@@ -182,10 +229,6 @@ class LabSpec:
     def vtep_gateway_address(self) -> str:
         assert self.core_subnet is not None
         return str(self.core_subnet.network_address + 6)
-
-    @property
-    def nats_url(self) -> str:
-        return f"nats://{self.nats_address}:{self.nats_port}"
 
     @property
     def vni(self) -> int:
@@ -223,6 +266,7 @@ class LabSpec:
                 "hosts": list(self.hosts),
                 "subnet": str(self.subnet),
                 "nats_port": self.nats_port,
+                "mgmt_subnet": str(self.mgmt_subnet),
                 "allow_faults": self.allow_faults,
                 "segment_subnets": [str(s) for s in self.segment_subnets],
                 "core_subnet": str(self.core_subnet) if self.core_subnet else None,
@@ -238,6 +282,7 @@ class LabSpec:
             hosts=tuple(data["hosts"]),
             subnet=ipaddress.IPv4Network(data["subnet"]),
             nats_port=int(data["nats_port"]),
+            mgmt_subnet=ipaddress.IPv4Network(data["mgmt_subnet"]),
             allow_faults=bool(data.get("allow_faults", False)),
             segment_subnets=tuple(
                 ipaddress.IPv4Network(s) for s in data.get("segment_subnets") or []

@@ -69,7 +69,7 @@ def ensure_router(layout: LabLayout, spec: LabSpec) -> None:
         run([*ip, "link", "set", f"s{segment}", "up"])
     # The root namespace reaches everything through the router's core link (a /30).
     _veth(layout.core_link, "core", rt)
-    run(["ip", "addr", "replace", f"{spec.nats_address}/30", "dev", layout.core_link])
+    run(["ip", "addr", "replace", f"{spec.core_address}/30", "dev", layout.core_link])
     run(["ip", "link", "set", layout.core_link, "up"])
     run([*ip, "addr", "replace", f"{spec.router_core_address}/30", "dev", "core"])
     run([*ip, "link", "set", "core", "up"])

@@ -38,9 +38,9 @@ class ErrorDetail(BaseModel):
 
     field: str | None = None
     reason: str
-    kind: Literal[
-        "invalid", "not_found", "conflict", "unavailable", "forbidden", "failed"
-    ] = "invalid"
+    kind: Literal["invalid", "not_found", "conflict", "unavailable", "forbidden", "failed"] = (
+        "invalid"
+    )
     retryable: bool = False
 
 

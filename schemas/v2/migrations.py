@@ -62,6 +62,9 @@ class MigrationRecord(Message):
     updated_at: float
     deadline: float
     committed: bool = False
+    requested_by: str = Field(
+        default="", description="the bus identity that asked for the move (audit)"
+    )
     cancel_requested: str | None = Field(
         default=None, description="why an operator or the watchdog asked to stop"
     )

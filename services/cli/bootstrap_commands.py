@@ -12,13 +12,25 @@ import argparse
 import asyncio
 import json
 
+from nats.js.errors import APIError
+
 from services import bus
 from services.cli.context import connected, current_context, say
+from services.errors import InvalidInput
 
 
 async def _bootstrap(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     async with connected(current_context(args)) as nc:
-        created = await bus.create_topology(nc.jetstream())
+        try:
+            # A cluster that just started needs seconds to elect its leader: wait for it.
+            created = await bus.create_topology_when_ready(
+                nc.jetstream(), hosts=args.host, replicas=args.replicas, say=say
+            )
+        except APIError as exc:  # e.g. more replicas than the cluster has servers
+            raise InvalidInput(
+                f"the bus refused to create with {args.replicas} replicas: {exc.description}",
+                field="--replicas",
+            ) from exc
     existing = [str(p) for p in bus.topology() if str(p) not in created]
     return created, existing
 

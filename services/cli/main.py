@@ -12,9 +12,11 @@ from collections.abc import Callable, Sequence
 
 from schemas.v1.migrations import FAULT_EXAMPLES
 from services.cli import (
+    agent_commands,
     bootstrap_commands,
     container_commands,
     host_commands,
+    identity_commands,
     image_commands,
     migrate_commands,
     plugins,
@@ -138,8 +140,19 @@ def build_parser() -> Parser:
     boot = sub.add_parser(
         "bootstrap", help="create the bus's buckets and streams (once; workers never do)"
     )
+    boot.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a host whose command consumers to create (repeat; again later to add hosts)",
+    )
+    boot.add_argument(
+        "--replicas", type=positive_int, default=3, help="copies of each stream (default 3)"
+    )
     boot.add_argument("--json", action="store_true")
     boot.set_defaults(run=bootstrap_commands.bootstrap)
+
+    identity_commands.register(sub)  # `ferry identities`
 
     rec = sub.add_parser(
         "reconcile",
@@ -150,6 +163,7 @@ def build_parser() -> Parser:
     rec.set_defaults(run=reconcile_commands.reconcile_command)
 
     recover_commands.register(sub)  # `ferry recover`
+    agent_commands.register(sub)  # `ferry agent`, what systemd runs on each host
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

@@ -45,10 +45,10 @@ class Rejected(Exception):
         self.reply = reply
 
 
-async def submit(
-    nc: NATS, payload: dict[str, Any], subject: str = subjects.MIGRATION_REQUEST
-) -> bytes:
-    """Send a request to intake; return its reply, or raise Rejected with intake's error."""
+async def submit(nc: NATS, payload: dict[str, Any], subject: str = "") -> bytes:
+    """Send a request to intake; return its reply, or raise Rejected with intake's error.
+    It goes out on this identity's own request subject (the record says who asked)."""
+    subject = subject or subjects.migration_request(bus.identity(nc))
     try:
         msg = await nc.request(
             subject, json.dumps(payload).encode(), timeout=INTAKE_TIMEOUT_S,
@@ -272,7 +272,7 @@ async def _cancel(args: argparse.Namespace) -> MigrationRecord:
         reply = await submit(
             nc,
             {"schema_version": 1, "id": args.id, "reason": args.reason},
-            subjects.MIGRATION_CANCEL,
+            subjects.migration_cancel(bus.identity(nc)),
         )
         accepted = CancelAccepted.model_validate_json(reply)
         say(f"migration {accepted.id}: cancelling at the next step boundary")

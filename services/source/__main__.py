@@ -89,11 +89,13 @@ async def register(ctx: WorkerContext) -> None:
     )
 
     def answering(
-        subject: str, work: Callable[[bytes], Awaitable[BaseModel]]
+        subject: str, work: Callable[[bytes, str], Awaitable[BaseModel]]
     ) -> Callable[[Msg], Awaitable[None]]:
         async def answer(msg: Msg) -> None:
             try:
-                reply = (await work(msg.data)).model_dump_json().encode()
+                # The bus lets an identity publish only on its own subject: that is who asked.
+                asked_by = subjects.requester_of(msg.subject)
+                reply = (await work(msg.data, asked_by)).model_dump_json().encode()
             except FerryError as exc:
                 ctx.log_error(subject, exc)
                 reply = bus.error_reply(exc)
@@ -106,8 +108,8 @@ async def register(ctx: WorkerContext) -> None:
         return answer
 
     for subject, work in (
-        (subjects.MIGRATION_REQUEST, intake.accept),
-        (subjects.MIGRATION_CANCEL, intake.cancel),
+        (subjects.migration_request("*"), intake.accept),
+        (subjects.migration_cancel("*"), intake.cancel),
     ):
         await ctx.nc.subscribe(subject, queue=subjects.INTAKE_QUEUE, cb=answering(subject, work))
     ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from schemas import subjects
@@ -27,7 +26,7 @@ from schemas.v1.containers import Placement
 from services import bus
 from services.runtime.netns import mac_for
 from tests.conftest import new_lab_name
-from tests.support.bus import nats_url
+from tests.support.bus import operator_nats
 from tests.support.cli import ferry
 from tests.support.lab_checks import runc_names
 from tests.support.workload import query, wait_until_serving
@@ -111,7 +110,7 @@ def runc_status(lab: str, host: str, name: str) -> str | None:
 
 
 async def _with_js(lab: str, work: Callable[[Any], Any]) -> Any:
-    nc = await nats.connect(nats_url(lab))
+    nc = await operator_nats(lab)
     try:
         return await work(nc.jetstream())
     finally:

@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from deploy.workloads import MEMAPP
 from tests.conftest import new_lab_name
-from tests.support.bus import nats_url
+from tests.support.bus import operator_nats
 from tests.support.cli import ferry
 from tests.support.workload import PORT, build_rootfs, query, wait_until_serving
 
@@ -125,7 +124,7 @@ def _image_ls(lab: str) -> dict[str, dict[str, Any]]:
 
 
 async def _store_objects(lab: str) -> list[str]:
-    nc = await nats.connect(nats_url(lab))
+    nc = await operator_nats(lab)
     try:
         store = await nc.jetstream().object_store("ferry-layers")
         return sorted(info.name for info in await store.list())

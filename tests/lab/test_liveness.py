@@ -16,13 +16,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from schemas import subjects
 from schemas.v1.leases import StepLease
 from tests.conftest import new_lab_name
-from tests.support.bus import nats_url
+from tests.support.bus import operator_nats
 from tests.support.cli import Result, ferry
 from tests.support.lab_checks import placements, runc_names
 from tests.support.workload import query, wait_until_serving
@@ -62,7 +61,7 @@ def assert_workers_run_under(lab: str, host: str, offset: str) -> None:
 
 async def migrating_while_watching(lab: str, step: str, *args: str) -> tuple[Result, list[Any]]:
     """`ferry migrate ARGS`, and every lease written for `step` meanwhile."""
-    nc = await nats.connect(nats_url(lab))
+    nc = await operator_nats(lab)
     try:
         kv = await nc.jetstream().key_value(subjects.LEASES_BUCKET)
         watcher = await kv.watch(f"*.forward.{step}.*")

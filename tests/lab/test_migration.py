@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import pytest
 
+from deploy.lab.layout import LabLayout
 from tests.support.bus import request_raw
 from tests.support.cli import ferry
 from tests.support.lab_checks import assert_nothing_left_on, placements, runc_names
@@ -30,9 +32,12 @@ STEPS = [
 ]
 
 
-def _uplink_rx_bytes(lab: str, host: str) -> int:
-    """Bytes the host sent out of its uplink, read on the root namespace's end of it."""
-    return int(Path(f"/sys/class/net/{lab}-{host}/statistics/rx_bytes").read_text())
+def _mgmt_rx_bytes(lab: str, host: str) -> int:
+    """Bytes the host sent out of its management link (its Ferry traffic: pages, files),
+    read on the root namespace's end of it."""
+    return int(
+        Path(f"/sys/class/net/{LabLayout(lab).mgmt_link(host)}/statistics/rx_bytes").read_text()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> No
     last = wait_until_serving(ip)
     assert last["buffer_ok"] is True
     for source, destination in (("h1", "h2"), ("h2", "h1")):
-        sent_before = _uplink_rx_bytes(lab2, source)
+        sent_before = _mgmt_rx_bytes(lab2, source)
         moved = ferry(
             lab2, "migrate", "mover", "--to", destination, "--strategy", "stop-and-copy",
             "--json", timeout=300,
@@ -69,8 +74,8 @@ def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> No
         assert len(record["trace_id"]) == 32
         assert record["freeze_ms"] > 0
         assert record["bytes_moved"] >= BUFFER_MIB * 2**20
-        # The memory went over the network: the source's uplink carried at least the buffer.
-        assert _uplink_rx_bytes(lab2, source) - sent_before >= BUFFER_MIB * 2**20
+        # The memory went over the network: the source's management link carried the buffer.
+        assert _mgmt_rx_bytes(lab2, source) - sent_before >= BUFFER_MIB * 2**20
 
         now = query(ip)
         assert now["token"] == last["token"], "a different process answers"
@@ -150,3 +155,73 @@ async def test_a_second_migration_of_a_moving_container_is_rejected(lab2: str, m
     assert record["state"] == "completed", record
     assert {c["name"]: c for c in placements(lab2)}["mover"]["host"] == there
     assert query(mover)["buffer_ok"] is True
+
+
+async def test_a_requester_asks_and_follows_its_move_and_may_do_nothing_else(
+    lab2: str, mover: str
+) -> None:
+    """On the lab's real cluster: the requester identity publishes a request on its own
+    subject, follows the events to the end and reads the record, which names it; an
+    anonymous client is refused at the door; a host's credentials cannot read another
+    host's commands."""
+    import asyncio
+
+    from nats.errors import Error as NatsError
+
+    from deploy.lab.lab import LAB_REQUESTER
+    from deploy.lab.layout import LabLayout
+    from services import identities
+    from services.identity_files import creds_path
+    from tests.support.bus import connect_as, requester_nats
+
+    here = {c["name"]: c for c in placements(lab2)}["mover"]["host"]
+    there = "h2" if here == "h1" else "h1"
+    nc = await requester_nats(lab2)
+    try:
+        js = nc.jetstream()
+        request = {"schema_version": 1, "container": "mover", "destination": there}
+        asked = await nc.request(
+            f"ferry.v1.migrations.request.requester-{LAB_REQUESTER}",
+            json.dumps(request).encode(),
+            timeout=30,
+        )
+        accepted = json.loads(asked.data)
+        assert "id" in accepted, accepted
+        sub = await js.subscribe(
+            f"ferry.v1.events.{accepted['id']}", ordered_consumer=True, stream="FERRY_EVENTS"
+        )
+        kinds = []
+        deadline = time.monotonic() + 120
+        while "finished" not in kinds and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.TimeoutError, NatsError):
+                event = json.loads((await sub.next_msg(timeout=5)).data)
+                kinds.append(event.get("type"))
+        assert "finished" in kinds, kinds
+        record = json.loads(
+            (await (await js.key_value("ferry-migrations")).get(accepted["id"])).value
+        )
+        assert record["state"] == "completed", record
+        assert record["requested_by"] == f"requester-{LAB_REQUESTER}"
+    finally:
+        await nc.close()
+
+    with pytest.raises(NatsError):  # no credentials: refused at the door
+        await asyncio.wait_for(connect_as(lab2, None, allow_reconnect=False), 10)
+
+    violations: list[str] = []
+
+    async def seen(exc: Exception) -> None:
+        violations.append(str(exc))
+
+    h1 = creds_path(LabLayout(lab2).operator_dir, identities.host("h1"))
+    host = await connect_as(lab2, h1, error_cb=seen)
+    try:
+        theirs = await host.jetstream(timeout=2).pull_subscribe_bind(
+            durable="cmd-h2-source", stream="FERRY_COMMANDS"
+        )
+        with contextlib.suppress(Exception):
+            await theirs.fetch(1, timeout=2)
+        await asyncio.sleep(0.5)
+        assert any("permissions violation" in v.lower() for v in violations), violations
+    finally:
+        await host.close()

@@ -113,24 +113,18 @@ async def test_cancel_rolls_back_before_the_commit_and_is_refused_after(fault_la
     import asyncio
     import json
 
-    import nats
-
-    from tests.support.bus import nats_url
+    from tests.support.bus import CANCEL_SUBJECT, REQUEST_SUBJECT, requester_nats
 
     here = {c["name"]: c for c in placements(fault_lab)}["drill"]["host"]
     there = "h2" if here == "h1" else "h1"
-    nc = await nats.connect(nats_url(fault_lab))
+    # Another system, with the requester identity: it may ask and cancel, nothing else.
+    nc = await requester_nats(fault_lab)
     try:
         request = {"schema_version": 1, "container": "drill", "destination": there}
-        accepted = json.loads(
-            (
-                await nc.request(
-                    "ferry.v1.migrations.request", json.dumps(request).encode(), timeout=15
-                )
-            ).data
-        )
+        asked = await nc.request(REQUEST_SUBJECT, json.dumps(request).encode(), timeout=15)
+        accepted = json.loads(asked.data)
         cancel = json.loads((await nc.request(
-            "ferry.v1.migrations.cancel", json.dumps({"id": accepted["id"]}).encode(),
+            CANCEL_SUBJECT, json.dumps({"id": accepted["id"]}).encode(),
             timeout=15)).data)  # fmt: skip
     finally:
         await nc.close()

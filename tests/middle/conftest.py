@@ -35,7 +35,7 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     """A client connected by services.bus.connect, with Ferry's buckets and streams created."""
     nc = await ferry_bus.connect(nats_server.url, name="ferry-middle-test")
     js = nc.jetstream()
-    await ferry_bus.create_topology(js)
+    await ferry_bus.create_topology(js, hosts=("h1", "h2", "h3", "h9"))
     yield Bus(nc, js, nats_server)
     await nc.close()
 

@@ -5,6 +5,7 @@ by the server (a permissions violation), never merely unused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,10 +131,8 @@ async def fetch_own_commands(c: Client) -> object:
     sub = await c.js.pull_subscribe_bind(
         durable=subjects.command_durable("h1", "source"), stream=subjects.COMMANDS_STREAM
     )
-    try:
+    with contextlib.suppress(nats.errors.TimeoutError):
         await sub.fetch(1, timeout=WAIT_S)
-    except nats.errors.TimeoutError:
-        pass
     return "fetched"
 
 

@@ -157,17 +157,30 @@ async def test_a_fault_is_accepted_when_the_hosts_allow_faults(
     assert await migrations.get(accepted.id) is not None
 
 
+async def test_the_record_says_which_identity_asked(
+    intake: Intake, migrations: KvMigrationStore
+) -> None:
+    accepted = await intake.accept(request(), "requester-ci")
+    assert isinstance(accepted, MigrationAccepted)
+    got = await migrations.get(accepted.id)
+    assert got is not None and got[0].requested_by == "requester-ci"
+
+
 async def test_cancel_before_the_commit_asks_the_saga_to_stop(
     intake: Intake, migrations: KvMigrationStore
 ) -> None:
     accepted = await intake.accept(request())
     assert isinstance(accepted, MigrationAccepted)
-    reply = await intake.cancel(json.dumps({"id": accepted.id, "reason": "test says so"}).encode())
+    asked = json.dumps({"id": accepted.id, "reason": "test says so"}).encode()
+    reply = await intake.cancel(asked, "requester-ci")
     assert (reply.id, reply.state) == (accepted.id, "cancelling")
     got = await migrations.get(accepted.id)
     assert got is not None
     view = records.summary(got[0])
-    assert (view["state"], view["cancel_requested"]) == ("running", "test says so")
+    assert (view["state"], view["cancel_requested"]) == (
+        "running",
+        "test says so (asked by requester-ci)",
+    )
     assert view["steps"] == [("preflight", "forward", "running", 1, "h1")]
 
 

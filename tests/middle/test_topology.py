@@ -84,7 +84,11 @@ def test_the_cli_refuses_and_bootstrap_creates_it(nats_server: NatsServer) -> No
     assert "ferry bootstrap" in listing.stderr and "ferry-images" in listing.stderr
     assert asyncio.run(stream_names(nats_server.url)) == [], "the CLI created nothing"
 
-    made = ferry_on(nats_server.url, "bootstrap", "--json")
+    # Three copies (the default) on one server: refused, naming the flag, nothing made.
+    refused = ferry_on(nats_server.url, "bootstrap", "--json")
+    assert refused.code == 2 and "--replicas" in refused.stdout + refused.stderr, refused
+    assert asyncio.run(stream_names(nats_server.url)) == []
+    made = ferry_on(nats_server.url, "bootstrap", "--replicas", "1", "--json")
     assert made.code == 0, made.stderr
     assert len(made.json()["created"]) == len(bus.topology())
     assert ferry_on(nats_server.url, "image", "ls").code == 0
@@ -119,13 +123,15 @@ async def test_a_worker_waits_for_the_bootstrap_then_serves_its_ledger(
             [sys.executable, "-m", "services.source"], stdout=out, stderr=out, env=env
         )
     try:
-        assert await asyncio.to_thread(_log_says, log, "ferry bootstrap", WORKER_READY_S)
+        said = await asyncio.to_thread(_log_says, log, "ferry bootstrap", WORKER_READY_S)
+        assert said, log.read_text()
         assert "waiting: the bus lacks" in log.read_text()
         await asyncio.sleep(1.0)
         assert await stream_names(nats_server.url) == [], "the worker created nothing"
         assert worker.poll() is None, "it waits rather than exit"
 
-        assert ferry_on(nats_server.url, "bootstrap").code == 0
+        made = ferry_on(nats_server.url, "bootstrap", "--replicas", "1", "--host", "h1")
+        assert made.code == 0, made
         assert await asyncio.to_thread(_log_says, log, "source worker ready", WORKER_READY_S)
         nc = await bus.connect(nats_server.url, name="test")
         try:

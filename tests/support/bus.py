@@ -1,4 +1,5 @@
-"""Talking to a lab's NATS as another system would: raw JSON on the documented subjects."""
+"""Talking to a lab's NATS as another system would: raw JSON on the documented subjects,
+with the identity the lab's operator handed out (every lab bus requires credentials)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,45 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.aio.client import Client as NATS
 
-REQUEST_SUBJECT = "ferry.v1.migrations.request"
+from deploy.lab.lab import LAB_REQUESTER, operator_creds, requester_creds
+from deploy.lab.layout import LabLayout, read_spec
+from services.credentials import load_credentials
+
+REQUEST_SUBJECT = f"ferry.v1.migrations.request.requester-{LAB_REQUESTER}"
+CANCEL_SUBJECT = f"ferry.v1.migrations.cancel.requester-{LAB_REQUESTER}"
 
 
-def nats_url(lab: str) -> str:
-    spec = json.loads(Path(f"/var/lib/ferry-lab/{lab}/lab.json").read_text())
-    gateway = spec["subnet"].rsplit(".", 1)[0] + ".1"
-    return f"nats://{gateway}:{spec['nats_port']}"
+def nats_urls(lab: str) -> list[str]:
+    spec = read_spec(LabLayout(lab))
+    assert spec is not None, f"lab {lab} is not up"
+    return list(spec.nats_urls)
+
+
+async def connect_as(lab: str, creds: Path | None, **options: Any) -> NATS:
+    """A plain nats-py client of the lab's cluster: `creds` None is an anonymous client."""
+    auth: dict[str, Any] = {}
+    if creds is not None:
+        secret = load_credentials(creds)
+        auth = {
+            "user": secret.user,
+            "password": secret.password.get_secret_value(),
+            "inbox_prefix": f"_INBOX.{secret.user}",
+        }
+    return await nats.connect(nats_urls(lab), **auth, **options)
+
+
+async def operator_nats(lab: str) -> NATS:
+    return await connect_as(lab, operator_creds(LabLayout(lab)))
+
+
+async def requester_nats(lab: str) -> NATS:
+    return await connect_as(lab, requester_creds(LabLayout(lab)))
 
 
 async def request_raw(lab: str, payload: bytes, timeout: float = 15.0) -> dict[str, Any]:
-    nc = await nats.connect(nats_url(lab))
+    nc = await requester_nats(lab)
     try:
         reply = await nc.request(REQUEST_SUBJECT, payload, timeout=timeout)
     finally:

@@ -62,6 +62,7 @@ def lab_spec(name: str, port: int = 14222, hosts: int = 2, segments: int = 1) ->
         hosts=tuple(f"h{i}" for i in range(1, hosts + 1)),
         subnet=ipaddress.IPv4Network("10.200.7.0/24"),
         nats_port=port,
+        mgmt_subnet=ipaddress.IPv4Network(f"10.203.{port % 256}.0/24"),
         segment_subnets=tuple(
             ipaddress.IPv4Network(f"10.201.{i}.0/24")
             for i in range(segments if segments > 1 else 0)
@@ -245,14 +246,14 @@ def test_lab_up_writes_its_context_and_down_removes_it(
     spec = lab_spec("t1")
     layout = put_lab(spec)
     contexts.write(layout, spec, quiet, select_default=True)
-    assert BusContext.model_validate_json(layout.context_file.read_bytes()).servers == (
-        spec.nats_url,
+    assert (
+        BusContext.model_validate_json(layout.context_file.read_bytes()).servers == spec.nats_urls
     )
     monkeypatch.setenv("FERRY_LAB", "t1")  # how every script and test names its lab
-    assert load_context().servers == (spec.nats_url,)
+    assert load_context().servers == spec.nats_urls
     monkeypatch.delenv("FERRY_LAB")
-    assert load_context().servers == (spec.nats_url,)  # the default, as there was none
-    assert load_context(str(layout.context_file)).servers == (spec.nats_url,)
+    assert load_context().servers == spec.nats_urls  # the default, as there was none
+    assert load_context(str(layout.context_file)).servers == spec.nats_urls
 
     contexts.remove(layout, quiet)
     assert not layout.context_file.exists()
@@ -269,7 +270,7 @@ def test_labs_side_by_side_each_keep_their_context(
         contexts.write(put_lab(spec), spec, quiet, select_default=True)
     for spec in (one, two):
         monkeypatch.setenv("FERRY_LAB", spec.lab)
-        assert load_context().servers == (spec.nats_url,)
+        assert load_context().servers == spec.nats_urls
     assert contexts.written_for(default_context_file()) == "ta"  # the first took it
     contexts.remove(LabLayout("tb"), quiet)  # not tb's default: stays
     assert contexts.written_for(default_context_file()) == "ta"
@@ -402,7 +403,7 @@ def test_the_lab_adds_its_columns_and_lists_every_host_of_its_spec(labs_root: Pa
     spec = lab_spec("t1", segments=2)
     layout = put_lab(spec)
     from_bus = [{"name": "h1", "address": spec.address("h1"), "health": "ok", "workers": {"x": 1}}]
-    rows = commands.host_details(servers(spec.nats_url), from_bus)
+    rows = commands.host_details(BusContext(servers=spec.nats_urls), from_bus)
     assert [list(r) for r in rows] == [
         ["name", "address", "netns", "runc_root", "state_dir", "health", "segment", "workers"]
     ] * 2
@@ -420,7 +421,7 @@ def test_ferry_hosts_prints_the_bus_rows_with_the_plugins_details(
 ) -> None:
     spec = lab_spec("t1")
     put_lab(spec)
-    monkeypatch.setenv("FERRY_NATS_URL", spec.nats_url)
+    monkeypatch.setenv("FERRY_NATS_URL", ",".join(spec.nats_urls))
 
     async def unreachable(context: BusContext) -> tuple[list[dict[str, Any]], Unavailable]:
         return [], Unavailable(f"cannot reach NATS at {context.servers[0]}")

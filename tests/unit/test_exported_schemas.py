@@ -24,7 +24,8 @@ def test_the_request_schema_names_its_required_fields() -> None:
 
 def test_asyncapi_documents_the_request_subject() -> None:
     doc = json.loads((export.OUT / "asyncapi.json").read_text())
-    assert doc["channels"]["migrationRequest"]["address"] == "ferry.v1.migrations.request"
+    address = doc["channels"]["migrationRequest"]["address"]
+    assert address == "ferry.v1.migrations.request.{identity}"
     for channel in doc["channels"].values():
         for message in channel["messages"].values():
             ref = message["payload"]["$ref"]

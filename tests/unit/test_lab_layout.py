@@ -60,11 +60,15 @@ def test_spec_round_trips_and_hands_out_addresses() -> None:
         lab="ferry",
         hosts=host_names(3),
         subnet=ipaddress.IPv4Network("10.201.7.0/24"),
-        nats_port=14500,
+        nats_port=4222,
+        mgmt_subnet=ipaddress.IPv4Network("10.201.8.0/24"),
     )
     again = LabSpec.from_json(spec.to_json())
     assert again == spec
     assert spec.gateway == "10.201.7.1"
     assert [spec.address(h) for h in spec.hosts] == ["10.201.7.11", "10.201.7.12", "10.201.7.13"]
-    assert spec.nats_url == "nats://10.201.7.1:14500"
+    # The bus and the hosts' Ferry traffic live on the management network, apart.
+    assert spec.nats_urls == tuple(f"nats://10.201.8.{n}:4222" for n in (2, 3, 4))
+    assert [spec.mgmt_address(h) for h in spec.hosts] == [f"10.201.8.{n}" for n in (11, 12, 13)]
+    assert spec.operator_address == "10.201.8.1"
     assert len({spec.host_bridge_mac(h) for h in spec.hosts} | {spec.bridge_mac()}) == 4
