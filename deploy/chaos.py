@@ -18,7 +18,6 @@ unfinished cell fails it. The table goes to stdout, the cells to JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from deploy import chaos_cuts, chaos_faults
+from deploy import chaos_cuts, chaos_faults, chaos_nats
 from deploy.chaos_checks import (
     FATAL,
     FLAWED,
@@ -44,9 +43,12 @@ from deploy.chaos_checks import (
     runc_status,
 )
 from deploy.chaos_checks import verdict as judge
+from deploy.lab import natscluster
+from deploy.lab.lab import operator_creds
 from deploy.lab.layout import LabLayout, read_spec
 from deploy.workloads import build_rootfs, query, wait_until_serving
 from schemas import subjects
+from services.credentials import load_credentials
 from services.runtime.netns import host_veth_name
 from services.watchdog import GRACE_S
 from workflows.definitions import DEFINITIONS
@@ -89,13 +91,13 @@ class Cell:
     """One fault at one step: `before` its side effect (at its start) or `after` it."""
 
     # kill | freeze | duplicate | nats-restart | net-cut | cas-cut | corrupt | disk-full |
-    # restore-fails | kv-lost | store-lost | clock
+    # restore-fails | kv-lost | store-lost | clock | nats-kill
     fault: str
     step: str
     when: str  # before | after | during | mid (while the record shows the step running)
     # kill: whose worker dies ("step": whoever the record says runs the step);
     # net-cut: "" cuts the step's host from its peer, "isolate" from its peer and NATS;
-    # clock: the offset, e.g. "+30s"
+    # clock: the offset, e.g. "+30s"; nats-kill: which node (chaos_nats.TARGETS)
     role: str = ""
     strategy: str = "stop-and-copy"
 
@@ -132,7 +134,7 @@ class Cell:
         if self.fault == "kill":
             return self.role != RUNS[self.step][0]
         return self.fault in ("nats-restart", "net-cut", "freeze", "cas-cut", "kv-lost",
-                              "store-lost")  # fmt: skip
+                              "store-lost", "nats-kill")  # fmt: skip
 
     @property
     def pending(self) -> str:
@@ -209,6 +211,8 @@ def grid(quick: bool, strategies: tuple[str, ...] = STRATEGIES) -> list[Cell]:
         cells += [Cell("freeze", s, "mid", "destination", strategy) for s in frozen]
         cells += [Cell("freeze", "commit", "before", "destination", strategy)]
         cells += [Cell("cas-cut", "commit", "after", "destination", strategy)]
+        # One node of the JetStream cluster killed as the dump starts, by what it leads.
+        cells += [Cell("nats-kill", "dump", "before", t, strategy) for t in chaos_nats.TARGETS]
         # The placement bucket or the whole store lost before and after the commit.
         cells += [Cell("kv-lost", "transfer", "before", strategy=strategy),
                   Cell("store-lost", "commit", "after", strategy=strategy)]  # fmt: skip
@@ -232,8 +236,9 @@ def ferry(
 class EventTap:
     """Every migration event, as it is published (a plain NATS subscriber, like any system's)."""
 
-    def __init__(self, nats_url: str) -> None:
-        self.url = nats_url
+    def __init__(self, servers: tuple[str, ...], creds: Path) -> None:
+        self.servers = servers
+        self.creds = creds
         self.events: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.ready = threading.Event()
@@ -250,8 +255,14 @@ class EventTap:
             async def quiet(_: Exception) -> None:
                 return None  # NATS restarts are part of the show
 
+            secret = load_credentials(self.creds)
             nc = await nats.connect(
-                self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=quiet
+                list(self.servers),
+                user=secret.user,
+                password=secret.password.get_secret_value(),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                error_cb=quiet,
             )
 
             async def seen(msg: Any) -> None:
@@ -452,10 +463,21 @@ def inventory(lab: str, host: str, placed_here: bool) -> list[str]:
     return left
 
 
-def nats_pid(lab: str) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
-        return int(Path(f"/var/lib/ferry-lab/{lab}/nats/nats.pid").read_text())
-    return None
+def nats_pids(lab: str) -> tuple[int | None, ...]:
+    """The pid of each node of the lab's NATS cluster (None: that node is down)."""
+    layout = LabLayout(lab)
+    spec = read_spec(layout)
+    nodes = spec.nats_nodes if spec is not None else ()
+    return tuple(natscluster.node_pid(layout, n) for n in nodes)
+
+
+def kill_nats(lab: str) -> tuple[int | None, ...]:
+    """SIGKILL every node of the cluster at once (the whole bus gone); their pids before."""
+    old = nats_pids(lab)
+    for pid in old:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+    return old
 
 
 def worker_pids(lab: str) -> dict[tuple[str, str], int]:
@@ -511,6 +533,8 @@ def run_cell(
             subprocess.run([*dest_mnt, "umount", "-l", "/var/lib/ferry/migrations"], check=False)
         if cell.fault == "clock":
             _skew(lab, destination, "")
+        if cell.fault == "nats-kill":
+            chaos_nats.revive(lab)
     time.sleep(0.5)
     monitor.stop.set()
     watcher.join()
@@ -695,6 +719,7 @@ class ExternalFault:
             "cas-cut": self.cas_cut,
             "kv-lost": self.kv_lost,
             "store-lost": self.store_lost,
+            "nats-kill": self.nats_kill,
         }
         return fire[cell.fault]()
 
@@ -743,23 +768,53 @@ class ExternalFault:
         return chaos_faults.freeze_worker(self.pids, host, role, _silence_for(cell.step))
 
     def nats_restart(self) -> tuple[bool, str]:
-        old = nats_pid(self.lab)
-        if old:
-            os.kill(old, signal.SIGKILL)
+        old = kill_nats(self.lab)
         time.sleep(0.5)
         assert self.spec is not None
         hosts = str(len(self.spec.hosts))
         ferry(self.lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
-        new = nats_pid(self.lab)
-        return bool(old and new and old != new), f"nats-server pid {old} -> {new}"
+        new = nats_pids(self.lab)
+        fired = all(old) and all(new) and not set(old) & set(new)
+        return fired, f"every nats-server killed and started again: {old} -> {new}"
+
+    def nats_kill(self) -> tuple[bool, str]:
+        """One NATS node SIGKILLed, down until the cell ends. The first step event the
+        migration makes after the kill says how long its work stalled."""
+        assert self.spec is not None
+
+        def step_down(stream: str) -> None:
+            subject = chaos_nats.step_down_subject(stream)
+            self.tap.call(lambda nc: nc.request(subject, b"", timeout=5))
+
+        mark = self.tap.mark()
+        fired, said, killed = chaos_nats.kill(
+            LabLayout(self.lab), self.spec, self.cell.role, step_down
+        )
+
+        def next_step(e: dict[str, Any]) -> bool:
+            mine = e.get("migration_id") == self.migration_id and e.get("at", 0) > killed
+            return mine and e["type"] in ("step_started", "step_finished", "finished")
+
+        event = self.tap.wait(mark, next_step, 60)
+        gap = f"{event['at'] - killed:.1f} s ({event['type']})" if event else "none seen"
+        with self.tap.changed:
+            during = chaos_nats.step_at(self.tap.events, self.migration_id, killed)
+        said += f", during {during}"
+        if event is None and chaos_nats.ended_before(self.record(), killed):
+            return False, f"{said}, but the migration had ended: too late"
+        return fired, f"{said}; the migration's next step event after {gap}"
 
     def _cut(self, host: str, *, nats: bool) -> chaos_cuts.Cut:
         assert self.spec is not None
         peer = self.destination if host == self.source else self.source
         return chaos_cuts.Cut(
             netns=str(LabLayout(self.lab).netns_path(host)),
-            peer=self.spec.address(peer),
-            nats=(self.spec.nats_address, self.spec.nats_port) if nats else None,
+            peer=self.spec.mgmt_address(peer),
+            nats=tuple(
+                (self.spec.nats_address(n), self.spec.nats_port) for n in self.spec.nats_nodes
+            )
+            if nats
+            else (),
         )
 
     def net_cut(self) -> tuple[bool, str]:
@@ -805,18 +860,19 @@ class ExternalFault:
         return self.tap.placement(NAME)[0] is not None
 
     def store_lost(self) -> tuple[bool, str]:
-        old = nats_pid(self.lab)
-        if old:
-            os.kill(old, signal.SIGKILL)
+        """Every node of the cluster loses its JetStream store at once."""
+        old = kill_nats(self.lab)
         time.sleep(0.5)
-        store = LabLayout(self.lab).nats_dir / "store"
-        subprocess.run(["rm", "-rf", str(store)], check=False)
         assert self.spec is not None
+        for node in self.spec.nats_nodes:
+            store = LabLayout(self.lab).nats_node_dir(node) / "store"
+            subprocess.run(["rm", "-rf", str(store)], check=False)
         hosts = str(len(self.spec.hosts))
         ferry(self.lab, "lab", "up", "--hosts", hosts, "--allow-faults", check=False, timeout=120)
         said = chaos_faults.reconcile(self.env, self._placed)
-        new = nats_pid(self.lab)
-        return bool(old and new), f"JetStream store lost, nats {old} -> {new}; {said}"
+        new = nats_pids(self.lab)
+        fired = all(old) and all(new)
+        return fired, f"every node's JetStream store lost, nats {old} -> {new}; {said}"
 
 
 def _ferry_fault_evidence(lab: str, cell: Cell, migration_id: str, err: str) -> tuple[bool, str]:
@@ -924,8 +980,8 @@ class Victim:
         spec = read_spec(LabLayout(self.lab))
         assert spec is not None
         # The tap reconnects to a new server on its own, unless the lab moved its port.
-        if self.tap is None or self.tap.url != spec.nats_url:
-            self.tap = EventTap(spec.nats_url)
+        if self.tap is None or self.tap.servers != spec.nats_urls:
+            self.tap = EventTap(spec.nats_urls, operator_creds(LabLayout(self.lab)))
 
     def source(self) -> str | None:
         assert self.tap is not None
