@@ -157,9 +157,13 @@ class SagaRunner:
         run = StepRun(*accepted)
         key = (run.migration_id, run.command.kind, run.command.step, run.command.attempt)
         if key in self.running:
-            # The same command delivered twice: the first delivery is at work on it.
-            log.warning("duplicate delivery of %s %s ignored", run.command.step, run.migration_id)
-            await msg.ack()
+            # The same command delivered again while the first delivery is at work on it (its
+            # acks timed out, e.g. a NATS node died). Never ack it: it is the same message, and
+            # an ack here would end it for good even if the first delivery then fails. Left
+            # alone, it comes back after its backoff, and the record says what is left to do.
+            log.warning(
+                "duplicate delivery of %s %s left alone", run.command.step, run.migration_id
+            )
             return
         self.running.add(key)
         try:
