@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     args = parser.parse_args()
 
-    print(f"== lab {LAB}: two hosts, one NATS", flush=True)
+    print(f"== lab {LAB}: two hosts, a 3-node NATS cluster", flush=True)
     ferry("lab", "up", "--hosts", "2")
     with tempfile.TemporaryDirectory(prefix="ferry-demo-") as tmp:
         rootfs = build_rootfs(Path(tmp) / "rootfs")

@@ -80,12 +80,16 @@ class Logs:
         return all(said)
 
 
+# A new store has no consumers either: the operator names the hosts, as on a real fleet.
+EVERY_HOST = ("--host", "h1", "--host", "h2")
+
+
 def lose_the_store(lab: str) -> None:
     """Lose the store, see every worker refuse, bootstrap, and wait for the hosts."""
     logs = Logs(lab, ("h1", "h2"), "source")
     lab_ops.restart_nats(LabLayout(lab), print, lose_store=True)
     until(lambda: logs.each_says("waiting: the bus lacks"), REFUSE_WITHIN_S, "workers say why")
-    ferry(lab, "bootstrap", check=True)
+    ferry(lab, "bootstrap", *EVERY_HOST, check=True)
     until(lambda: healthy(lab), READY_WITHIN_S, "hosts healthy after the bootstrap")
 
 
@@ -110,8 +114,9 @@ def test_a_lost_store_is_rebuilt_from_the_hosts_ledgers(lab: str, rootfs: Path) 
     for name, ip in ips.items():
         assert query(ip)["token"] == tokens[name], f"{name} restarted or moved"
 
-    made = ferry(lab, "bootstrap", "--json", check=True).json()
+    made = ferry(lab, "bootstrap", *EVERY_HOST, "--json", check=True).json()
     assert "bucket ferry-placement" in made["created"], made
+    assert "consumer cmd-h1-source" in made["created"], made
     until(lambda: healthy(lab), READY_WITHIN_S, "hosts healthy after the bootstrap")
     assert placements(lab) == [], "an empty store: no placement yet"
 
