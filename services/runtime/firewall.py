@@ -38,11 +38,20 @@ def _run(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProce
     return done
 
 
-def rules(bridge: str, subnet: str | None = None) -> list[list[str]]:
+NEIGHBOUR_DISCOVERY = ("neighbour-solicitation", "neighbour-advertisement")
+
+
+def rules(bridge: str, subnet: str | None = None, *, ipv6: bool = False) -> list[list[str]]:
     """The chain's rules, in order (pure: tests read them). `subnet`: the containers' IPv4
-    network (IPv6 has only the bridge rule: containers get no IPv6 addresses)."""
+    network. IPv6 keeps neighbour discovery (IPv4's ARP is not filtered by iptables at all):
+    without it a container could not even answer the host's own packets."""
+    neighbours = [
+        ["-i", bridge, "-p", "ipv6-icmp", "--icmpv6-type", kind, "-j", "RETURN"]
+        for kind in NEIGHBOUR_DISCOVERY
+    ]
     from_bridge = [
         ["-i", bridge, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"],
+        *(neighbours if ipv6 else []),
         ["-i", bridge, "-j", "DROP"],
     ]
     if subnet is None:
@@ -66,7 +75,8 @@ def fence_tenants(bridge: str, subnet: str) -> list[str]:
         if _run(tool, "-n", "-L", CHAIN, check=False).returncode != 0:
             _run(tool, "-N", CHAIN)
         _run(tool, "-F", CHAIN)
-        for rule in rules(bridge, subnet if family == "ipv4" else None):
+        ipv6 = family == "ipv6"
+        for rule in rules(bridge, None if ipv6 else subnet, ipv6=ipv6):
             _run(tool, "-A", CHAIN, *rule)
         if _run(tool, "-C", "INPUT", "-j", CHAIN, check=False).returncode != 0:
             _run(tool, "-I", "INPUT", "1", "-j", CHAIN)

@@ -15,3 +15,10 @@ def test_containers_new_connections_are_dropped_on_any_other_interface() -> None
     last = rules("br0", "10.1.0.0/24")[-1]
     assert last == ["!", "-i", "lo", "-s", "10.1.0.0/24", "-m", "conntrack", "--ctstate", "NEW",
                     "-j", "DROP"]  # fmt: skip
+
+
+def test_ipv6_keeps_neighbour_discovery_and_drops_the_rest() -> None:
+    fence = rules("br0", ipv6=True)
+    kinds = [r[r.index("--icmpv6-type") + 1] for r in fence if "--icmpv6-type" in r]
+    assert kinds == ["neighbour-solicitation", "neighbour-advertisement"]
+    assert fence[-1] == ["-i", "br0", "-j", "DROP"]
