@@ -550,6 +550,8 @@ def run_cell(
         outcome.leftovers += inventory(lab, host, host == placed)
     record = chaos_faults.record_of(env, migration_id) if migration_id else {}
     outcome.error = str(record.get("error") or "")
+    if not migration_id:  # never accepted: what `ferry migrate` said is all there is
+        outcome.error = f"no accepted event within 30 s; ferry migrate said: {err.strip()[-300:]}"
     if cell.fault == "disk-full":
         errors = " ".join(s.get("error") or "" for s in record.get("steps", []))
         # The page server could not write into the 512 KiB tmpfs: the dump fails.

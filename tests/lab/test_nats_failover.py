@@ -74,7 +74,7 @@ def test_a_nats_node_killed_mid_migration(victim: Victim, target: str, strategy:
         file=sys.stderr,
     )
 
-    assert outcome.fired, outcome.evidence
+    assert outcome.fired, (outcome.evidence, outcome.error)
     assert outcome.state in ("completed", "rolled_back"), (outcome.state, outcome.error)
     assert not outcome.ran_twice, outcome.twice_glimpses
     assert outcome.running_now == 1 and outcome.memory_intact, outcome.seen
