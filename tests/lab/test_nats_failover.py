@@ -29,10 +29,12 @@ from tests.conftest import new_lab_name
 pytestmark = pytest.mark.lab
 
 KILL_AT = "dump"  # mid-migration: the lock is taken, the source not yet frozen for good
-CASES = [(target, STRATEGIES[i % len(STRATEGIES)]) for i, target in enumerate(TARGETS)]
-# Most cases take 5-25 s. A command lost in the election (its redelivery acked as a
-# duplicate while the first delivery failed: services/saga/runner.py) waits ~40 s more for
-# the watchdog; past this limit the migration is stuck.
+EVERY_CASE = [(target, STRATEGIES[i % len(STRATEGIES)]) for i, target in enumerate(TARGETS)]
+# `make test` kills the two leaders whose loss stalls a step's own calls (the meta leader,
+# the command stream's); the placement bucket's leader and a follower, each with both
+# strategies, are `make chaos`'s eight `nats-kill` cells (its budget is not make test's).
+CASES = EVERY_CASE[:2]
+# Most cases take 5-25 s. Past this limit the migration is stuck.
 CASE_LIMIT_S = 120.0
 
 
