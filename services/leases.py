@@ -235,6 +235,7 @@ class Held(Generic[P]):
         self._take_over = take_over
         self._renew_for_s = renew_for_s
         self._renewing: asyncio.Task[None] | None = None
+        self._attempted: list[P] = [payload]  # the payloads of our latest writes
 
     def update(self, payload: P) -> None:
         """The payload the next renewal carries (progress is not worth a write of its own)."""
@@ -258,9 +259,28 @@ class Held(Generic[P]):
         if self.lost.is_set():
             return
         try:
-            await self.leases.release(self.key, self.revision)
+            try:
+                await self.leases.release(self.key, self.revision)
+            except Conflict:
+                if not await self._adopt_own_write():
+                    raise
+                await self.leases.release(self.key, self.revision)
         except (Unavailable, Conflict) as err:  # the server ages it out anyway
             log.warning("lease %s not released: %s", self.key, err.reason)
+
+    async def _adopt_own_write(self) -> bool:
+        """After a compare-and-set refused for a revision we do not know: was the newer
+        revision our own renewal, whose answer was lost (a timeout on a busy bus)? Then the
+        lease is still ours and we carry on from it; anything else is someone else's."""
+        try:
+            found = await self.leases.read(self.key)
+        except Unavailable:
+            return False
+        if found.state != "held" or found.payload not in self._attempted:
+            return False
+        log.warning("lease %s: a renewal that timed out had landed; going on", self.key)
+        self.revision = found.revision
+        return True
 
     def _lose(self, reason: str) -> None:
         self.lost_reason = reason
@@ -276,10 +296,14 @@ class Held(Generic[P]):
             if self._renew_for_s is not None and now - began > self._renew_for_s:
                 log.warning("lease %s: past its holder's deadline, no longer renewed", self.key)
                 return
+            self._attempted = [*self._attempted[-1:], self.payload]
             try:
                 self.revision = await self.leases.renew(self.key, self.payload, self.revision)
                 last_ok = time.monotonic()
             except LeaseLost as exc:
+                if await self._adopt_own_write():
+                    last_ok = time.monotonic()
+                    continue
                 self._lose(exc.reason)
                 return
             except Unavailable as exc:

@@ -116,3 +116,24 @@ async def test_a_missing_bucket_is_unavailable_not_expired(js: JetStreamContext)
         await missing.acquire(KEY, lease())
     with pytest.raises(TopologyMissing):
         await missing.renew(KEY, lease(), 1)
+
+
+async def test_a_renewal_whose_answer_was_lost_is_still_ours(leases: Leases[StepLease]) -> None:
+    """A renewal that landed but timed out on the client (a busy bus) moved the revision
+    unseen: the holder recognises its own write, keeps the lease and releases it."""
+    mine = lease()
+    async with leases.hold(KEY, mine) as held:
+        landed = await leases.renew(KEY, mine, held.revision)  # as if its answer were lost
+        assert landed != held.revision
+        await asyncio.sleep(TEST_TTL_S)  # a renewal over the stale revision comes and goes
+        assert not held.lost.is_set(), held.lost_reason
+    assert (await leases.read(KEY)).state == "released"
+
+
+async def test_a_write_that_is_not_ours_is_never_adopted(leases: Leases[StepLease]) -> None:
+    async with leases.hold(KEY, lease()) as held:
+        theirs = lease(host="h2")
+        await leases.renew(KEY, theirs, held.revision)
+        await asyncio.wait_for(held.lost.wait(), 4 * TEST_TTL_S)
+    after = await leases.read(KEY)
+    assert after.state == "held" and after.payload == theirs
