@@ -6,7 +6,7 @@ PREFIX = "ferry.v1"
 
 # KV buckets and object stores.
 HOSTS_BUCKET = "ferry-hosts"  # "<host>" agent heartbeat, "<host>.<role>" worker heartbeats
-PLACEMENT_BUCKET = "ferry-placement"  # "<container>" -> Placement
+PLACEMENT_BUCKET = "ferry-placement"  # "<author>.<container>" -> Placement (see placement_key)
 IPAM_BUCKET = "ferry-ipam"  # "<ip with dashes>" -> container name
 LAYERS_STORE = "ferry-layers"  # "<sha256>" -> rootfs tar
 IMAGES_BUCKET = "ferry-images"  # "<image name>" -> Image (its layers, lowest first)
@@ -36,6 +36,27 @@ def ip_key(ip: str) -> str:
     return ip.replace(".", "-")
 
 
+# A placement is written under its author's name, first, so that the bus can let each host
+# write only `<its name>.>`; a compare-and-set spans every author's key of one container.
+def placement_key(author: str, container: str) -> str:
+    return f"{author}.{container}"
+
+
+def placement_subject(author: str, container: str) -> str:
+    return f"$KV.{PLACEMENT_BUCKET}.{placement_key(author, container)}"
+
+
+def placement_subjects(container: str) -> str:
+    """Every author's entries of one container (the compare-and-set's and the reads' filter)."""
+    return placement_subject("*", container)
+
+
+def placement_key_parts(key: str) -> tuple[str, str]:
+    """(author, container) of a placement key."""
+    author, _, container = key.partition(".")
+    return author, container
+
+
 # Migrations.
 # Requests and cancels are published on a subject that ends in the requester's identity
 # (the bus lets each identity publish only on its own), so a record can say who asked.
@@ -58,6 +79,7 @@ def requester_of(subject: str) -> str:
 
 
 PAGE_SERVER = "migration.page-server"  # per host: a page server for one pre-copy round
+MIGRATION_INTAKE = "migration.intake"  # per host, source worker: a request for what it holds
 HOST_CHECK = "migration.check"  # per host: can this host play its part (dry run)
 HOST_LEDGER = "host.ledger"  # per host, source worker: its local record and runc's list
 INTAKE_QUEUE = "ferry-intake"  # queue group: any one host's source worker answers

@@ -61,6 +61,12 @@ class TopologyMissing(Unavailable):
         self.missing = missing
 
 
+class Untrusted(Unavailable):
+    """What the bus holds was written by someone not entitled to write it (a host changed a
+    placement another host holds): it is no evidence of anything, so it reads as unknown
+    until an operator repairs it."""
+
+
 class Forbidden(FerryError):
     """The bus refused this identity (bad credentials, or a subject it may not use): a retry
     with the same credentials cannot help."""

@@ -5,10 +5,11 @@ Three kinds of identity (pure: no I/O; `services/cli/identity_commands.py` write
 - `operator` — the CLI of the people who run the fleet, and the bootstrap: everything,
   including the only right to create, delete or purge streams, buckets and consumers.
 - `host-<name>` — one host's agent and workers: bind to its own pre-created durable
-  consumers (fetch, ack), publish step commands, write migration records, placements,
-  leases and IP claims, its own heartbeats and registration; answer requests on its own
-  host subjects; read the rest of the topology. No stream or consumer admin, no consumer on
-  the command stream (it could read other hosts' commands), no direct reads of it.
+  consumers (fetch, ack), publish its own step commands, write placements under its own
+  name, migration records, leases and IP claims, its own heartbeats and registration;
+  answer requests on its own host subjects; read the rest of the topology. No stream or
+  consumer admin, no consumer on the command stream (it could read other hosts'
+  commands), no direct reads of it.
 - `requester-<name>` — another system: publish migration requests and cancels on its own
   subject, follow events and read migration records; nothing else.
 
@@ -130,9 +131,9 @@ HOST_BUCKETS_READ = (
     subjects.IMAGES_BUCKET,
     subjects.LEASES_BUCKET,
 )
-# Buckets every host writes any key of: the saga's shared state.
+# Buckets every host writes any key of: the saga's shared state. (Placements are written
+# under the author's name: each host writes only its own, `<host>.<container>`.)
 HOST_BUCKETS_WRITE = (
-    subjects.PLACEMENT_BUCKET,
     subjects.IPAM_BUCKET,
     subjects.MIGRATIONS_BUCKET,
     subjects.LEASES_BUCKET,
@@ -167,11 +168,13 @@ def _host(identity: Identity) -> Permissions:
         *(f"$JS.API.CONSUMER.MSG.NEXT.{d}" for d in own),
         *(f"$JS.API.CONSUMER.INFO.{d}" for d in own),
         *(f"$JS.ACK.{d}.>" for d in own),
-        # The saga: the next step's command for whichever host runs it; events; spans.
-        f"{subjects.PREFIX}.cmd.*.*",
+        # The saga: its own commands only (each host queues its own from the records it
+        # watches, services/saga/dispatch.py); events; spans.
+        subjects.command_subject(h, "*"),
         f"{subjects.PREFIX}.events.>",
         f"{subjects.PREFIX}.spans.>",
         *(f"$KV.{b}.>" for b in HOST_BUCKETS_WRITE),
+        subjects.placement_subject(h, ">"),
         f"$KV.{subjects.HOSTS_BUCKET}.{h}",
         f"$KV.{subjects.HOSTS_BUCKET}.{h}.*",
         f"$KV.{subjects.REGISTRY_BUCKET}.{h}",

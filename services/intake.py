@@ -1,7 +1,9 @@
 """Request intake: validate a migration request, lock the container, start the saga.
 
 Answered on ferry.v1.migrations.request by a queue group of source workers: any host can
-take a request, and no central coordinator is needed.
+take a request, and no central coordinator is needed. Only the host that holds a container
+may lock its placement, so a host that takes a request for a container held elsewhere
+checks it and passes it on to the holder's intake, which checks it again and locks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from schemas.v1.migrations import (
     CancelRequest,
     CheckResult,
     DryRunReport,
+    ForwardedRequest,
     HostCheck,
     HostCheckReply,
     MigrationAccepted,
@@ -41,6 +44,7 @@ from workflows.saga import begin, request_cancel
 from workflows.strategy import HostFeatures, StrategyUnavailable, choose
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
+FORWARD_TIMEOUT_S = 20.0
 
 
 def parse_request(data: bytes) -> MigrationRequest:
@@ -108,7 +112,12 @@ class Intake:
         placements: KvPlacementStore,
         migrations: KvMigrationStore,
         hosts: KvHostDirectory,
+        *,
+        host: str | None = None,
     ) -> None:
+        # The host this intake runs on: only a container's holder may lock it, so a request
+        # for a container held elsewhere goes on to its holder. None: take every request.
+        self.host = host
         self.nc = nc
         self.js = js
         self.placements = placements
@@ -118,7 +127,17 @@ class Intake:
     async def accept(
         self, data: bytes, requested_by: str = subjects.ANONYMOUS
     ) -> MigrationAccepted | DryRunReport:
-        request = parse_request(data)
+        return await self.take(parse_request(data), requested_by)
+
+    async def accept_forwarded(self, forwarded: ForwardedRequest) -> MigrationAccepted:
+        """A request another host's intake passed on because this host holds the container."""
+        taken = await self.take(forwarded.request, forwarded.requested_by, forwarded=True)
+        assert isinstance(taken, MigrationAccepted)  # dry runs are never passed on
+        return taken
+
+    async def take(
+        self, request: MigrationRequest, requested_by: str, *, forwarded: bool = False
+    ) -> MigrationAccepted | DryRunReport:
         found = await self.placements.get(request.container)
         if found is None:
             raise NotFound(f"no container named {request.container!r}", field="container")
@@ -160,6 +179,13 @@ class Intake:
             raise InvalidInput(str(exc), field="strategy") from exc
         if request.dry_run:
             return await self.dry_run(request, placement.host, strategy)
+        if self.host is not None and placement.host != self.host:
+            if forwarded:
+                raise Conflict(
+                    f"{request.container} moved to {placement.host} meanwhile; try again",
+                    field="container",
+                )
+            return await self._forward(placement.host, request, requested_by)
 
         migration_id = uuid.uuid4().hex[:16]
         # The root span's ids are reserved here; the worker that ends the saga records it.
@@ -181,7 +207,13 @@ class Intake:
             # The placement is the container's lock: once it says "migrating", a second
             # request is refused, and no other host may start it.
             await self.placements.update(
-                placement.model_copy(update={"state": "migrating", "migration_id": migration_id}),
+                placement.model_copy(
+                    update={
+                        "state": "migrating",
+                        "migration_id": migration_id,
+                        "destination": request.destination,
+                    }
+                ),
                 revision,
             )
         now = time.time()
@@ -202,8 +234,20 @@ class Intake:
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
-        await publish_decision(self.js, decision)
+        await publish_decision(self.js, decision, host=self.host)
         return MigrationAccepted(id=migration_id)
+
+    async def _forward(
+        self, holder: str, request: MigrationRequest, requested_by: str
+    ) -> MigrationAccepted:
+        return await bus.request(
+            self.nc,
+            subjects.host_request(holder, subjects.MIGRATION_INTAKE),
+            ForwardedRequest(request=request, requested_by=requested_by),
+            MigrationAccepted,
+            timeout=FORWARD_TIMEOUT_S,
+            what=f"intake on {holder}, which holds {request.container}",
+        )
 
     async def dry_run(
         self, request: MigrationRequest, source: str, strategy: StrategyChoice

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 from nats.js.errors import (
+    APIError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NoKeysError,
+    NotFoundError,
     ObjectNotFoundError,
 )
 from nats.js.kv import KeyValue
@@ -19,7 +22,8 @@ from schemas import subjects
 from schemas.v1.containers import Image, Placement
 from schemas.v1.hosts import DeadDeclaration, HostRegistration
 from schemas.v2.migrations import MigrationRecord, read_record
-from services.errors import Conflict, NotFound, Unavailable
+from services.errors import Conflict, NotFound, Unavailable, Untrusted
+from workflows import placement_chain
 
 KEYS_ATTEMPTS = 3
 
@@ -57,46 +61,156 @@ async def _entry(kv: KeyValue, key: str) -> KeyValue.Entry | None:
         raise Unavailable(f"cannot read {key!r} from the bus: {exc!r}") from exc
 
 
+EXPECTED_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+EXPECTED_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+KV_OPERATION = "KV-Operation"
+WRONG_LAST_SEQUENCE = 10071  # JetStream's "wrong last sequence": the compare-and-set lost
+NO_MESSAGE = 10037
+PLACEMENT_CAS_ATTEMPTS = 3
+
+
 class KvPlacementStore:
-    def __init__(self, kv: KeyValue) -> None:
+    """Placements written under their author's name, read with the author checked.
+
+    `author` is the host this store writes for (the bus refuses any other host's keys), or
+    `OPERATOR_AUTHOR`. A container's truth is the latest entry over all authors' keys; its
+    revision is that entry's stream sequence, and every write is a compare-and-set on it
+    across all authors (`workflows/placement_chain.py` says who may change what).
+    """
+
+    def __init__(self, kv: KeyValue, *, author: str) -> None:
         self.kv = kv
+        self.author = author
+        self.stream = f"KV_{subjects.PLACEMENT_BUCKET}"
+
+    @property
+    def _js(self) -> JetStreamContext:
+        return self.kv._js
 
     async def get(self, name: str) -> tuple[Placement, int] | None:
-        entry = await _entry(self.kv, name)
-        if entry is None or not entry.value:
+        latest = await self._latest(name)
+        if latest is None:
             return None
-        return Placement.from_bytes(entry.value), int(entry.revision or 0)
+        entry = _entry_of(latest)
+        previous = None
+        if entry.follows:
+            before = await self._at(entry.follows)
+            if before is None:
+                raise Untrusted(
+                    f"placement of {name!r}: the entry {latest.seq} follows"
+                    f" ({entry.follows}) is gone; its author cannot be checked"
+                )
+            previous = _entry_of(before)
+        refusal = placement_chain.judge(name, entry, previous)
+        if refusal is not None:
+            raise Untrusted(f"placement of {name!r} is not trusted: {refusal}")
+        if entry.placement is None:
+            return None
+        return entry.placement, int(latest.seq or 0)
 
     async def claim(self, placement: Placement) -> int:
-        try:
-            return int(await self.kv.create(placement.name, placement.to_bytes()))
-        except KeyWrongLastSequenceError as exc:
-            current = await self.get(placement.name)
-            where = f" on {current[0].host}" if current else ""
-            raise Conflict(
-                f"a container named {placement.name!r} already exists{where}", field="name"
-            ) from exc
+        follows = 0
+        for _ in range(PLACEMENT_CAS_ATTEMPTS):
+            try:
+                return await self._write(placement.name, placement.to_bytes(), follows)
+            except Conflict:
+                latest = await self._latest(placement.name)
+                if latest is None or _entry_of(latest).placement is not None:
+                    current = await self.get(placement.name)
+                    where = f" on {current[0].host}" if current else ""
+                    raise Conflict(
+                        f"a container named {placement.name!r} already exists{where}",
+                        field="name",
+                    ) from None
+                follows = int(latest.seq or 0)  # removed before: a new one may follow
+        raise Conflict(f"placement of {placement.name!r} kept changing", field="name")
 
     async def update(self, placement: Placement, revision: int) -> int:
         try:
-            return int(await self.kv.update(placement.name, placement.to_bytes(), last=revision))
-        except KeyWrongLastSequenceError as exc:
+            return await self._write(placement.name, placement.to_bytes(), revision)
+        except Conflict as exc:
             raise Conflict(
                 f"placement of {placement.name!r} changed concurrently"
                 f" (expected revision {revision})"
             ) from exc
 
     async def remove(self, name: str) -> None:
-        await self.kv.delete(name)
+        """Removed by compare-and-set over what is there now; already removed is fine."""
+        for _ in range(PLACEMENT_CAS_ATTEMPTS):
+            latest = await self._latest(name)
+            if latest is None or _entry_of(latest).placement is None:
+                return
+            try:
+                await self._write(name, b"", int(latest.seq or 0), removal=True)
+                return
+            except Conflict:
+                continue
+        raise Conflict(f"placement of {name!r} kept changing; not removed")
 
     async def all(self) -> list[Placement]:
-        keys = await _keys(self.kv)
+        names = {subjects.placement_key_parts(key)[1] for key in await _keys(self.kv)}
         found = []
-        for key in keys:
-            got = await self.get(key)
+        for name in sorted(names):
+            got = await self.get(name)
             if got is not None:
                 found.append(got[0])
         return found
+
+    async def _write(self, name: str, payload: bytes, follows: int, removal: bool = False) -> int:
+        headers = {
+            EXPECTED_SEQUENCE: str(follows),
+            EXPECTED_SUBJECT: subjects.placement_subjects(name),
+        }
+        if removal:
+            headers[KV_OPERATION] = "DEL"
+        try:
+            ack = await self._js.publish(
+                subjects.placement_subject(self.author, name), payload, headers=headers
+            )
+        except APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise Conflict(f"placement of {name!r} changed concurrently") from exc
+            raise Unavailable(f"cannot write the placement of {name!r}: {exc!r}") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"cannot write the placement of {name!r}: {exc!r}") from exc
+        return int(ack.seq)
+
+    async def _latest(self, name: str) -> RawStreamMsg | None:
+        return await self._read(name, subject=subjects.placement_subjects(name))
+
+    async def _at(self, seq: int) -> RawStreamMsg | None:
+        return await self._read(f"entry {seq}", seq=seq)
+
+    async def _read(
+        self, what: str, *, subject: str | None = None, seq: int | None = None
+    ) -> RawStreamMsg | None:
+        """One entry, or None if there is none. A bucket that is missing or does not answer
+        is Unavailable — never "absent"."""
+        try:
+            return await self._js.get_msg(self.stream, seq=seq, subject=subject)
+        except NotFoundError as exc:
+            if exc.err_code == NO_MESSAGE:
+                return None
+            raise Unavailable(f"cannot read the placement of {what}: {exc.description}") from exc
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable(f"cannot read the placement of {what}: {exc!r}") from exc
+
+
+def _entry_of(msg: RawStreamMsg) -> placement_chain.Entry:
+    key = (msg.subject or "").removeprefix(f"$KV.{subjects.PLACEMENT_BUCKET}.")
+    author, name = subjects.placement_key_parts(key)
+    headers = msg.headers or {}
+    # A compare-and-set over every author's entries of this container, or none at all.
+    spans_all = headers.get(EXPECTED_SUBJECT) == subjects.placement_subjects(name)
+    expected = headers.get(EXPECTED_SEQUENCE, "")
+    follows = int(expected) if spans_all and expected.isdigit() else None
+    placement = None
+    if headers.get(KV_OPERATION) not in ("DEL", "PURGE") and msg.data:
+        try:
+            placement = Placement.from_bytes(msg.data)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise Untrusted(f"placement of {name!r} by {author} is unreadable: {exc}") from exc
+    return placement_chain.Entry(author=author, placement=placement, follows=follows)
 
 
 class KvAddressPool:

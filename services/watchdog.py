@@ -22,10 +22,11 @@ from nats.js import JetStreamContext
 from schemas.v1.leases import LeaseHolder, StepLease, step_lease_key
 from schemas.v2.migrations import MigrationRecord
 from services import metrics
-from services.errors import Conflict, NotFound, Unavailable
+from services.errors import Conflict, FerryError, NotFound, Unavailable
 from services.kvstores import KvMigrationStore
 from services.leases import LeaseRead, Leases
 from services.saga.dead_hosts import past_dead_hosts
+from services.saga.dispatch import Dispatcher
 from services.saga.publish import publish_decision
 from services.saga.transitions import transition
 from workflows.definitions import DEFINITIONS
@@ -58,8 +59,12 @@ class Watchdog:
         host: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         grace: float = GRACE_S,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.js = js
+        # Commands this watchdog decides go out only for its own host (the bus refuses the
+        # rest; their hosts' dispatchers queue them). None: publish all (tests, one host).
+        self.dispatcher = dispatcher
         self.migrations = migrations
         self.host = host or os.environ.get("FERRY_HOST", "watchdog")
         self.clock = clock
@@ -76,7 +81,17 @@ class Watchdog:
         for seen in records:
             if await self._look_at(leases, seen):
                 moved += 1
+            await self._dispatch(seen)
         return moved
+
+    async def _dispatch(self, record: MigrationRecord) -> None:
+        """The backstop of the dispatcher's watch: what it missed is queued now."""
+        if self.dispatcher is None:
+            return
+        try:
+            await self.dispatcher.on_record(record)
+        except FerryError as exc:
+            log.warning("migration %s: not dispatched (%s)", record.id, exc.reason)
 
     def _forget(self, records: list[MigrationRecord]) -> None:
         """Drop sightings of attempts and migrations that are no longer current."""
@@ -165,14 +180,18 @@ class Watchdog:
         applied = await past_dead_hosts(self.js, self.migrations, DEFINITIONS[seen.chosen], applied)
         log.warning("migration %s: %s", seen.id, applied.record.error or "step moved on")
         metrics.saga_decided(applied)  # a move on that ended the saga (e.g. failed)
-        await publish_decision(self.js, applied)
+        own = self.dispatcher.host if self.dispatcher is not None else None
+        await publish_decision(self.js, applied, host=own)
         return True
 
 
 async def run(
-    js: JetStreamContext, migrations: KvMigrationStore, interval: float = INTERVAL_S
+    js: JetStreamContext,
+    migrations: KvMigrationStore,
+    dispatcher: Dispatcher,
+    interval: float = INTERVAL_S,
 ) -> None:
-    watchdog = Watchdog(js, migrations)
+    watchdog = Watchdog(js, migrations, host=dispatcher.host, dispatcher=dispatcher)
     while True:
         try:
             await watchdog.sweep()

@@ -150,7 +150,9 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     # Never created here: a worker that recreated a lost store would make it read "empty".
     await bus.wait_for_topology(js, log)
     telemetry.publish_spans_on(js)
-    placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
+    placements = KvPlacementStore(
+        await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=config.host
+    )
     containers = HostContainers(
         config,
         placements,

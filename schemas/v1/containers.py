@@ -75,6 +75,10 @@ class Placement(_Layered):
     memory_mib: int | None = None
     state: Literal["creating", "running", "migrating", "removing"] = "creating"
     migration_id: str | None = None
+    destination: HostNameStr | None = Field(
+        default=None,
+        description="while migrating: the host the holder hands the container to at the commit",
+    )
 
 
 class ContainerCreated(Message):

@@ -81,6 +81,14 @@ class MigrationRequest(Message):
     )
 
 
+class ForwardedRequest(Message):
+    """A request passed on by the host whose intake took it to the host that holds the
+    container (only the holder may lock its placement)."""
+
+    request: MigrationRequest
+    requested_by: str = Field(description="the identity that published the request")
+
+
 class CheckResult(Part):
     """One pre-flight check on one host."""
 

@@ -14,6 +14,7 @@ from services.cleanup.handlers import Cleanup
 from services.kvstores import KvAddressPool, KvMigrationStore
 from services.runtime.runc import Runc
 from services.runtime.source_cleanup import SourceCleanup
+from services.saga.dispatch import Dispatcher
 from services.saga.runner import SagaRunner
 from services.worker import WorkerContext, log, main
 from workflows.fencing import Rules
@@ -49,7 +50,9 @@ async def register(ctx: WorkerContext) -> None:
     ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())
 
     migrations = KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET))
-    ctx.spawn(watchdog.run(ctx.js, migrations, interval=config.watchdog_interval_s))
+    dispatcher = Dispatcher(ctx.js, config.host, ctx.placements)
+    ctx.spawn(dispatcher.run())
+    ctx.spawn(watchdog.run(ctx.js, migrations, dispatcher, interval=config.watchdog_interval_s))
 
     addresses = KvAddressPool(await bus.bucket(ctx.js, subjects.IPAM_BUCKET))
     evidence = BusEvidence(

@@ -220,7 +220,11 @@ class Collector:
             self._marker(name).unlink(missing_ok=True)
             done.thawed.append(name)
         elif decision.action is Action.RELEASE_LOCK and seen.placement is not None:
-            unlocked = seen.placement.model_copy(update={"state": "running", "migration_id": None})
+            if seen.placement.host != self.containers.config.host:
+                return  # only the holder may write its placement: its own collector will
+            unlocked = seen.placement.model_copy(
+                update={"state": "running", "migration_id": None, "destination": None}
+            )
             try:
                 await self.placements.update(unlocked, seen.revision)
             except Conflict:

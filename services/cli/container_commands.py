@@ -37,6 +37,7 @@ from services.cli.image_commands import (
 )
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
 from services.kvstores import KvPlacementStore
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 CREATE_TIMEOUT_S = 180.0
 REMOVE_TIMEOUT_S = 60.0
@@ -68,7 +69,9 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
     command = _validate_run(args)
     async with connected(context) as nc:
         await check_host(nc, args.host)
-        placements = KvPlacementStore(await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET))
+        placements = KvPlacementStore(
+            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+        )
         existing = await placements.get(args.name)
         if existing is not None:
             raise Conflict(
@@ -112,7 +115,9 @@ def container_run(args: argparse.Namespace) -> int:
 
 async def _rm(args: argparse.Namespace) -> ContainerRemoved:
     async with connected(current_context(args)) as nc:
-        placements = KvPlacementStore(await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET))
+        placements = KvPlacementStore(
+            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+        )
         found = await placements.get(args.name)
         if found is None:
             raise NotFound(f"no container named {args.name!r}", field="NAME")
@@ -140,7 +145,7 @@ def container_rm(args: argparse.Namespace) -> int:
 async def _list(context: BusContext) -> list[dict[str, Any]]:
     async with connected(context) as nc:
         placements = await KvPlacementStore(
-            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET)
+            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
         ).all()
 
         async def ask(host: str) -> ContainerList | None:

@@ -29,6 +29,7 @@ from services.errors import Conflict, FerryError, Unavailable
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga.publish import publish_decision
 from workflows import reconcile
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 LEDGER_TIMEOUT_S = 10.0
 
@@ -63,7 +64,9 @@ async def gather_plan(nc: NATS) -> reconcile.Plan:
     answers = await asyncio.gather(*(_ledger_of(nc, h) for h in hosts))
     reports = [a for a in answers if isinstance(a, LedgerReport)]
     silent = {h: a.reason for h, a in zip(hosts, answers, strict=True) if isinstance(a, FerryError)}
-    placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
+    placements = KvPlacementStore(
+        await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
     migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
     on_bus = {p.name: p for p in await placements.all()}
     records = {r.id: r for r in await migrations.all()}  # the truth, where a ledger's copy lags
@@ -90,7 +93,9 @@ async def apply_plan(nc: NATS, plan: reconcile.Plan) -> dict[str, list[str]]:
     if blocked:
         raise Unavailable(blocked)
     js = nc.jetstream()
-    placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
+    placements = KvPlacementStore(
+        await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
     migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
     ipam = await bus.bucket(js, subjects.IPAM_BUCKET)
     written: list[str] = []
@@ -126,7 +131,7 @@ async def apply_plan(nc: NATS, plan: reconcile.Plan) -> dict[str, list[str]]:
         except Conflict as exc:
             refused.append(f"migration {record.id}: {exc.reason}")
             continue
-        await publish_decision(js, decision)
+        await publish_decision(js, decision, host=None)  # the operator's: every host's
         steps = ", ".join(c.step for c in decision.commands) or "nothing"
         written.append(f"migration {record.id} ({planned_migration.action}): next {steps}")
     return {"written": written, "refused": refused}

@@ -29,6 +29,7 @@ from services.saga.publish import publish_decision
 from services.saga.transitions import compare_and_set, transition
 from workflows.dead_hosts import NotRecoverable, Recovery, placement_back, recover
 from workflows.definitions import DEFINITIONS
+from workflows.placement_chain import OPERATOR_AUTHOR
 from workflows.saga import Decision
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ async def _recover(args: argparse.Namespace) -> tuple[Recovery, bool]:
         js = nc.jetstream()
         await bus.require_topology(js)
         migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
-        placements = KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET))
+        placements = KvPlacementStore(
+            await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+        )
         found = await migrations.get(args.id)
         if found is None:
             raise NotFound(f"no migration {args.id!r}", field="ID")
@@ -96,7 +99,7 @@ async def _recover(args: argparse.Namespace) -> tuple[Recovery, bool]:
                 " (the placement already names its source)",
                 field="ID",
             )
-        await publish_decision(js, decision)
+        await publish_decision(js, decision, host=None)  # the operator's: every host's
         return recovery, True
 
 

@@ -10,13 +10,18 @@ from services.tracecontext import headers_for
 from workflows.saga import Decision, finished_event
 
 
-async def publish_decision(js: JetStreamContext, decision: Decision) -> None:
+async def publish_decision(js: JetStreamContext, decision: Decision, *, host: str | None) -> None:
     """Commands first (each names its host, role and message id: re-publishing after a
-    crash is dropped as a duplicate), then events."""
+    crash is dropped as a duplicate), then events.
+
+    A host publishes only its own commands (`host`): the bus refuses the others, and the
+    host that runs them queues them itself from the record (services/saga/dispatch.py).
+    The operator (host None) may publish every host's."""
     record = decision.record
     headers = headers_for(record.traceparent)
     for command in decision.commands:
-        await bus.publish_command(js, command, headers)
+        if host is None or command.host == host:
+            await bus.publish_command(js, command, headers)
     for event in decision.events:
         # The end is announced once, however often a crash makes us announce it again.
         msg_id = f"{record.id}.finished" if getattr(event, "type", "") == "finished" else None

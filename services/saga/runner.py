@@ -28,15 +28,14 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from schemas import subjects
-from schemas.v1.containers import Placement
 from schemas.v1.migrations import Role
 from schemas.v2.migrations import MigrationRecord, StepCommand, read_command
 from services import bus, faults, metrics, tracing
-from services.errors import Conflict, NotFound
 from services.faults import FaultPlan
 from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.runtime import ledger
 from services.saga.dead_hosts import dead_host_decision, past_dead_hosts
+from services.saga.dispatch import release_placement
 from services.saga.layers import (
     annotate,
     guarded,
@@ -49,7 +48,7 @@ from services.saga.layers import (
 from services.saga.ownership import committed_unseen
 from services.saga.publish import announce_end, publish_decision
 from services.saga.steps import StepHandler, StepOutcome, StepRun
-from services.saga.transitions import compare_and_set, transition
+from services.saga.transitions import transition
 from services.worker import WorkerContext
 from workflows.definitions import DEFINITIONS
 from workflows.saga import (
@@ -116,7 +115,7 @@ class SagaRunner:
         js = self.js
         return (
             KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET)),
-            KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET)),
+            KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=self.host),
         )
 
     async def run(self) -> None:
@@ -224,9 +223,11 @@ class SagaRunner:
         record, _ = found
         if not is_current(record, command):
             # Already done (a redelivery after a crash): make sure what follows went out.
-            await publish_decision(self.js, Decision(record, pending_commands(record)))
+            await publish_decision(
+                self.js, Decision(record, pending_commands(record)), host=self.host
+            )
             if record.state in ("completed", "rolled_back", "failed"):
-                await self._release_placement(placements, record)
+                await release_placement(placements, record, self.host)
                 await announce_end(self.js, record)
             await msg.ack()
             return None
@@ -312,26 +313,7 @@ class SagaRunner:
         metrics.saga_decided(decision)  # counts an end once: only the writer sees `changed`
         if decision.finished and decision.changed:
             tracing.emit_root_span(self.telemetry, decision.record)
-            await self._release_placement(placements, decision.record)
+            await release_placement(placements, decision.record, self.host)
             # The trace is complete in the span stream before anyone hears the end.
             await self.telemetry.flush()
-        await publish_decision(self.js, decision)
-
-    @staticmethod
-    async def _release_placement(placements: KvPlacementStore, record: MigrationRecord) -> None:
-        """A finished saga unlocks its container, unless it failed before the commit: then
-        an operator must look, and no new move may start meanwhile."""
-        if record.state == "failed" and not record.committed:
-            return
-
-        def unlock(placement: Placement) -> tuple[Placement | None, None]:
-            if placement.migration_id != record.id:
-                return None, None
-            return placement.model_copy(update={"state": "running", "migration_id": None}), None
-
-        try:
-            await compare_and_set(placements, record.container, unlock)
-        except NotFound:
-            return
-        except Conflict:
-            log.warning("placement of %s kept changing; left locked", record.container)
+        await publish_decision(self.js, decision, host=self.host)

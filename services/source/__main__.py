@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from schemas import subjects
 from schemas.v1.containers import ListContainers
-from schemas.v1.migrations import HostCheck, PageServerStarted, StartPageServer
+from schemas.v1.migrations import ForwardedRequest, HostCheck, PageServerStarted, StartPageServer
 from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus
 from services.errors import FerryError, RuntimeFailure
@@ -86,6 +86,14 @@ async def register(ctx: WorkerContext) -> None:
         ctx.placements,
         KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET)),
         ctx.directory,
+        host=ctx.config.host,
+    )
+    await bus.serve(
+        ctx.nc,
+        ctx.host_subject(subjects.MIGRATION_INTAKE),
+        ForwardedRequest,
+        intake.accept_forwarded,
+        on_error=ctx.log_error,
     )
 
     def answering(

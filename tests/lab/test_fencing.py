@@ -22,14 +22,15 @@ from typing import Any
 import pytest
 
 from schemas import subjects
-from schemas.v1.containers import Placement
 from services import bus
+from services.kvstores import KvPlacementStore
 from services.runtime.netns import mac_for
 from tests.conftest import new_lab_name
 from tests.support.bus import operator_nats
 from tests.support.cli import ferry
 from tests.support.lab_checks import runc_names
 from tests.support.workload import query, wait_until_serving
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 pytestmark = pytest.mark.lab
 
@@ -121,9 +122,13 @@ def on_bus(lab: str, work: Callable[[Any], Any]) -> Any:
     return asyncio.run(_with_js(lab, work))
 
 
+async def operator_placements(js: Any) -> KvPlacementStore:
+    return KvPlacementStore(await js.key_value(subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR)
+
+
 def delete_placement(lab: str, name: str) -> None:
     async def work(js: Any) -> None:
-        await (await js.key_value(subjects.PLACEMENT_BUCKET)).delete(name)
+        await (await operator_placements(js)).remove(name)
 
     on_bus(lab, work)
 
@@ -132,11 +137,12 @@ def place_on(lab: str, name: str, host: str, ip: str) -> None:
     """What an operator's repair would write: the placement names `host` and its copy."""
 
     async def work(js: Any) -> None:
-        kv = await js.key_value(subjects.PLACEMENT_BUCKET)
-        entry = await kv.get(name)
-        current = Placement.from_bytes(entry.value)
+        placements = await operator_placements(js)
+        found = await placements.get(name)
+        assert found is not None, f"no placement of {name} to repair"
+        current, revision = found
         moved = current.model_copy(update={"host": host, "ip": ip, "mac": mac_for(ip)})
-        await kv.update(name, moved.to_bytes(), last=entry.revision)
+        await placements.update(moved, revision)
 
     on_bus(lab, work)
 

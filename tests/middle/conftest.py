@@ -13,6 +13,7 @@ from schemas import subjects
 from services import bus as ferry_bus
 from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, KvPlacementStore
 from tests.support.natsserver import Bus, NatsServer
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 
 @pytest.fixture
@@ -55,7 +56,9 @@ def js(bus: Bus) -> JetStreamContext:
 @pytest.fixture
 async def placements(js: JetStreamContext) -> KvPlacementStore:
     """The placement store on KV ferry-placement."""
-    return KvPlacementStore(await ferry_bus.bucket(js, subjects.PLACEMENT_BUCKET))
+    return KvPlacementStore(
+        await ferry_bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
 
 
 @pytest.fixture

@@ -19,10 +19,12 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
 from schemas import subjects
+from schemas.v1.containers import Placement
 from services import bus, identities
 from services.credentials import load_credentials
-from services.errors import Forbidden
+from services.errors import Forbidden, Untrusted
 from services.identity_files import creds_path, write_identities
+from services.kvstores import KvPlacementStore
 from tests.support.natsserver import NatsServer
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "identities.md"
@@ -103,12 +105,22 @@ Action = Callable[[Client], Awaitable[object]]
 
 
 async def put_placement(c: Client) -> object:
+    """A placement entry under h2's name (what h2's own writes look like)."""
     kv = await c.js.key_value(subjects.PLACEMENT_BUCKET)
-    return await kv.put("victim", b'{"host": "h9"}')
+    return await kv.put(subjects.placement_key("h2", "victim"), b'{"host": "h2"}')
+
+
+async def put_own_placement(c: Client) -> object:
+    kv = await c.js.key_value(subjects.PLACEMENT_BUCKET)
+    return await kv.put(subjects.placement_key("h1", "mine"), b'{"host": "h1"}')
 
 
 async def publish_step_command(c: Client) -> object:
     return await c.js.publish(subjects.command_subject("h2", "source"), b"{}")
+
+
+async def publish_own_step_command(c: Client) -> object:
+    return await c.js.publish(subjects.command_subject("h1", "source"), b"{}")
 
 
 async def delete_stream(c: Client) -> object:
@@ -246,8 +258,10 @@ ROWS: list[tuple[str, str, Action, bool]] = [
     ("host-own-commands", "host-h1", fetch_own_commands, True),
     ("host-own-heartbeat", "host-h1", put_own_heartbeat, True),
     ("host-serve-own-host", "host-h1", serve_own_host, True),
-    ("host-step-command", "host-h1", publish_step_command, True),
-    ("host-placement-write", "host-h1", put_placement, True),
+    ("host-step-command", "host-h1", publish_step_command, False),
+    ("host-placement-write", "host-h1", put_placement, False),
+    ("host-own-step-command", "host-h1", publish_own_step_command, True),
+    ("host-own-placement-write", "host-h1", put_own_placement, True),
     ("operator-stream-purge", "operator", purge_stream, True),
 ]
 
@@ -290,3 +304,49 @@ def test_every_row_of_the_table_has_a_test() -> None:
     tried = DOC.read_text().split("## What is tried", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", tried, re.MULTILINE))
     assert documented == {r[0] for r in ROWS}
+
+
+async def test_a_host_cannot_take_a_placement_another_host_holds(fleet: Fleet) -> None:
+    """A host may write placements only under its own name; one it writes over a container
+    another host holds is accepted by the bus but read by everyone as untrusted. The same
+    take is legitimate as the commit of a move the holder locked the container for."""
+    h1, h2 = await fleet.client("host-h1"), await fleet.client("host-h2")
+    try:
+        on_h1 = KvPlacementStore(await h1.js.key_value(subjects.PLACEMENT_BUCKET), author="h1")
+        on_h2 = KvPlacementStore(await h2.js.key_value(subjects.PLACEMENT_BUCKET), author="h2")
+        held = placement("web", host="h2", state="running")
+        revision = await on_h2.claim(held)
+        assert (await on_h1.get("web")) == (held, revision)
+
+        # h1 takes it by compare-and-set under its own name: written, and never believed.
+        await on_h1.update(held.model_copy(update={"host": "h1"}), revision)
+        for reader in (on_h1, on_h2):
+            with pytest.raises(Untrusted, match="h1 changed the placement of web, which h2 holds"):
+                await reader.get("web")
+
+        # The holder hands over to a destination it names: that host's take is believed.
+        moved = placement("db", host="h2", state="running")
+        revision = await on_h2.claim(moved)
+        locked = moved.model_copy(
+            update={"state": "migrating", "migration_id": "m1", "destination": "h1"}
+        )
+        revision = await on_h2.update(locked, revision)
+        committed = locked.model_copy(update={"host": "h1"})
+        revision = await on_h1.update(committed, revision)
+        assert (await on_h2.get("db")) == (committed, revision)
+        # ...and h2, no longer the holder, cannot remove it.
+        await on_h2._write("db", b"", revision, removal=True)
+        with pytest.raises(Untrusted, match="h2 changed the placement of db, which h1 holds"):
+            await on_h1.get("db")
+    finally:
+        await h1.nc.close()
+        await h2.nc.close()
+
+
+def placement(name: str, *, host: str, state: str) -> Placement:
+    return Placement.model_validate(
+        {
+            "name": name, "host": host, "ip": "10.88.0.9", "mac": "02:00:0a:58:00:09",
+            "layers": ["a" * 64], "args": ["sleep", "60"], "state": state,
+        }
+    )  # fmt: skip

@@ -15,6 +15,7 @@ from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, 
 from services.saga.steps import StepRun, placement_of
 from tests.support import records
 from tests.support.natsserver import Bus
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 
 async def test_a_claimed_placement_reads_back_with_its_revision(
@@ -164,7 +165,9 @@ async def test_listing_reports_unavailable_while_the_bus_is_down_and_works_after
     await placements.claim(web)
     # A short JetStream timeout, so each of the store's attempts gives up quickly.
     quick_js = bus.nc.jetstream(timeout=0.5)
-    quick = KvPlacementStore(await quick_js.key_value(subjects.PLACEMENT_BUCKET))
+    quick = KvPlacementStore(
+        await quick_js.key_value(subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
 
     bus.server.stop()
     started = time.monotonic()
@@ -179,7 +182,7 @@ async def test_listing_reports_unavailable_while_the_bus_is_down_and_works_after
 
 async def test_listing_retries_through_a_short_bus_restart(bus: Bus) -> None:
     js = bus.nc.jetstream(timeout=1.0)
-    store = KvPlacementStore(await js.key_value(subjects.PLACEMENT_BUCKET))
+    store = KvPlacementStore(await js.key_value(subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR)
     web = records.placement("web", "h1")
     await store.claim(web)
 
@@ -203,7 +206,9 @@ async def test_listing_a_bucket_that_has_keys_never_answers_empty(
 
 async def test_reading_a_key_while_the_bus_is_down_is_unavailable_not_absent(bus: Bus) -> None:
     quick_js = bus.nc.jetstream(timeout=0.5)
-    placements = KvPlacementStore(await quick_js.key_value(subjects.PLACEMENT_BUCKET))
+    placements = KvPlacementStore(
+        await quick_js.key_value(subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
     migrations = KvMigrationStore(await quick_js.key_value(subjects.MIGRATIONS_BUCKET))
     await placements.claim(records.placement("web", "h1"))
 
@@ -228,7 +233,9 @@ async def test_a_step_reads_its_placement_through_a_short_bus_restart(bus: Bus) 
     """A step's placement read is retried inside the step: a restore (never retried by the
     saga) must not roll back because the bus blinked."""
     js = bus.nc.jetstream(timeout=0.5)
-    placements = KvPlacementStore(await js.key_value(subjects.PLACEMENT_BUCKET))
+    placements = KvPlacementStore(
+        await js.key_value(subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+    )
     await placements.claim(records.placement("web", "h1"))
     record = records.running_at("restore", since=time.time())
     run = StepRun(StepCommand(migration_id=record.id, step="restore", attempt=1, host="h2",

@@ -18,6 +18,7 @@ from schemas.v1.hosts import HostHeartbeat, HostRegistration
 from schemas.v1.migrations import StepRecord
 from schemas.v2.migrations import MigrationRecord
 from workflows.definitions import DEFINITIONS
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 LAYER = "a" * 64
 HOUR_S = 3600.0
@@ -212,8 +213,11 @@ async def put_heartbeat(js: JetStreamContext, host: str) -> None:
 
 
 async def put_placement(js: JetStreamContext, record: Placement) -> int:
+    """Written as the operator would (under its name; the operator may write anything)."""
     kv = await js.key_value(subjects.PLACEMENT_BUCKET)
-    return int(await kv.put(record.name, record.to_bytes()))
+    return int(
+        await kv.put(subjects.placement_key(OPERATOR_AUTHOR, record.name), record.to_bytes())
+    )
 
 
 async def put_migration(js: JetStreamContext, record: MigrationRecord) -> int:
