@@ -42,6 +42,7 @@ def test_a_failed_restore_rolls_back_to_the_source_with_memory_intact(
     )  # fmt: skip
     assert failed.code == 1, failed.stderr
     record = failed.json()
+    assert "state" in record, (failed.stdout, failed.stderr)
     assert record["state"] == "rolled_back" and not record["committed"]
     steps = [(s["name"], s["kind"], s["status"]) for s in record["steps"]]
     assert steps == [
