@@ -31,7 +31,7 @@ from schemas.v1.hosts import (
     WorkerRole,
     WorkerStatus,
 )
-from services import bus, metrics
+from services import bus, metrics, topology
 from services.config import HostConfig
 from services.config_layout import CONFIG_ENV
 from services.errors import FerryError, InvalidInput, Unavailable
@@ -141,7 +141,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
             log.warning("%s; retrying", exc.reason)
             await asyncio.sleep(1.0)
     js = nc.jetstream()
-    await bus.wait_for_topology(js, log)  # made by an operator's bootstrap, never here
+    await topology.wait_for_topology(js, log)  # made by an operator's bootstrap, never here
     kv = await bus.bucket(js, subjects.HOSTS_BUCKET)
     registry = await bus.bucket(js, subjects.REGISTRY_BUCKET)
     features, missing = await host_features()
@@ -211,7 +211,7 @@ async def _stay_registered(
         log.warning("this host was not in the registry (a new store?): registered again")
     except Exception as exc:
         try:
-            await bus.require_topology(js)
+            await topology.require_topology(js)
             log.warning("registration not checked: %r", exc)
         except Unavailable as why:  # TopologyMissing among them
             log.error("registration not checked: %s", why.reason)

@@ -17,7 +17,7 @@ from nats.js.errors import NotFoundError
 
 from schemas import subjects
 from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
-from services import bus, metrics, tracing
+from services import bus, metrics, topology, tracing
 from services.config import HostConfig
 from services.errors import FerryError, TopologyMissing
 from services.faults import FaultPlan
@@ -115,7 +115,7 @@ async def _watch_topology(
     while True:
         await asyncio.sleep(TOPOLOGY_CHECK_S)
         try:
-            await bus.require_topology(js)
+            await topology.require_topology(js)
             try:
                 await js.consumer_info(subjects.COMMANDS_STREAM, durable)
                 seen_consumer = True
@@ -148,7 +148,7 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
     )
     js = nc.jetstream()
     # Never created here: a worker that recreated a lost store would make it read "empty".
-    await bus.wait_for_topology(js, log)
+    await topology.wait_for_topology(js, log)
     telemetry.publish_spans_on(js)
     placements = KvPlacementStore(
         await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=config.host

@@ -39,7 +39,7 @@ from deploy.lab.layout import (
 )
 from schemas import subjects
 from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
-from services import bus, identities
+from services import bus, identities, topology
 from services.errors import Conflict, InvalidInput, RuntimeFailure, Unavailable
 from services.identity_files import creds_path, write_identities
 from services.runtime.proc import run
@@ -237,7 +237,7 @@ async def _ensure_topology(layout: LabLayout, spec: LabSpec, say: Say) -> None:
     """The lab's bootstrap: what `ferry bootstrap --host … --replicas 3` does on a fleet."""
     nc = await bus.connect(spec.nats_urls, name="ferry-lab", creds=operator_creds(layout))
     try:
-        created = await bus.create_topology_when_ready(
+        created = await topology.create_topology_when_ready(
             nc.jetstream(), hosts=spec.hosts, replicas=len(spec.nats_nodes), say=say
         )
     finally:

@@ -14,7 +14,7 @@ import json
 
 from nats.js.errors import APIError
 
-from services import bus
+from services import topology
 from services.cli.context import connected, current_context, say
 from services.errors import InvalidInput
 
@@ -23,7 +23,7 @@ async def _bootstrap(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     async with connected(current_context(args)) as nc:
         try:
             # A cluster that just started needs seconds to elect its leader: wait for it.
-            created = await bus.create_topology_when_ready(
+            created = await topology.create_topology_when_ready(
                 nc.jetstream(), hosts=args.host, replicas=args.replicas, say=say
             )
         except APIError as exc:  # e.g. more replicas than the cluster has servers
@@ -31,7 +31,7 @@ async def _bootstrap(args: argparse.Namespace) -> tuple[list[str], list[str]]:
                 f"the bus refused to create with {args.replicas} replicas: {exc.description}",
                 field="--replicas",
             ) from exc
-    existing = [str(p) for p in bus.topology() if str(p) not in created]
+    existing = [str(p) for p in topology.every_part() if str(p) not in created]
     return created, existing
 
 

@@ -23,7 +23,7 @@ from schemas.v1.hosts import (
     HostRegistration,
     WorkerHeartbeat,
 )
-from services import bus
+from services import bus, topology
 from services.cli import plugins
 from services.cli.context import BusContext, connected, context_or_none, current_context, say
 from services.errors import InvalidInput, Unavailable
@@ -160,7 +160,7 @@ async def _declare_dead(
 ) -> HostRegistration:
     async with connected(context) as nc:
         js = nc.jetstream()
-        await bus.require_topology(js)
+        await topology.require_topology(js)
         directory = KvHostDirectory(
             await bus.bucket(js, subjects.REGISTRY_BUCKET),
             await bus.bucket(js, subjects.HOSTS_BUCKET),

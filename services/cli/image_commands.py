@@ -30,7 +30,7 @@ from schemas.v1.containers import (
     ListLayers,
     PullLayers,
 )
-from services import bus
+from services import bus, topology
 from services.cli.context import connected, context_or_none, current_context, say
 from services.cli.host_commands import check_host
 from services.errors import FerryError, InvalidInput, NotFound, RuntimeFailure, Unavailable
@@ -58,7 +58,7 @@ def _mib(size: int) -> str:
 
 async def image_store(nc: NATS) -> KvImageStore:
     js = nc.jetstream()
-    await bus.require_topology(js)  # never made here: `ferry bootstrap` does, once
+    await topology.require_topology(js)  # never made here: `ferry bootstrap` does, once
     return KvImageStore(await bus.bucket(js, subjects.IMAGES_BUCKET))
 
 

@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from schemas import subjects
 from schemas.v2.ledger import LedgerReport, ReadLedger
-from services import bus
+from services import bus, topology
 from services.cli.context import connected, current_context, say
 from services.cli.host_commands import natural
 from services.errors import Conflict, FerryError, Unavailable
@@ -51,7 +51,7 @@ async def _ledger_of(nc: NATS, host: str) -> LedgerReport | FerryError:
 async def gather_plan(nc: NATS) -> reconcile.Plan:
     """Every registered host's ledger (a silent one blocks writing), and what the bus has."""
     js = nc.jetstream()
-    await bus.require_topology(js)
+    await topology.require_topology(js)
     directory = KvHostDirectory(
         await bus.bucket(js, subjects.REGISTRY_BUCKET), await bus.bucket(js, subjects.HOSTS_BUCKET)
     )

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from schemas import subjects
 from schemas.v1.containers import Placement
 from schemas.v2.migrations import MigrationRecord
-from services import bus
+from services import bus, topology
 from services.cli.context import connected, current_context, say
 from services.errors import Conflict, InvalidInput, NotFound, RuntimeFailure, Unavailable
 from services.kvstores import KvMigrationStore, KvPlacementStore
@@ -66,7 +66,7 @@ async def _move_placement_back(placements: KvPlacementStore, record: MigrationRe
 async def _recover(args: argparse.Namespace) -> tuple[Recovery, bool]:
     async with connected(current_context(args)) as nc:
         js = nc.jetstream()
-        await bus.require_topology(js)
+        await topology.require_topology(js)
         migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
         placements = KvPlacementStore(
             await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR

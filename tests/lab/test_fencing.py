@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from schemas import subjects
-from services import bus
+from services import topology
 from services.kvstores import KvPlacementStore
 from services.runtime.netns import mac_for
 from tests.conftest import new_lab_name
@@ -154,7 +154,7 @@ def recreate_topology(lab: str) -> None:
         return
 
     async def work(js: Any) -> None:
-        await bus.create_topology(js)
+        await topology.create_topology(js)
 
     on_bus(lab, work)
 

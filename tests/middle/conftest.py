@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from schemas import subjects
 from services import bus as ferry_bus
+from services import topology
 from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, KvPlacementStore
 from tests.support.natsserver import Bus, NatsServer
 from workflows.placement_chain import OPERATOR_AUTHOR
@@ -36,7 +37,7 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     """A client connected by services.bus.connect, with Ferry's buckets and streams created."""
     nc = await ferry_bus.connect(nats_server.url, name="ferry-middle-test")
     js = nc.jetstream()
-    await ferry_bus.create_topology(js, hosts=("h1", "h2", "h3", "h9"))
+    await topology.create_topology(js, hosts=("h1", "h2", "h3", "h9"))
     yield Bus(nc, js, nats_server)
     await nc.close()
 

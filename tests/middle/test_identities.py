@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig
 
 from schemas import subjects
 from schemas.v1.containers import Placement
-from services import bus, identities
+from services import bus, identities, topology
 from services.credentials import load_credentials
 from services.errors import Forbidden, Untrusted
 from services.identity_files import creds_path, write_identities
@@ -92,7 +92,7 @@ async def fleet(identity_dir: Path, tmp_path: Path) -> AsyncIterator[Fleet]:
         server.url, "test-operator", creds=creds_path(creds, identities.operator())
     )
     js = operator.jetstream()
-    await bus.create_topology(js, hosts=("h1", "h2"))
+    await topology.create_topology(js, hosts=("h1", "h2"))
     kv = await js.key_value(subjects.MIGRATIONS_BUCKET)
     await kv.put("m1", b'{"id": "m1"}')
     await js.publish(subjects.command_subject("h2", "source"), b"{}")

@@ -15,7 +15,7 @@ from nats.js.api import KeyValueConfig
 
 from schemas import subjects
 from schemas.v2.ledger import LedgerReport, ReadLedger
-from services import bus
+from services import bus, topology
 from services.errors import TopologyMissing, Unavailable
 from tests.support.cli import FERRY, Result
 from tests.support.natsserver import NatsServer
@@ -46,8 +46,8 @@ async def test_a_missing_topology_is_named_part_by_part(nats_server: NatsServer)
     js = nc.jetstream()
     try:
         with pytest.raises(TopologyMissing) as refused:
-            await bus.require_topology(js)
-        assert len(refused.value.missing) == len(bus.topology())
+            await topology.require_topology(js)
+        assert len(refused.value.missing) == len(topology.every_part())
         assert "bucket ferry-placement" in refused.value.reason
         assert "stream FERRY_COMMANDS" in refused.value.reason
         assert "ferry bootstrap" in refused.value.reason
@@ -55,14 +55,14 @@ async def test_a_missing_topology_is_named_part_by_part(nats_server: NatsServer)
 
         # A bucket made by hand with another history is left as it is.
         await js.create_key_value(config=KeyValueConfig(bucket=subjects.PLACEMENT_BUCKET))
-        created = await bus.create_topology(js)
+        created = await topology.create_topology(js)
         assert "bucket ferry-placement" not in created
-        assert len(created) == len(bus.topology()) - 1
+        assert len(created) == len(topology.every_part()) - 1
         assert (await js.key_value(subjects.PLACEMENT_BUCKET))._js is not None
         info = await js.stream_info(f"KV_{subjects.PLACEMENT_BUCKET}")
         assert info.config.max_msgs_per_subject == 1
-        await bus.require_topology(js)
-        assert await bus.create_topology(js) == []
+        await topology.require_topology(js)
+        assert await topology.create_topology(js) == []
     finally:
         await nc.close()
 
@@ -72,7 +72,7 @@ async def test_no_answer_is_unavailable_not_missing(nats_server: NatsServer) -> 
     try:
         nats_server.stop()
         with pytest.raises(Unavailable) as unknown:
-            await bus.missing_parts(nc.jetstream(), timeout=1.0)
+            await topology.missing_parts(nc.jetstream(), timeout=1.0)
         assert not isinstance(unknown.value, TopologyMissing)
     finally:
         await nc.close()
@@ -90,10 +90,10 @@ def test_the_cli_refuses_and_bootstrap_creates_it(nats_server: NatsServer) -> No
     assert asyncio.run(stream_names(nats_server.url)) == []
     made = ferry_on(nats_server.url, "bootstrap", "--replicas", "1", "--json")
     assert made.code == 0, made.stderr
-    assert len(made.json()["created"]) == len(bus.topology())
+    assert len(made.json()["created"]) == len(topology.every_part())
     assert ferry_on(nats_server.url, "image", "ls").code == 0
     again = ferry_on(nats_server.url, "bootstrap", "--json")
-    assert again.json() == {"created": [], "existing": [str(p) for p in bus.topology()]}
+    assert again.json() == {"created": [], "existing": [str(p) for p in topology.every_part()]}
 
 
 def _log_says(log: Path, text: str, timeout: float) -> bool:
