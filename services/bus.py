@@ -66,20 +66,7 @@ async def connect(
     credentials file; `ca` the CA that signed the servers' certificates (TLS);
     `give_up_after` bounds the first connection (a CLI), else it is tried until it works."""
     servers = [url] if isinstance(url, str) else list(url)
-    auth: dict[str, Any] = {}
-    if creds is not None:
-        secret = load_credentials(creds)
-        auth = {
-            "user": secret.user,
-            "password": secret.password.get_secret_value(),
-            # Replies to this identity come to its own inboxes: no one else may read them.
-            "inbox_prefix": f"_INBOX.{secret.user}",
-        }
-    if ca is not None:
-        try:
-            auth["tls"] = ssl.create_default_context(cafile=str(ca))
-        except (OSError, ssl.SSLError) as exc:
-            raise InvalidInput(f"cannot use CA {ca}: {exc}", field="ca") from exc
+    auth = client_options(creds, ca)
     refused = asyncio.Event()
 
     async def on_error(exc: Exception) -> None:
@@ -128,6 +115,26 @@ async def connect(
             give_up_after=give_up_after,
         )  # fmt: skip
     return nc
+
+
+def client_options(creds: Path | None, ca: Path | None = None) -> dict[str, Any]:
+    """nats-py's options for speaking as the identity in `creds` (None: anonymous), over TLS
+    trusting `ca` if given."""
+    options: dict[str, Any] = {}
+    if creds is not None:
+        secret = load_credentials(creds)
+        options = {
+            "user": secret.user,
+            "password": secret.password.get_secret_value(),
+            # Replies to this identity come to its own inboxes: no one else may read them.
+            "inbox_prefix": f"_INBOX.{secret.user}",
+        }
+    if ca is not None:
+        try:
+            options["tls"] = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidInput(f"cannot use CA {ca}: {exc}", field="ca") from exc
+    return options
 
 
 def identity(nc: NATS) -> str:

@@ -21,7 +21,6 @@ from nats.js.api import ConsumerConfig
 from schemas import subjects
 from schemas.v1.containers import Placement
 from services import bus, identities, topology
-from services.credentials import load_credentials
 from services.errors import Forbidden, Untrusted
 from services.identity_files import creds_path, write_identities
 from services.kvstores import KvPlacementStore
@@ -55,12 +54,9 @@ class Fleet:
         async def on_error(exc: Exception) -> None:
             violations.append(str(exc))
 
-        secret = load_credentials(self.creds / f"{user}.creds")
         nc = await nats.connect(
             self.server.url,
-            user=secret.user,
-            password=secret.password.get_secret_value(),
-            inbox_prefix=f"_INBOX.{secret.user}",
+            **bus.client_options(self.creds / f"{user}.creds"),
             error_cb=on_error,
             allow_reconnect=False,
         )

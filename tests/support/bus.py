@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 
 from deploy.lab.lab import LAB_REQUESTER, operator_creds, requester_creds
 from deploy.lab.layout import LabLayout, read_spec
-from services.credentials import load_credentials
+from services import bus
 
 REQUEST_SUBJECT = f"ferry.v1.migrations.request.requester-{LAB_REQUESTER}"
 CANCEL_SUBJECT = f"ferry.v1.migrations.cancel.requester-{LAB_REQUESTER}"
@@ -25,16 +25,9 @@ def nats_urls(lab: str) -> list[str]:
 
 
 async def connect_as(lab: str, creds: Path | None, **options: Any) -> NATS:
-    """A plain nats-py client of the lab's cluster: `creds` None is an anonymous client."""
-    auth: dict[str, Any] = {}
-    if creds is not None:
-        secret = load_credentials(creds)
-        auth = {
-            "user": secret.user,
-            "password": secret.password.get_secret_value(),
-            "inbox_prefix": f"_INBOX.{secret.user}",
-        }
-    return await nats.connect(nats_urls(lab), **auth, **options)
+    """A plain nats-py client of the lab's cluster (no reconnecting forever, unlike a
+    worker's): `creds` None is an anonymous client."""
+    return await nats.connect(nats_urls(lab), **bus.client_options(creds), **options)
 
 
 async def operator_nats(lab: str) -> NATS:
