@@ -74,14 +74,15 @@ class Watchdog:
 
     async def sweep(self) -> int:
         """One pass over all migrations; returns how many it moved on."""
+        records = await self.migrations.all()
+        for seen in records:  # before anything else that may fail while the bus recovers
+            await self._dispatch(seen)
         leases = await Leases.open(self.js, StepLease)
         moved = 0
-        records = await self.migrations.all()
         self._forget(records)
         for seen in records:
             if await self._look_at(leases, seen):
                 moved += 1
-            await self._dispatch(seen)
         return moved
 
     async def _dispatch(self, record: MigrationRecord) -> None:

@@ -8,14 +8,17 @@ is dropped by JetStream). The same watch unlocks the placements this host holds 
 saga that locked them ends: only the holder may write a placement.
 
 A watch can miss an update (a NATS node dies under it): the watchdog's sweeps hand every
-record they read to `on_record` as well, so a missed command is queued a sweep later.
+record they read to `on_record` first, so a missed command is queued a sweep later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from schemas import subjects
@@ -32,6 +35,8 @@ log = logging.getLogger("ferry.dispatch")
 
 ENDED = ("completed", "rolled_back", "failed")
 WATCH_RESTART_S = 1.0
+WATCH_POLL_S = 1.0
+WATCH_REFRESH_S = 30.0
 
 
 async def release_placement(
@@ -82,19 +87,36 @@ class Dispatcher:
             self.queued = {m for m in self.queued if not m.startswith(f"{record.id}.")}
 
     async def run(self) -> None:
-        """Watch every record for as long as the worker lives; a broken watch starts over
-        (the records' latest values come again, and what was queued is not queued twice)."""
+        """Watch every record for as long as the worker lives. nats-py does not notice an
+        ordered consumer that died with its server (the watch just goes quiet), so the watch
+        starts over after every reconnect and every WATCH_REFRESH_S: the records' latest
+        values come again, and what was queued is not queued twice."""
         while True:
             try:
-                kv = await bus.bucket(self.js, subjects.MIGRATIONS_BUCKET)
-                watcher = await kv.watchall()
-                async for entry in watcher:
-                    if entry is None or not entry.value:
-                        continue  # the end of the initial values, or a deleted record
-                    try:
-                        await self.on_record(read_record(entry.value))
-                    except (FerryError, ValueError) as exc:
-                        log.warning("record %s not dispatched: %s", entry.key, exc)
+                await self._watch_until_stale()
             except Exception as exc:  # the bus may be restarting: watch again
                 log.warning("record watch broke (%r); watching again", exc)
-            await asyncio.sleep(WATCH_RESTART_S)
+                await asyncio.sleep(WATCH_RESTART_S)
+
+    async def _watch_until_stale(self) -> None:
+        nc = self.js._nc
+        reconnects = nc.stats["reconnects"]
+        kv = await bus.bucket(self.js, subjects.MIGRATIONS_BUCKET)
+        watcher: Any = await kv.watchall()  # nats-py leaves its methods untyped
+        loop = asyncio.get_running_loop()
+        stale_at = loop.time() + WATCH_REFRESH_S
+        try:
+            while loop.time() < stale_at and nc.stats["reconnects"] == reconnects:
+                try:
+                    entry = await watcher.updates(timeout=WATCH_POLL_S)
+                except NatsTimeout:
+                    continue
+                if entry is None or not entry.value:
+                    continue  # the end of the initial values, or a deleted record
+                try:
+                    await self.on_record(read_record(entry.value))
+                except (FerryError, ValueError) as exc:
+                    log.warning("record %s not dispatched: %s", entry.key, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
