@@ -272,7 +272,6 @@ async def command_subscription(js: JetStreamContext, host: str, role: str) -> An
 
 
 DUPLICATE_IN_PROCESS = 10158  # JetStream: the same message id is being stored right now
-DUPLICATE_IN_PROCESS_ATTEMPTS = 8
 
 
 async def publish_command(
@@ -281,22 +280,20 @@ async def publish_command(
     """To the work queue of the host and role the command names, under its message id.
 
     The same command can be queued twice at once (the worker that decided it and its host's
-    dispatcher): a clustered stream then answers the second "duplicate message id is in
-    process" until the first lands — asked again, it says "duplicate" (or takes ours, if
-    the first failed)."""
-    for attempt in range(1, DUPLICATE_IN_PROCESS_ATTEMPTS + 1):
-        try:
-            await js.publish(
-                subjects.command_subject(command.host, command.role),
-                command.to_bytes(),
-                headers={**headers, "Nats-Msg-Id": msg_id or command.msg_id},
-                stream=subjects.COMMANDS_STREAM,
-            )
-            return
-        except APIError as exc:
-            if exc.err_code != DUPLICATE_IN_PROCESS or attempt == DUPLICATE_IN_PROCESS_ATTEMPTS:
-                raise
-        await asyncio.sleep(0.05 * attempt)
+    dispatcher): a clustered stream answers the second "duplicate message id is in process".
+    That is done, not failed: the first is being stored, and if storing it fails, the
+    dispatcher's next sweep queues it again. Waiting it out here would hold back the events
+    the caller publishes next."""
+    try:
+        await js.publish(
+            subjects.command_subject(command.host, command.role),
+            command.to_bytes(),
+            headers={**headers, "Nats-Msg-Id": msg_id or command.msg_id},
+            stream=subjects.COMMANDS_STREAM,
+        )
+    except APIError as exc:
+        if exc.err_code != DUPLICATE_IN_PROCESS:
+            raise
 
 
 async def publish_event(
