@@ -840,7 +840,9 @@ class ExternalFault:
     def net_cut(self) -> tuple[bool, str]:
         host = self.host_of(RUNS[self.cell.step][1])
         isolate = self.cell.role == "isolate"
-        dropped, lasted = chaos_cuts.hold(self._cut(host, nats=isolate), 3.0, 8.0)
+        # Held until the step sends (up to 20 s): after a NATS restart its command can take a
+        # fetch expiry or two to reach the worker.
+        dropped, lasted = chaos_cuts.hold(self._cut(host, nats=isolate), 3.0, 20.0)
         what = "its peer and NATS" if isolate else "its peer"
         # A cut that dropped nothing cut nothing: the step sent no packet meanwhile.
         return dropped > 0, f"{host} cut from {what} for {lasted} s ({dropped} packets dropped)"

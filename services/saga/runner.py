@@ -66,6 +66,9 @@ log = logging.getLogger("ferry.saga")
 
 MAX_PARALLEL_STEPS = 4
 UNKNOWN_RECORD_RETRY_S = 10.0
+# A pull request the server lost (its node restarted, a new consumer leader) is noticed only
+# when it expires: kept short, a command queued meanwhile waits at most this long.
+FETCH_WAIT_S = 2.0
 
 
 def definition_of(record: MigrationRecord) -> SagaDefinition:
@@ -125,7 +128,7 @@ class SagaRunner:
         while True:
             await self.slots.acquire()
             try:
-                msgs = await sub.fetch(1, timeout=5)
+                msgs = await sub.fetch(1, timeout=FETCH_WAIT_S)
             except (NatsTimeout, TimeoutError):
                 self.slots.release()
                 continue
