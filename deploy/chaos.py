@@ -503,6 +503,19 @@ def worker_pids(lab: str) -> dict[tuple[str, str], int]:
     return {(h["name"], role): pid for h in hosts for role, pid in h["workers"].items() if pid}
 
 
+HEARTBEAT_WAIT_S = 30.0
+
+
+def _wait_for_heartbeats(tap: EventTap, hosts: tuple[str, ...], timeout: float) -> None:
+    """Until both hosts' heartbeats are on the bus: right after a NATS restart a host can be
+    without one for a while, and intake would refuse the move ("host is down")."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(tap.kv_json(subjects.HOSTS_BUCKET, host)[0] is not None for host in hosts):
+            return
+        time.sleep(0.2)
+
+
 def run_cell(
     lab: str,
     tap: EventTap,
@@ -516,6 +529,7 @@ def run_cell(
     if cell.pending:
         outcome.verdict, outcome.evidence = "pending", f"pending: {cell.pending}"
         return outcome
+    _wait_for_heartbeats(tap, (source, destination), HEARTBEAT_WAIT_S)
     started = time.monotonic()
     monitor = Monitor(lab, (source, destination))
     watcher = threading.Thread(target=monitor.run, daemon=True)
@@ -718,7 +732,18 @@ class ExternalFault:
             wanted = "step_finished" if when == "after" else "step_started"
             return e["type"] == wanted and (when != "after" or e.get("status") == "done")
 
-        return self.tap.wait(self.since, match, 60) is not None
+        if when == "after":
+            return self.tap.wait(self.since, match, 60) is not None
+        # Before a step: its record entry is written before its command goes out, and its
+        # host's dispatcher may queue the command before the step's event is published.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.tap.wait(self.since, match, 0.02) is not None:
+                return True
+            steps = self.record().get("steps") or []
+            if any(s.get("name") == step and s.get("kind") == kind for s in steps):
+                return True
+        return False
 
     def fire(self) -> tuple[bool, str]:
         cell = self.cell
