@@ -20,6 +20,10 @@ variables; a real host has /etc/ferry/agent.toml (deploy/systemd/agent.toml.exam
     servers = ["nats://10.9.0.1:4222", "nats://10.9.0.2:4222"]  # FERRY_NATS_URL=a,b
     creds = "/etc/ferry/h1.creds"  # FERRY_NATS_CREDS; this identity's secret (0600)
     ca = "/etc/ferry/ca.pem"       # FERRY_NATS_CA; optional, for tls:// servers
+    [tls]                        # mutual TLS between hosts (transfers, CRIU's page streams)
+    ca = "/etc/ferry/ca.pem"       # FERRY_TLS_CA; the fleet CA
+    cert = "/etc/ferry/h1.pem"     # FERRY_TLS_CERT; CN = the host's name, IP SAN = address
+    key = "/etc/ferry/h1.key"      # FERRY_TLS_KEY (0600)
     [network]                    # the containers' datacenter network
     subnet = "10.1.0.0/24"       # FERRY_DC_SUBNET
     gateway = "10.1.0.1"         # FERRY_DC_GATEWAY
@@ -49,15 +53,18 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from schemas.v1.base import HOST_PATTERN
 from schemas.v1.hosts import HostCapacity
+from schemas.v1.types import IPStr
 from services import config_layout
 from services.config_layout import CONFIG_ENV, LayoutError
 from services.errors import InvalidInput
+from services.tls import TlsFiles
 
 BUS_SCHEMES = ("nats", "tls", "ws", "wss")
 LabelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
@@ -75,7 +82,7 @@ class HostConfig(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid")
 
     host: str = Field(pattern=HOST_PATTERN)
-    address: str = Field(pattern=r"^[A-Za-z0-9.:-]+$")
+    address: IPStr
     zone: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
     region: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
     labels: dict[LabelName, str] = Field(default_factory=dict)
@@ -83,6 +90,11 @@ class HostConfig(BaseSettings):
     nats_servers: tuple[str, ...] = Field(min_length=1)
     nats_creds: Path | None = None
     nats_ca: Path | None = None
+    # This host's certificate (its name in the CN or a DNS SAN, its address as an IP SAN)
+    # and the fleet CA: transfers between hosts go over mutual TLS with them.
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     subnet: ipaddress.IPv4Network
     gateway: str
     ip_pool: tuple[int, int] = (100, 250)  # the same on every host: one fleet-wide pool
@@ -139,7 +151,9 @@ class HostConfig(BaseSettings):
                 )
         return servers
 
-    @field_validator("nats_creds", "nats_ca", "state_dir", "config_file")
+    @field_validator(
+        "nats_creds", "nats_ca", "tls_ca", "tls_cert", "tls_key", "state_dir", "config_file"
+    )
     @classmethod
     def _absolute(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         if path is None:
@@ -149,6 +163,20 @@ class HostConfig(BaseSettings):
         if not path.is_absolute():
             raise ValueError(f"{str(path)!r} is not an absolute path")
         return path
+
+    @model_validator(mode="after")
+    def _tls_whole(self) -> HostConfig:
+        given = [self.tls_ca, self.tls_cert, self.tls_key]
+        if any(given) and not all(given):
+            raise ValueError("tls: give ca, cert and key together (or none of them)")
+        return self
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The files for mutual TLS between hosts, or None where the host has none."""
+        if self.tls_ca is None or self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
 
     @field_validator("subnet", mode="before")
     @classmethod

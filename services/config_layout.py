@@ -35,6 +35,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nats_servers", "bus.servers", "FERRY_NATS_URL"),  # env: comma-separated
     Setting("nats_creds", "bus.creds", "FERRY_NATS_CREDS"),
     Setting("nats_ca", "bus.ca", "FERRY_NATS_CA"),
+    Setting("tls_ca", "tls.ca", "FERRY_TLS_CA"),
+    Setting("tls_cert", "tls.cert", "FERRY_TLS_CERT"),
+    Setting("tls_key", "tls.key", "FERRY_TLS_KEY"),
     Setting("subnet", "network.subnet", "FERRY_DC_SUBNET"),
     Setting("gateway", "network.gateway", "FERRY_DC_GATEWAY"),
     Setting("ip_pool", "network.ip_pool", "FERRY_IP_POOL"),
@@ -50,7 +53,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("owner_answer_timeout_s", "owner_answer_timeout_s", "FERRY_OWNER_ANSWER_TIMEOUT_S"),
     Setting("config_file", "", CONFIG_ENV),  # never in a file: it names the file
 )
-TABLES = frozenset({"bus", "network", "capacity"})  # `labels` is a table too, but of free keys
+TABLES = frozenset(
+    {"bus", "network", "capacity", "tls"}
+)  # `labels` is a table too, but of free keys
 
 _BY_KEY = {s.key: s for s in SETTINGS if s.key}
 _BY_ATTR = {s.attr: s for s in SETTINGS}

@@ -57,6 +57,12 @@ def register(sub: Subcommands) -> None:
         action="store_true",
         help="accept `ferry migrate --inject-fault` (test labs only)",
     )
+    up.add_argument(
+        "--plain-transfers",
+        action="store_true",
+        help="hosts without TLS files: files and pages travel in the clear (to measure"
+        " what encryption costs; NATS keeps its TLS)",
+    )
     up.set_defaults(run=lab_up)
     down = lab_sub.add_parser("down", help="stop and remove everything the lab made")
     down.set_defaults(run=lab_down)
@@ -70,6 +76,7 @@ def lab_up(args: argparse.Namespace) -> int:
         args.hosts,
         say,
         allow_faults=args.allow_faults,
+        plain_transfers=args.plain_transfers,
         segments=args.segments,
         subnet=args.subnet,
         select_default=not chosen,

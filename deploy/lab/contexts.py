@@ -36,8 +36,11 @@ MARK = "ferry lab "
 
 def lab_context(spec: LabSpec) -> BusContext:
     """The lab's operator: every node of its cluster, and the operator's credentials."""
-    creds = LabLayout(spec.lab).operator_dir / "operator.creds"
-    return BusContext(servers=spec.nats_urls, creds=creds, description=f"{MARK}{spec.lab}")
+    layout = LabLayout(spec.lab)
+    creds = layout.operator_dir / "operator.creds"
+    return BusContext(
+        servers=spec.nats_urls, creds=creds, ca=layout.ca_file, description=f"{MARK}{spec.lab}"
+    )
 
 
 def written_for(path: Path) -> str | None:

@@ -39,7 +39,7 @@ from deploy.lab.layout import (
 )
 from schemas import subjects
 from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
-from services import bus, identities, topology
+from services import bus, certificates, identities, topology
 from services.errors import Conflict, InvalidInput, RuntimeFailure, Unavailable
 from services.identity_files import creds_path, write_identities
 from services.runtime.proc import run
@@ -51,6 +51,7 @@ HOST_CONFIG_VARS = frozenset(
     {
         "FERRY_CONFIG", "FERRY_CONTEXT", "FERRY_HOST", "FERRY_HOST_ADDRESS", "FERRY_NATS_URL",
         "FERRY_NATS_CREDS", "FERRY_NATS_CA", "FERRY_DC_SUBNET", "FERRY_DC_GATEWAY",
+        "FERRY_TLS_CA", "FERRY_TLS_CERT", "FERRY_TLS_KEY",
         "FERRY_IP_POOL", "FERRY_STATE_DIR", "FERRY_BRIDGE", "FERRY_CGROUP_PARENT",
     }
 )  # fmt: skip
@@ -72,6 +73,7 @@ def plan(
     allow_faults: bool = False,
     segments: int = 1,
     subnet: ipaddress.IPv4Network | None = None,
+    plain_transfers: bool = False,
 ) -> LabSpec:
     """Pick a subnet no route uses yet and a free NATS port, for a new lab."""
     taken = set(kernel.routed_networks())
@@ -91,6 +93,7 @@ def plan(
         nats_port=NATS_CLIENT_PORT,  # each node has a namespace of its own: no clash
         mgmt_subnet=mgmt_subnet,
         allow_faults=allow_faults,
+        plain_transfers=plain_transfers,
         segment_subnets=tuple(extra[1:]),
         core_subnet=extra[0] if extra else None,
     )
@@ -113,6 +116,7 @@ def up(
     say: Say,
     *,
     allow_faults: bool = False,
+    plain_transfers: bool = False,
     segments: int = 1,
     subnet: str | None = None,
     select_default: bool = True,
@@ -141,6 +145,13 @@ def up(
                 " run `ferry lab down` first to change it",
                 field="--allow-faults",
             )
+        if spec is not None and spec.plain_transfers != plain_transfers:
+            raise Conflict(
+                f"lab {layout.lab!r} is up with transfers"
+                f" {'in the clear' if spec.plain_transfers else 'over TLS'};"
+                " run `ferry lab down` first to change it",
+                field="--plain-transfers",
+            )
         if spec is not None and spec.segments != segments:
             raise Conflict(
                 f"lab {layout.lab!r} is up with {spec.segments} segment(s);"
@@ -153,7 +164,7 @@ def up(
                 field="--subnet",
             )
         if spec is None:
-            spec = plan(layout, count, allow_faults, segments, wanted)
+            spec = plan(layout, count, allow_faults, segments, wanted, plain_transfers)
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(
@@ -161,6 +172,7 @@ def up(
                 f" NATS on {', '.join(spec.nats_urls)}"
             )
         _write_identities(layout, spec)
+        _write_certificates(layout, spec)
         contexts.write(layout, spec, say, select_default=select_default)
         if spec.segmented:
             segments_net.ensure_router(layout, spec)
@@ -205,6 +217,17 @@ def _write_identities(layout: LabLayout, spec: LabSpec) -> None:
     write_identities(layout.operator_dir, wanted, [spec.nats_address(n) for n in spec.nats_nodes])
 
 
+def _write_certificates(layout: LabLayout, spec: LabSpec) -> None:
+    """What an operator does next (`ferry certs`): the fleet CA, and a certificate for each
+    host (transfers, CRIU's page streams) and each NATS node, naming its address."""
+    pki = layout.pki_dir
+    ca = certificates.ensure_ca(pki, label=f"Ferry lab {layout.lab} CA")
+    for host in spec.hosts:
+        certificates.issue(ca, pki, host, [spec.mgmt_address(host)])
+    for node in spec.nats_nodes:
+        certificates.issue(ca, pki, f"n{node}", [spec.nats_address(node)])
+
+
 def operator_creds(layout: LabLayout) -> Path:
     return creds_path(layout.operator_dir, identities.operator())
 
@@ -235,13 +258,15 @@ def restart_nats(layout: LabLayout, say: Say, *, lose_store: bool = False) -> No
 
 async def _ensure_topology(layout: LabLayout, spec: LabSpec, say: Say) -> None:
     """The lab's bootstrap: what `ferry bootstrap --host … --replicas 3` does on a fleet."""
-    nc = await bus.connect(spec.nats_urls, name="ferry-lab", creds=operator_creds(layout))
+    nc = await bus.connect(
+        spec.nats_urls, name="ferry-lab", creds=operator_creds(layout), ca=layout.ca_file
+    )
     try:
         created = await topology.create_topology_when_ready(
             nc.jetstream(), hosts=spec.hosts, replicas=len(spec.nats_nodes), say=say
         )
     finally:
-        await nc.close()
+        await bus.close(nc)
     if created:
         say(f"bootstrap: created {len(created)} streams, buckets and consumers")
 
@@ -296,8 +321,10 @@ def _give_host_creds(layout: LabLayout, host: str) -> None:
     etc.mkdir(parents=True, exist_ok=True)
     etc.chmod(0o700)
     own = creds_path(layout.operator_dir, identities.host(host))
-    shutil.copyfile(own, etc / own.name)
-    (etc / own.name).chmod(0o600)
+    pki = layout.pki_dir
+    for source in (own, pki / f"{host}.key", pki / f"{host}.pem", pki / certificates.CA_CERT):
+        shutil.copyfile(source, etc / source.name)
+        (etc / source.name).chmod(0o600 if source.suffix in (".creds", ".key") else 0o644)
 
 
 def _ensure_host_mounts(layout: LabLayout, host: str) -> None:
@@ -363,7 +390,19 @@ def host_config(layout: LabLayout, spec: LabSpec, host: str) -> str:
             "[bus]",
             f"servers = [{servers}]",
             f'creds = "{creds}"',
+            f'ca = "{HOST_ETC_MOUNT / certificates.CA_CERT}"',
             "",
+            *(
+                []
+                if spec.plain_transfers
+                else [
+                    "[tls]",
+                    f'ca = "{HOST_ETC_MOUNT / certificates.CA_CERT}"',
+                    f'cert = "{HOST_ETC_MOUNT / f"{host}.pem"}"',
+                    f'key = "{HOST_ETC_MOUNT / f"{host}.key"}"',
+                    "",
+                ]
+            ),
             "[network]",
             f'subnet = "{spec.subnet}"',
             f'gateway = "{spec.gateway}"',
@@ -416,6 +455,7 @@ async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHear
             spec.nats_urls,
             name="ferry-cli",
             creds=operator_creds(LabLayout(spec.lab)),
+            ca=LabLayout(spec.lab).ca_file,
             connect_timeout=timeout,
             give_up_after=3 * timeout,
         )
@@ -433,7 +473,7 @@ async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHear
             if all(w.pid for w in beat.workers) and len(beat.workers) == len(WORKER_ROLES):
                 health[host] = beat
     finally:
-        await nc.close()
+        await bus.close(nc)
     return health
 
 

@@ -154,6 +154,16 @@ class LabLayout:
         """What the lab's operator holds: every identity's credentials, the auth config."""
         return self.root / "operator"
 
+    @property
+    def pki_dir(self) -> Path:
+        """The lab's CA and every certificate it signed (what `ferry certs` writes)."""
+        return self.operator_dir / "pki"
+
+    @property
+    def ca_file(self) -> Path:
+        """The lab's CA certificate: what every client of its NATS and every host trusts."""
+        return self.pki_dir / "ca.pem"
+
     def host_etc(self, host: str) -> Path:
         """The host's /etc/ferry (bound there in its mount namespace): config, credentials."""
         return self.state_dir(host) / "etc"
@@ -169,6 +179,9 @@ class LabSpec:
     nats_port: int
     mgmt_subnet: ipaddress.IPv4Network
     allow_faults: bool = False
+    # Transfers between hosts and CRIU's page streams in the clear (NATS keeps its TLS):
+    # only to measure what encryption costs (make bench).
+    plain_transfers: bool = False
     # Segmented labs: each segment is its own routed network; containers keep their
     # addresses on `subnet`, carried between hosts by a VXLAN overlay.
     segment_subnets: tuple[ipaddress.IPv4Network, ...] = ()
@@ -268,6 +281,7 @@ class LabSpec:
                 "nats_port": self.nats_port,
                 "mgmt_subnet": str(self.mgmt_subnet),
                 "allow_faults": self.allow_faults,
+                "plain_transfers": self.plain_transfers,
                 "segment_subnets": [str(s) for s in self.segment_subnets],
                 "core_subnet": str(self.core_subnet) if self.core_subnet else None,
             },
@@ -284,6 +298,7 @@ class LabSpec:
             nats_port=int(data["nats_port"]),
             mgmt_subnet=ipaddress.IPv4Network(data["mgmt_subnet"]),
             allow_faults=bool(data.get("allow_faults", False)),
+            plain_transfers=bool(data.get("plain_transfers", False)),
             segment_subnets=tuple(
                 ipaddress.IPv4Network(s) for s in data.get("segment_subnets") or []
             ),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from deploy.lab import kernel
 from deploy.lab.layout import NATS_MONITOR_PORT, LabLayout, LabSpec
+from services import certificates
 from services.errors import RuntimeFailure
 from services.identity_files import AUTH_FILE, ROUTES_FILE
 from services.runtime.proc import run
@@ -40,10 +41,14 @@ def nats_binary() -> Path:
 
 def node_env(layout: LabLayout, spec: LabSpec, node: int) -> dict[str, str]:
     """What /etc/ferry/nats.env says on node `node`."""
+    home = layout.nats_node_dir(node)
     return {
         "FERRY_NATS_NAME": f"n{node}",
         "FERRY_NATS_HOST": spec.nats_address(node),
-        "FERRY_NATS_STORE": str(layout.nats_node_dir(node) / "store"),
+        "FERRY_NATS_STORE": str(home / "store"),
+        "FERRY_NATS_TLS_CERT": str(home / f"n{node}.pem"),
+        "FERRY_NATS_TLS_KEY": str(home / f"n{node}.key"),
+        "FERRY_NATS_TLS_CA": str(home / certificates.CA_CERT),
     }
 
 
@@ -77,6 +82,11 @@ def start_node(layout: LabLayout, spec: LabSpec, node: int) -> None:
     for name in (AUTH_FILE, ROUTES_FILE):
         shutil.copyfile(layout.operator_dir / name, home / name)
         (home / name).chmod(0o600)
+    # ...and what `ferry certs` wrote for it (the lab keeps them in the operator's pki/).
+    pki = layout.pki_dir
+    for name in (f"n{node}.pem", f"n{node}.key", certificates.CA_CERT):
+        shutil.copyfile(pki / name, home / name)
+        (home / name).chmod(0o600 if name.endswith(".key") else 0o644)
     with (home / "nats.log").open("ab") as logfile:
         subprocess.Popen(
             [

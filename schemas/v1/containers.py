@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, computed_field, model_validator
 
 from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message, Part
+from schemas.v1.types import IPv4Str, MacStr, MigrationId
 
 ContainerNameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 HostNameStr = Annotated[str, StringConstraints(pattern=HOST_PATTERN)]
@@ -49,6 +50,32 @@ class _Layered(Message):
         return data
 
 
+EnvVar = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*=[^\x00]*$"),
+    Field(description="NAME=value"),
+]
+Arg = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]  # a NUL would cut it short
+
+
+class ContainerSpec(Part):
+    """What a container is, wherever it runs: the host running it makes its config.json
+    from this (services/runtime/bundle.py), never from bytes another host sent.
+
+    A field that changes what runs (user, capabilities, ...) comes with a new
+    `spec_version`, so a host that does not know it refuses the spec instead of ignoring it.
+    """
+
+    spec_version: Literal[1] = 1
+    layers: LayerStack
+    image: ImageNameStr | None = Field(
+        default=None, description="the image the layers came from, if any (informational)"
+    )
+    args: tuple[Arg, ...] = Field(min_length=1, description="the command and its arguments")
+    env: tuple[EnvVar, ...] = ()
+    memory_mib: int | None = Field(default=None, ge=4, le=65536)
+
+
 class CreateContainer(_Layered):
     """Start a new container on the host that receives this request."""
 
@@ -57,28 +84,74 @@ class CreateContainer(_Layered):
     image: ImageNameStr | None = Field(
         default=None, description="the image the layers came from, if any (informational)"
     )
-    args: tuple[str, ...] = Field(min_length=1, description="the command and its arguments")
+    args: tuple[Arg, ...] = Field(min_length=1, description="the command and its arguments")
     memory_mib: int | None = Field(default=None, ge=4, le=65536)
-    env: tuple[str, ...] = ()
+    env: tuple[EnvVar, ...] = ()
+
+    @property
+    def spec(self) -> ContainerSpec:
+        """The container this request asks for."""
+        return ContainerSpec(
+            layers=self.layers,
+            image=self.image,
+            args=self.args,
+            env=self.env,
+            memory_mib=self.memory_mib,
+        )
 
 
-class Placement(_Layered):
-    """Where a container runs; the fleet-wide truth, changed only by compare-and-set."""
+_FLAT_SPEC = ("layers", "image", "args", "memory_mib")  # what placements held before `spec`
+
+
+class Placement(Message):
+    """Where a container runs, and what it is; the fleet-wide truth, changed only by
+    compare-and-set."""
 
     name: ContainerNameStr
     host: HostNameStr
-    ip: str
-    mac: str
-    layers: LayerStack
-    image: ImageNameStr | None = None
-    args: tuple[str, ...]
-    memory_mib: int | None = None
+    ip: IPv4Str
+    mac: MacStr
+    spec: ContainerSpec
     state: Literal["creating", "running", "migrating", "removing"] = "creating"
-    migration_id: str | None = None
+    migration_id: MigrationId | None = None
     destination: HostNameStr | None = Field(
         default=None,
         description="while migrating: the host the holder hands the container to at the commit",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upcast_flat_spec(cls, data: Any) -> Any:
+        """Written before ContainerSpec: `layers` (or, before images, one `layer`), `image`,
+        `args` and `memory_mib` at the top, no env: read as that spec."""
+        if not isinstance(data, dict) or "spec" in data:
+            return data
+        flat = {key: data[key] for key in _FLAT_SPEC if key in data}
+        if "layers" not in flat and "layer" in data:
+            flat["layers"] = [data["layer"]]
+        return {**data, "spec": flat}
+
+    # Still written beside `spec`, so a host running the release before it reads new
+    # placements (a rolling upgrade); read back, `spec` wins and these are ignored.
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.spec.layers
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def image(self) -> str | None:
+        return self.spec.image
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.spec.args
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def memory_mib(self) -> int | None:
+        return self.spec.memory_mib
 
 
 class ContainerCreated(Message):
@@ -86,8 +159,8 @@ class ContainerCreated(Message):
 
     name: str
     host: str
-    ip: str
-    mac: str
+    ip: IPv4Str
+    mac: MacStr
     pid: int
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.v1.base import Message, Part
+from schemas.v1.types import IPStr
 from schemas.v1.versions import HostVersions
 
 WorkerRole = Literal["source", "transfer", "destination", "cleanup"]
@@ -25,7 +26,7 @@ class HostHeartbeat(Message):
     """Published by a host's agent every second; the key expires when the agent stops."""
 
     host: str
-    address: str
+    address: IPStr
     agent_pid: int
     workers: tuple[WorkerStatus, ...] = ()
     sent_at: float
@@ -65,7 +66,7 @@ class HostRegistration(Message):
     """A host that joined the fleet; kept after it goes down, so "down" differs from "unknown"."""
 
     host: str
-    address: str
+    address: IPStr
     registered_at: float
     features: tuple[str, ...] = Field(
         default=(), description="migration features this host supports (lazy_pages, ...)"

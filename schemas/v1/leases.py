@@ -11,6 +11,7 @@ from pydantic import Field
 from schemas.v1.base import Message, Part
 from schemas.v1.containers import HostNameStr
 from schemas.v1.migrations import StepKind
+from schemas.v1.types import MigrationId
 
 
 class LeaseHolder(Part):
@@ -34,7 +35,7 @@ class StepLease(Message):
     """One attempt of one saga step is being worked on by `holder` (or, with `abandoned`,
     was given up by a watchdog: nobody may start it any more)."""
 
-    migration_id: str
+    migration_id: MigrationId
     step: str
     kind: StepKind
     attempt: int = Field(ge=1)

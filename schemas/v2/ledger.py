@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from schemas.v1.containers import ContainerNameStr, HostNameStr, Placement, RuntimeContainer
+from schemas.v1.types import MigrationId
 from schemas.v2.base import Message
 from schemas.v2.migrations import MigrationRecord
 
@@ -21,7 +22,7 @@ LedgerRole = Literal["source", "destination"]
 class LedgerMigration(Message):
     """One migration as one host took part in it."""
 
-    id: str
+    id: MigrationId
     container: ContainerNameStr
     role: LedgerRole
     record: MigrationRecord = Field(description="the newest copy of the record this host saw")

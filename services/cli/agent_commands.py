@@ -53,6 +53,8 @@ def _usable(config: HostConfig) -> None:
             ssl.create_default_context(cafile=str(config.nats_ca))
         except (OSError, ssl.SSLError) as exc:
             raise InvalidInput(f"cannot use CA {config.nats_ca}: {exc}", field="bus.ca") from None
+    if config.tls is not None:
+        config.tls.server_context()  # the CA, the certificate and its key, loaded together
 
 
 def agent_command(args: argparse.Namespace) -> int:

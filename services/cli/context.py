@@ -228,4 +228,4 @@ async def connected(context: BusContext, *, connect_timeout: float = 5.0) -> Asy
     try:
         yield nc
     finally:
-        await nc.close()
+        await bus.close(nc)

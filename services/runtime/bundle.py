@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from schemas.v1.containers import ContainerSpec
+from services.errors import RuntimeFailure
+from services.tls import TlsFiles
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
@@ -31,20 +34,21 @@ READONLY_PATHS = [
 
 
 def oci_config(
+    spec: ContainerSpec,
     *,
     hostname: str,
-    args: Sequence[str],
-    env: Sequence[str],
     netns_path: Path,
     cgroups_path: str,
-    memory_mib: int | None,
     criu_config: Path | None = None,
 ) -> dict[str, Any]:
-    """The runtime spec: own PID, IPC, UTS and mount namespaces, and the network
-    namespace Ferry made (an external netns: CRIU then restores `lo` and `eth0` up)."""
+    """The runtime spec of a container from what it is (its ContainerSpec, from the
+    placement) and where it runs (this host's paths): own PID, IPC, UTS and mount
+    namespaces, and the network namespace Ferry made (an external netns: CRIU then
+    restores `lo` and `eth0` up). The only place a config.json is made; it never has
+    `hooks` (runc runs them as root, outside the container)."""
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
-    if memory_mib is not None:
-        resources["memory"] = {"limit": memory_mib * 1024 * 1024}
+    if spec.memory_mib is not None:
+        resources["memory"] = {"limit": spec.memory_mib * 1024 * 1024}
     annotations = {"org.criu.config": str(criu_config)} if criu_config else {}
     return {
         "ociVersion": "1.0.2",
@@ -52,8 +56,8 @@ def oci_config(
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": list(args),
-            "env": [DEFAULT_PATH, *env],
+            "args": list(spec.args),
+            "env": [DEFAULT_PATH, *spec.env],
             "cwd": "/",
             "capabilities": {
                 "bounding": CAPABILITIES,
@@ -115,20 +119,53 @@ CRIU_RUNC_CONFIG = """\
 # it is dropped, and the client connects again.
 skip-in-flight
 """
+SKIP_NETWORK_LOCK = """\
+# Ferry locks the network itself: the source's link goes down before CRIU runs (nothing in
+# or out, so its kernel acknowledges no byte after the dump), and a restore's netns is held
+# (FERRY-HOLD) before its link comes up. CRIU's iptables lock would cost iptables-restore
+# runs inside the freeze, on both sides: a restore uses the method its dump recorded.
+network-lock skip
+"""
 LEAVE_STOPPED = """\
 # Post-copy: once its pages are served the source stays stopped, not killed.
 leave-stopped
 """
 
 
-def ensure_criu_config(path: Path, *, leave_stopped: bool = False) -> Path:
+def _tls_lines(tls: TlsFiles | None, *, listening: bool) -> str:
+    """runc has no TLS flags: CRIU reads them from this file (same words as on its command
+    line, services/runtime/cmdlines.py `criu_tls`; a restore ignores them)."""
+    if tls is None:
+        return ""
+    lines = [
+        "# Pages go over TLS, with the host's own certificate.",
+        "tls",
+        f"tls-cacert {tls.ca}",
+        f"tls-cert {tls.cert}",
+        f"tls-key {tls.key}",
+    ]
+    if listening:  # post-copy: the source's dump listens; the firewall admits only its peer
+        lines.append("tls-no-cn-verify")
+    return "\n".join(lines) + "\n"
+
+
+def ensure_criu_config(
+    path: Path,
+    *,
+    leave_stopped: bool = False,
+    tls: TlsFiles | None = None,
+    ferry_locks_network: bool = True,
+) -> Path:
     """The CRIU options runc passes on (through the org.criu.config annotation).
 
     Each container has its own file, so a post-copy dump can ask for `leave-stopped`
     (the source waits stopped instead of being killed: the way back) without touching
-    any other container's dumps or restores.
+    any other container's dumps or restores. `ferry_locks_network=False` leaves the lock
+    to CRIU (the hand-run baseline of `make bench`, which runs no Ferry around CRIU).
     """
     text = CRIU_RUNC_CONFIG + (LEAVE_STOPPED if leave_stopped else "")
+    text += SKIP_NETWORK_LOCK if ferry_locks_network else ""
+    text += _tls_lines(tls, listening=leave_stopped)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -142,3 +179,21 @@ def write_config(bundle: Path, config: dict[str, Any]) -> None:
     tmp = bundle / "config.json.tmp"
     tmp.write_text(json.dumps(config, indent=2))
     tmp.rename(bundle / "config.json")
+
+
+def refuse_hooks(bundle: Path) -> None:
+    """Called right before runc runs or restores from `bundle`: a config.json with OCI
+    hooks (which runc would run as root on this host) or one that cannot be read is
+    refused. oci_config never writes hooks; this is the second line."""
+    path = bundle / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeFailure(f"{path} cannot be read: {exc}") from exc
+    if not isinstance(config, dict):
+        raise RuntimeFailure(f"{path} is not a JSON object: refused")
+    if "hooks" in config:
+        raise RuntimeFailure(
+            f"{path} has OCI hooks: refused (runc would run them as root on this host;"
+            " a config Ferry made never has any)"
+        )

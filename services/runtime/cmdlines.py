@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from services.tls import TlsFiles
+
 CRIU = os.environ.get("FERRY_CRIU", "/usr/local/sbin/criu")
 STATUS_FD = "{status-fd}"  # criu.start_background puts the real fd number here
 
@@ -97,24 +99,41 @@ def criu_page_server(
     *,
     parent: str | None = None,
     status_fd: int | str = STATUS_FD,
+    tls: TlsFiles | None = None,
 ) -> list[str]:
     """A page server that takes one (pre-)dump's pages into `images`, then exits.
 
     `parent` (relative to `images`, e.g. ../it-2) links the previous round's images, which
-    is what lets it accept an incremental dump; it must already exist.
+    is what lets it accept an incremental dump; it must already exist. With `tls`, the
+    pages come over TLS from a client with a certificate of the CA.
     """
     return [
         CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(images),
         *(["--prev-images-dir", parent] if parent is not None else []),
         "--address", address, "--port", str(port), "--status-fd", str(status_fd),
-        "-v4", "-o", "page-server.log",
+        *criu_tls(tls, listening=True), "-v4", "-o", "page-server.log",
     ]  # fmt: skip
 
 
-def criu_lazy_pages(images: Path, source: str, port: int) -> list[str]:
-    """The destination's lazy-pages daemon, pulling from the source's page server."""
+def criu_lazy_pages(
+    images: Path, source: str, port: int, *, tls: TlsFiles | None = None
+) -> list[str]:
+    """The destination's lazy-pages daemon, pulling from the source's page server (over
+    TLS, the source's certificate checked against its address, with `tls`)."""
     return [
         CRIU, "lazy-pages", "--page-server", "--address", source, "--port", str(port),
         "--images-dir", str(images), "--work-dir", str(images), "--status-fd", STATUS_FD,
-        "-v4", "-o", "lazy-pages.log",
+        *criu_tls(tls, listening=False), "-v4", "-o", "lazy-pages.log",
     ]  # fmt: skip
+
+
+def criu_tls(tls: TlsFiles | None, *, listening: bool) -> list[str]:
+    """CRIU's TLS options. The connecting side checks the peer's certificate against the
+    address it dials (an IP SAN). The listening side would check the client's certificate
+    against its *own* address, which no peer's names: it checks the CA only
+    (`--tls-no-cn-verify`), and the firewall admits the one peer (services/runtime/
+    firewall.py `admit_only`)."""
+    if tls is None:
+        return []
+    files = ["--tls-cacert", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    return ["--tls", *files, *(["--tls-no-cn-verify"] if listening else [])]

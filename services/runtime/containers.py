@@ -14,6 +14,7 @@ from schemas.v1.containers import (
     ContainerCreated,
     ContainerList,
     ContainerRemoved,
+    ContainerSpec,
     CreateContainer,
     HostLayer,
     LayerList,
@@ -127,16 +128,13 @@ class HostContainers:
                 host=self.config.host,
                 ip=ip,
                 mac=netns.mac_for(ip),
-                layers=cmd.layers,
-                image=cmd.image,
-                args=cmd.args,
-                memory_mib=cmd.memory_mib,
+                spec=cmd.spec,
             )
             revision = await self.placements.claim(placement)
             undo.append(lambda: self.placements.remove(cmd.name))
             undo.append(lambda: self.discard_local(cmd.name))
             ready = await self.ensure_layers(cmd.layers)
-            pid = await self._build_and_start(cmd, placement, ready.paths)
+            pid = await self._build_and_start(placement, ready.paths)
             await self.placements.update(
                 placement.model_copy(update={"state": "running"}), revision
             )
@@ -215,37 +213,44 @@ class HostContainers:
             ),
         )
 
-    async def _build_and_start(
-        self, cmd: CreateContainer, placement: Placement, lowers: Sequence[Path]
-    ) -> int:
-        paths = self.paths(cmd.name)
+    def write_config(self, name: str, spec: ContainerSpec) -> Path:
+        """`name`'s config.json on this host, made from its spec and this host's paths; the
+        one way a bundle here gets one (creating a container, and restoring a moved one).
+        Returns the bundle directory."""
+        paths = self.paths(name)
+        config = bundle.oci_config(
+            spec,
+            hostname=name,
+            netns_path=paths.netns,
+            cgroups_path=f"{self.config.cgroup_parent}/{name}",
+            criu_config=bundle.ensure_criu_config(paths.criu_config, tls=self.config.tls),
+        )
+        paths.bundle.mkdir(parents=True, exist_ok=True)
+        bundle.write_config(paths.bundle, config)
+        return paths.bundle
+
+    async def _build_and_start(self, placement: Placement, lowers: Sequence[Path]) -> int:
+        name = placement.name
+        paths = self.paths(name)
         await layers.mount_overlay(lowers, paths.upper, paths.work, paths.rootfs)
         network = netns.ContainerNetwork(
             netns_path=paths.netns,
-            host_veth=netns.host_veth_name(cmd.name),
+            host_veth=netns.host_veth_name(name),
             ip=placement.ip,
             prefix_len=self.config.subnet.prefixlen,
             gateway=self.config.gateway,
             mac=placement.mac,
         )
         await netns.create(network, self.config.bridge)
-        config = bundle.oci_config(
-            hostname=cmd.name,
-            args=cmd.args,
-            env=cmd.env,
-            netns_path=paths.netns,
-            cgroups_path=f"{self.config.cgroup_parent}/{cmd.name}",
-            memory_mib=cmd.memory_mib,
-            criu_config=bundle.ensure_criu_config(paths.criu_config),
-        )
-        bundle.write_config(paths.bundle, config)
+        self.write_config(name, placement.spec)
+        bundle.refuse_hooks(paths.bundle)
         await self.runc.run_detached(
-            cmd.name, paths.bundle, paths.root / "runc.log", timeout=START_TIMEOUT_S
+            name, paths.bundle, paths.root / "runc.log", timeout=START_TIMEOUT_S
         )
-        state = await self.runc.state(cmd.name)
+        state = await self.runc.state(name)
         if state is None or state.status != "running" or state.pid is None:
             status = state.status if state else "unknown to runc"
-            raise RuntimeFailure(f"container {cmd.name} did not stay running (it is {status})")
+            raise RuntimeFailure(f"container {name} did not stay running (it is {status})")
         return state.pid
 
     async def discard_local(self, name: str) -> None:

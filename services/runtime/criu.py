@@ -13,6 +13,7 @@ from services.errors import RuntimeFailure
 from services.runtime import paths
 from services.runtime.cmdlines import CRIU, STATUS_FD, criu_check, criu_lazy_pages, criu_page_server
 from services.runtime.proc import arun, host_env
+from services.tls import TlsFiles
 
 __all__ = ["CRIU", "STATUS_FD"]  # re-exported: callers name the binary as criu.CRIU
 
@@ -98,11 +99,13 @@ def _ready(status_file: Path) -> bool:
         return False
 
 
-async def start_page_server(images: Path, address: str, port: int) -> int:
+async def start_page_server(
+    images: Path, address: str, port: int, *, tls: TlsFiles | None = None
+) -> int:
     """Start a page server that takes one dump's pages, then exits (rc in page-server.rc)."""
     try:
         return await start_background(
-            criu_page_server(images, address, port), images, paths.PAGE_SERVER
+            criu_page_server(images, address, port, tls=tls), images, paths.PAGE_SERVER
         )
     except RuntimeFailure as exc:
         raise RuntimeFailure(
@@ -110,10 +113,13 @@ async def start_page_server(images: Path, address: str, port: int) -> int:
         ) from exc
 
 
-async def start_lazy_pages(images: Path, source: str, port: int) -> int:
+async def start_lazy_pages(
+    images: Path, source: str, port: int, *, tls: TlsFiles | None = None
+) -> int:
     """The destination's lazy-pages daemon: it serves the restored process's page faults
     from the source's page server and pulls the rest in the background, then exits 0."""
-    return await start_background(criu_lazy_pages(images, source, port), images, paths.LAZY_PAGES)
+    argv = criu_lazy_pages(images, source, port, tls=tls)
+    return await start_background(argv, images, paths.LAZY_PAGES)
 
 
 def background_pid(images: Path, tag: str) -> int | None:

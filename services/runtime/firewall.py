@@ -17,8 +17,11 @@ ensuring them is idempotent (the chain is rebuilt, the jump added once).
 
 from __future__ import annotations
 
+import ipaddress
+import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 
 from services.errors import RuntimeFailure
 
@@ -82,3 +85,68 @@ def fence_tenants(bridge: str, subnet: str) -> list[str]:
             _run(tool, "-I", "INPUT", "1", "-j", CHAIN)
         fenced.append(family)
     return fenced
+
+
+# -- CRIU's page servers: only the named peer ----------------------------------------------
+#
+# A CRIU page server takes the first connection that comes and ends with it: a stop-and-copy
+# page server that a stranger connects to first fails the dump, and a post-copy source's
+# that a stranger connects to and closes (TLS or not) ends its lazy serving. TLS cannot
+# help: the listening side checks only that the peer's certificate is of the CA. So each
+# port a page server listens on admits the one peer of its migration and drops the rest,
+# in a chain of its own (`FERRY-PEERS`, jumped to from INPUT). The host's own loopback is
+# left alone. Rules are tagged with the migration: forgotten when it ends here, and any
+# left for a port are replaced when a new page server takes that port.
+
+PEERS_CHAIN = "FERRY-PEERS"
+
+
+def _tag(migration_id: str) -> str:
+    return f"ferry-migration:{migration_id}"
+
+
+def peer_rules(port: int, peer: str, migration_id: str) -> list[list[str]]:
+    """Admit `peer` to `port`, drop everyone else (pure: tests read them)."""
+    match = ["-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", _tag(migration_id)]
+    # RETURN, not ACCEPT: the rest of INPUT (the tenants' fence) still judges the packet.
+    return [[*match, "-s", peer, "-j", "RETURN"], [*match, "-j", "DROP"]]
+
+
+def _peer_tool(peer: str) -> str:
+    family = "ipv6" if ipaddress.ip_address(peer).version == 6 else "ipv4"
+    tool = _tool(family)
+    if tool is None:
+        raise RuntimeFailure(f"no {'ip6tables' if family == 'ipv6' else 'iptables'} here")
+    return tool
+
+
+def _peers_chain(tool: str) -> None:
+    if _run(tool, "-n", "-L", PEERS_CHAIN, check=False).returncode != 0:
+        _run(tool, "-N", PEERS_CHAIN)
+        _run(tool, "-A", PEERS_CHAIN, "-i", "lo", "-j", "RETURN")
+    if _run(tool, "-C", "INPUT", "-j", PEERS_CHAIN, check=False).returncode != 0:
+        _run(tool, "-I", "INPUT", "1", "-j", PEERS_CHAIN)
+
+
+def _delete_where(tool: str, wanted: Callable[[str], bool]) -> None:
+    listing = _run(tool, "-S", PEERS_CHAIN, check=False).stdout.splitlines()
+    for line in listing:
+        if line.startswith(f"-A {PEERS_CHAIN} ") and wanted(line):
+            _run(tool, "-D", *shlex.split(line)[1:], check=False)
+
+
+def admit_only(port: int, peer: str, migration_id: str) -> None:
+    """From now on `port` takes connections from `peer` only (and this host's loopback)."""
+    tool = _peer_tool(peer)
+    _peers_chain(tool)
+    _delete_where(tool, lambda line: f"--dport {port} " in line)
+    for rule in peer_rules(port, peer, migration_id):
+        _run(tool, "-A", PEERS_CHAIN, *rule)
+
+
+def forget_peers(migration_id: str) -> None:
+    """Remove the migration's rules (harmless when there are none)."""
+    for family in ("ipv4", "ipv6"):
+        tool = _tool(family)
+        if tool is not None and _run(tool, "-n", "-L", PEERS_CHAIN, check=False).returncode == 0:
+            _delete_where(tool, lambda line: _tag(migration_id) in line)

@@ -4,6 +4,11 @@ Identical layers on every host and an overlay on top is what lets CRIU find file
 byte-identical after a move (only the upper dir has to travel). A host keeps each layer
 it has verified unpacked under its layers dir, `<digest>/`, beside `<digest>.json` (its
 tar's size and when it was unpacked).
+
+A layer is unpacked by GNU tar only after tarcheck read it as a container's root filesystem
+(any symlink target, overlay whiteouts; no member below a symlink, no other device, no
+fifo, hard links only to earlier members) of at most MAX_LAYER_BYTES. `pack_rootfs`
+refuses what hosts would refuse, so a bad tree fails when it is packed, not when it runs.
 """
 
 from __future__ import annotations
@@ -24,11 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.errors import InvalidInput, RuntimeFailure
+from services.runtime import tarcheck
 from services.runtime.proc import arun
+from services.runtime.tarcheck import Policy
 
 CHUNK = 1 << 20
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 LOCK_POLL_S = 0.1
+MAX_LAYER_BYTES = 16 << 30
+UNPACK_TIMEOUT_S = 1800.0  # GNU tar writing a layer of MAX_LAYER_BYTES, on a slow disk
+LAYER = Policy(
+    "layer",
+    container_links=True,
+    whiteouts=True,
+    fifos=False,  # an image is built, not run: nothing in it needs one
+    setid=True,  # su, ping: the container's own
+    top_links=True,  # lib -> usr/lib: the layer's root is the directory it is unpacked into
+    max_bytes=MAX_LAYER_BYTES,
+)
 
 
 @dataclass(frozen=True)
@@ -40,10 +58,11 @@ class HeldLayer:
     unpacked_at: float
 
 
-def pack_rootfs(rootfs: Path, out: Path) -> str:
+def pack_rootfs(rootfs: Path, out: Path, *, policy: Policy = LAYER) -> str:
     """Write `rootfs` as a tar with sorted entries, return the sha256 of the tar.
 
-    Entries are sorted and owner names dropped, so the same tree gives the same digest.
+    Entries are sorted and owner names dropped, so the same tree gives the same digest. A
+    tree that hosts would refuse to unpack (a device node, a fifo, too big) is refused here.
     """
     if not rootfs.is_dir():
         raise InvalidInput(f"{rootfs} is not a directory", field="--rootfs")
@@ -61,6 +80,7 @@ def pack_rootfs(rootfs: Path, out: Path) -> str:
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
         for path in entries(rootfs):
             tar.add(path, arcname=str(path.relative_to(rootfs)), recursive=False, filter=normalise)
+    tarcheck.check(out, policy)
     return file_digest(out)
 
 
@@ -72,19 +92,18 @@ def file_digest(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _safe_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    for member in tar:
-        parts = Path(member.name).parts
-        if member.name.startswith("/") or ".." in parts:
-            raise RuntimeFailure(f"layer holds an unsafe path: {member.name!r}")
-        yield member
-
-
-def unpack_layer(tar_path: Path, digest: str, layers_dir: Path) -> Path:
-    """Verify and unpack a layer tar into layers_dir/<digest>; atomic, idempotent."""
+def unpack_layer(tar_path: Path, digest: str, layers_dir: Path, *, policy: Policy = LAYER) -> Path:
+    """Verify, check and unpack a layer tar into layers_dir/<digest>; atomic, idempotent.
+    A layer that is not what its digest says may be fetched again (retryable); one that
+    breaks tarcheck's rules or `policy`'s caps is refused for good (UnsafeArchive)."""
     final = layers_dir / digest
     if final.is_dir():
         return final
+    size = tar_path.stat().st_size
+    if size > policy.max_bytes:
+        raise tarcheck.UnsafeArchive(
+            f"layer {digest[:12]} is {size} bytes, above the cap of {policy.max_bytes}"
+        )
     actual = file_digest(tar_path)
     if actual != digest:
         raise RuntimeFailure(
@@ -93,14 +112,12 @@ def unpack_layer(tar_path: Path, digest: str, layers_dir: Path) -> Path:
     staging = layers_dir / f".{digest}.unpacking"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    with tarfile.open(tar_path) as tar:
-        # The tar was packed by an operator's own CLI; ownership, modes and device
-        # nodes must come through unchanged, so only the paths are policed.
-        if hasattr(tarfile, "fully_trusted_filter"):  # Python >= 3.11.4 asks for a filter
-            tar.extractall(staging, members=_safe_members(tar), filter="fully_trusted")
-        else:
-            tar.extractall(staging, members=_safe_members(tar))
-    meta = {"size_bytes": tar_path.stat().st_size, "unpacked_at": time.time()}
+    try:
+        tarcheck.unpack(tar_path, staging, policy, timeout=UNPACK_TIMEOUT_S)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    meta = {"size_bytes": size, "unpacked_at": time.time()}
     meta_path = layers_dir / f"{digest}.json"
     meta_path.with_suffix(".json.tmp").write_text(json.dumps(meta))
     meta_path.with_suffix(".json.tmp").rename(meta_path)

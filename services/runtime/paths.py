@@ -130,6 +130,11 @@ class MigrationPaths:
         return self.root / "held"
 
     @property
+    def peer(self) -> Path:
+        """The one address this host's page servers for the migration admit (the source)."""
+        return self.root / "peer"
+
+    @property
     def page_server_port(self) -> Path:
         return self.root / PAGE_SERVER_PORT
 
@@ -140,7 +145,7 @@ class MigrationPaths:
 
     @property
     def incoming_bundle(self) -> Path:
-        """Images and config.json sent after the freeze."""
+        """Images sent after the freeze (never a config: the restore makes its own)."""
         return self.incoming / "bundle"
 
     @property

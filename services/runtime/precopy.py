@@ -24,6 +24,7 @@ from services.errors import RuntimeFailure
 from services.runtime import cmdlines
 from services.runtime.proc import arun
 from services.runtime.runc import Runc
+from services.tls import TlsFiles
 
 FEATURE = "mem_dirty_track"
 FEATURE_CHECK_TIMEOUT_S = 30.0
@@ -82,11 +83,19 @@ def final_dump_argv(
 
 
 def page_server_argv(
-    images: Path, address: str, port: int, *, status_fd: int | str, parent: str | None
+    images: Path,
+    address: str,
+    port: int,
+    *,
+    status_fd: int | str,
+    parent: str | None,
+    tls: TlsFiles | None = None,
 ) -> list[str]:
     """The destination's page server for one iteration (or the final dump), chained to
     `parent` (relative to `images`, e.g. "../it-2"), which must already exist."""
-    return cmdlines.criu_page_server(images, address, port, parent=parent, status_fd=status_fd)
+    return cmdlines.criu_page_server(
+        images, address, port, parent=parent, status_fd=status_fd, tls=tls
+    )
 
 
 async def mem_dirty_track_available() -> tuple[bool, str]:

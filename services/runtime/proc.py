@@ -92,10 +92,11 @@ def run(
     argv: Sequence[str],
     *,
     check: bool = True,
-    timeout: float = DEFAULT_TIMEOUT_S,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
     input_text: str | None = None,
 ) -> Completed:
-    """Run a command to completion; raise RuntimeFailure with its stderr when it fails."""
+    """Run a command to completion; raise RuntimeFailure with its stderr when it fails.
+    `timeout` None: the command keeps its own deadline (e.g. under coreutils' `timeout`)."""
     try:
         done = subprocess.run(
             list(argv),

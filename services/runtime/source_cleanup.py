@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 from services.config import HostConfig
-from services.runtime import criu
+from services.runtime import criu, firewall
 from services.runtime import paths as layout
 from services.runtime.containers import HostContainers
 from services.runtime.paths import MigrationPaths
@@ -30,6 +30,8 @@ class SourceCleanup:
         return (-1 if rc is None else rc), criu.pagemap_pages(images)
 
     async def clean_source(self, name: str, migration_id: str) -> None:
-        """The stopped source copy's netns, veth, mounts and files go."""
+        """The stopped source copy's netns, veth, mounts and files go, and the firewall's
+        rule for its page server."""
+        firewall.forget_peers(migration_id)
         await self.containers.discard_local(name)
         shutil.rmtree(self.paths(migration_id).root, ignore_errors=True)

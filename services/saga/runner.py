@@ -225,7 +225,12 @@ class SagaRunner:
             return None
         record, _ = found
         if not is_current(record, command):
-            # Already done (a redelivery after a crash): make sure what follows went out.
+            # Already done (a redelivery after a crash), or never the record's (a forged or
+            # stale command): nothing runs; make sure what follows went out.
+            log.info(
+                "%s of %s (attempt %d) is not the record's current step: nothing run",
+                command.step, record.id, command.attempt,
+            )  # fmt: skip
             await publish_decision(
                 self.js, Decision(record, pending_commands(record)), host=self.host
             )

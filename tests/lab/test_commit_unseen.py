@@ -16,7 +16,7 @@ from tests.support.cli import ferry
 from tests.support.lab_checks import placements, runc_names
 from tests.support.workload import query, wait_until_serving
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.long]  # ~3 min: in `make chaos`
 
 SILENT_S = "150"  # past the commit's three attempts, judged at timeout + grace each
 

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ ENV = {
     "FERRY_OWNER_ANSWER_TIMEOUT_S": "1",
 }
 SWEEP = re.compile(rb"collector sweep \d+")
+WAITING_FOR_TOPOLOGY = re.compile(rb"WARNING .*waiting: ")
 WALL_LIMIT_S = 120.0  # only a backstop: every wait is bounded in sweeps
 
 
@@ -69,10 +71,17 @@ class Sweeps:
         self.path = _log(lab, host)
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def count(self) -> int:
+    def _since(self) -> bytes:
         with self.path.open("rb") as f:
             f.seek(self.offset)
-            return len(SWEEP.findall(f.read()))
+            return f.read()
+
+    def count(self) -> int:
+        return len(SWEEP.findall(self._since()))
+
+    def waits_for_topology(self) -> bool:
+        """Whether the worker, restarted, now waits for the bus's topology to come back."""
+        return WAITING_FOR_TOPOLOGY.search(self._since()) is not None
 
 
 def within_sweeps(lab: str, host: str, sweeps: int, done: Callable[[], bool]) -> int:
@@ -86,6 +95,10 @@ def within_sweeps(lab: str, host: str, sweeps: int, done: Callable[[], bool]) ->
         assert seen <= sweeps, f"still not done after {seen} sweeps on {host}"
         assert time.monotonic() < deadline, f"only {seen} sweeps on {host} in {WALL_LIMIT_S}s"
         time.sleep(0.3)
+
+
+def swept_or_waiting(counter: Sweeps, sweeps: int) -> bool:
+    return counter.count() >= sweeps or counter.waits_for_topology()
 
 
 def wait_sweeps(lab: str, host: str, sweeps: int) -> None:
@@ -174,9 +187,13 @@ def test_the_collector_destroys_only_on_positive_evidence(lab: str, rootfs: Path
     # (a) The placement bucket deleted, containers running on both hosts: nothing goes.
     ips = {"a1": run(lab, "h1", "a1", rootfs), "a2": run(lab, "h2", "a2", rootfs)}
     tokens = {name: query(ip)["token"] for name, ip in ips.items()}
+    gone = {host: Sweeps(lab, host) for host in ("h1", "h2")}  # both counted from the loss
     on_bus(lab, lambda js: js.delete_key_value(subjects.PLACEMENT_BUCKET))
-    for host in ("h1", "h2"):
-        wait_sweeps(lab, host, 3)  # sweeps that find the bucket gone
+    for host, counter in gone.items():
+        # Sweeps that find the bucket gone, until the worker sees the topology missing twice
+        # (5 s apart) and exits to wait for a bootstrap: either way nothing may go.
+        within_sweeps(lab, host, 40, partial(swept_or_waiting, counter, 3))
+        assert counter.count() >= 1, f"{host}'s collector never swept with the bucket gone"
     recreate_topology(lab)  # empty: every container is unplaced now
     for host in ("h1", "h2"):
         wait_sweeps(lab, host, 5)

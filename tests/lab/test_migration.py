@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab.layout import LabLayout
+from deploy.lab.layout import HOST_STATE_MOUNT, LabLayout
+from schemas.v1.containers import ContainerSpec
+from services.runtime.bundle import oci_config
 from tests.support.bus import request_raw
 from tests.support.cli import ferry
 from tests.support.lab_checks import assert_nothing_left_on, placements, runc_names
@@ -18,6 +20,7 @@ from tests.support.workload import query, query_from_netns, wait_until_serving
 pytestmark = pytest.mark.lab
 
 BUFFER_MIB = 32
+ARGS = ("/bin/memapp", "7000", str(BUFFER_MIB))
 STEPS = [
     "preflight",
     "prepare_destination",
@@ -45,10 +48,28 @@ def mover(lab2: str, rootfs: Path) -> str:
     """A container with a random token, a tick counter and a buffer of known bytes."""
     run = ferry(
         lab2, "container", "run", "--host", "h1", "--name", "mover", "--rootfs", str(rootfs),
-        "--", "/bin/memapp", "7000", str(BUFFER_MIB),
+        "--", *ARGS,
     )  # fmt: skip
     assert run.code == 0, run.stderr
     return run.stdout.strip().splitlines()[-1]
+
+
+def assert_config_made_from_the_spec(lab: str, host: str) -> None:
+    """The container's config.json on `host` is what bundle.oci_config makes from its spec
+    and the host's own paths (not a file that came over the wire), and has no hooks."""
+    bundle = LabLayout(lab).state_dir(host) / "containers" / "mover" / "bundle"
+    config = json.loads((bundle / "config.json").read_text())
+    assert "hooks" not in config
+    netns = next(n["path"] for n in config["linux"]["namespaces"] if n["type"] == "network")
+    assert netns == f"{HOST_STATE_MOUNT}/netns/mover"  # as the host sees its own state dir
+    expected = oci_config(
+        ContainerSpec(layers=("0" * 64,), args=ARGS),  # layers make no part of the config
+        hostname="mover",
+        netns_path=Path(netns),
+        cgroups_path=config["linux"]["cgroupsPath"],
+        criu_config=Path(config["annotations"]["org.criu.config"]),
+    )
+    assert config == expected
 
 
 def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> None:
@@ -91,6 +112,7 @@ def test_a_container_moves_h1_h2_h1_with_its_memory(lab2: str, mover: str) -> No
         assert (placed["host"], placed["state"], placed["ip"]) == (destination, "running", ip)
         assert "mover" in runc_names(lab2, destination)
         assert_nothing_left_on(lab2, source, "mover")
+        assert_config_made_from_the_spec(lab2, destination)
 
         status = ferry(lab2, "status", record["id"], "--json", check=True).json()
         assert status["state"] == "completed" and status["id"] == record["id"]

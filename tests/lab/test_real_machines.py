@@ -122,14 +122,18 @@ def _machines(layout: LabLayout, spec: LabSpec, home: Path) -> dict[str, Machine
 
 def _hand_out(step_text: str, operator: Machine, fleet: dict[str, Machine]) -> None:
     """What the block's "Hand out:" line says, done as scp would."""
-    assert "auth.conf and routes.conf to every NATS machine" in step_text
-    assert "host-hN.creds to host hN only" in step_text
+    said = " ".join(step_text.replace("#", " ").split())
+    assert "auth.conf and routes.conf to every NATS machine" in said
+    assert "host-hN.creds to host hN only" in said
+    assert "nN.pem and nN.key to NATS machine nN only" in said
+    assert "hN.pem and hN.key to host hN only, ca.pem to every machine" in said
     issued = operator.home / "root" / "fleet"
     for name, machine in fleet.items():
+        own = [issued / f"{name}.pem", issued / f"{name}.key", issued / "ca.pem"]
         if name.startswith("n"):
-            machines.copy_out([issued / AUTH_FILE, issued / ROUTES_FILE], machine)
+            machines.copy_out([issued / AUTH_FILE, issued / ROUTES_FILE, *own], machine)
         elif name.startswith("h"):
-            machines.copy_out([issued / f"host-{name}.creds"], machine)
+            machines.copy_out([issued / f"host-{name}.creds", *own], machine)
 
 
 def _run_block(

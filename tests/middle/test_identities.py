@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import nats
 import pytest
@@ -20,11 +21,18 @@ from nats.js.api import ConsumerConfig
 
 from schemas import subjects
 from schemas.v1.containers import Placement
+from schemas.v1.transfers import TransferKeyRequest
 from services import bus, identities, topology
 from services.errors import Forbidden, Untrusted
 from services.identity_files import creds_path, write_identities
-from services.kvstores import KvPlacementStore
+from services.kvstores import KvMigrationStore, KvPlacementStore
+from services.runtime.paths import migration_dir
+from services.runtime.transfer import auth
+from services.transfer_keys import KeyHolder, KeyIssuer
 from tests.support.natsserver import NatsServer
+from tests.support.records import migration_record
+
+MIGRATION = "0011223344556677"
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "identities.md"
 WAIT_S = 0.5
@@ -71,6 +79,7 @@ def identity_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         identities.operator(),
         identities.host("h1"),
         identities.host("h2"),
+        identities.host("h3"),
         identities.requester("ci"),
     ]
     write_identities(creds, wanted)
@@ -324,7 +333,7 @@ async def test_a_host_cannot_take_a_placement_another_host_holds(fleet: Fleet) -
         moved = placement("db", host="h2", state="running")
         revision = await on_h2.claim(moved)
         locked = moved.model_copy(
-            update={"state": "migrating", "migration_id": "m1", "destination": "h1"}
+            update={"state": "migrating", "migration_id": MIGRATION, "destination": "h1"}
         )
         revision = await on_h2.update(locked, revision)
         committed = locked.model_copy(update={"host": "h1"})
@@ -346,3 +355,43 @@ def placement(name: str, *, host: str, state: str) -> Placement:
             "layers": ["a" * 64], "args": ["sleep", "60"], "state": state,
         }
     )  # fmt: skip
+
+
+async def test_only_the_source_of_a_migration_is_given_its_transfer_key(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """h2, the destination, answers for its migration from h1: h1 gets the key; h3, a host
+    with valid credentials, is refused by h2; a requester may not even ask. The answer goes
+    to the asker's own inbox, which no other identity may read."""
+    record = migration_record(MIGRATION, source="h1", destination="h2")
+    clients = {u: await fleet.client(u) for u in ("operator", "host-h1", "host-h2", "host-h3")}
+    requester = await fleet.client("requester-ci")
+    try:
+        kv = await clients["operator"].js.key_value(subjects.MIGRATIONS_BUCKET)
+        await kv.put(MIGRATION, record.to_bytes())
+        on_h2 = clients["host-h2"]
+        store = KvMigrationStore(await on_h2.js.key_value(subjects.MIGRATIONS_BUCKET))
+        issued = auth.issue(migration_dir(tmp_path / "h2", MIGRATION), MIGRATION, source="h1")
+        await KeyIssuer(on_h2.nc, store, tmp_path / "h2", "h2", identities=True).serve()
+
+        def holder(user: str) -> KeyHolder:
+            return KeyHolder(clients[user].nc, tmp_path / user, cast(Any, None), 0, None)
+
+        received = await holder("host-h1").grant("h2", MIGRATION)
+        assert (received.key, received.side, received.peer) == (issued.key, "received", "h2")
+        with pytest.raises(Forbidden, match="only h1, the source of migration"):
+            await holder("host-h3").grant("h2", MIGRATION)
+        assert auth.load(migration_dir(tmp_path / "host-h3", MIGRATION)) is None
+
+        asked = requester.nc.request(
+            subjects.host_request("h2", subjects.TRANSFER_KEY),
+            TransferKeyRequest(migration_id=MIGRATION).to_bytes(),
+            timeout=WAIT_S,
+        )
+        with contextlib.suppress(Exception):
+            await asked
+        await asyncio.sleep(0.2)
+        assert requester.refused("permissions violation")
+    finally:
+        for c in [*clients.values(), requester]:
+            await c.nc.close()

@@ -26,10 +26,12 @@ from services.destination.handlers import Destination
 from services.faults import FaultPlan
 from services.intake import Intake
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
+from services.link_handover import LinkGiver
 from services.saga.dispatch import Dispatcher
 from services.saga.runner import SagaRunner
 from services.source.handlers import Source
 from services.transfer.handlers import Transfer
+from services.transfer_keys import KeyHolder, KeyIssuer
 from tests.support import records
 from tests.support.fake_sides import (
     FakeDestinationSide,
@@ -96,19 +98,23 @@ async def fleet(
             "source": Source(
                 side=cast(Any, FakeSourceSide(host, journal)), containers=cast(Any, None),
                 placements=placements, peers=hosts, page_server_for=cast(Any, None),
-                transfer_port=7441,
+                keys=KeyHolder(nc, tmp_path / host, hosts, 7441, None),
+                links=LinkGiver(nc, KeyHolder(nc, tmp_path / host, hosts, 7441, None)),
             ),
             "transfer": Transfer(
-                files=cast(Any, FakeFileSync(host, journal)), peers=hosts, port=7441,
+                files=cast(Any, FakeFileSync(host, journal)),
+                keys=KeyHolder(nc, tmp_path / host, hosts, 7441, None),
                 faults=FaultPlan(tmp_path / host, allowed=False),
             ),
             "destination": Destination(
                 side=cast(Any, destinations[host]), containers=cast(Any, None),
-                placements=placements,
+                placements=placements, state_dir=tmp_path / host, peers=hosts,
             ),
             "cleanup": Cleanup(cleanup=cast(Any, FakeSourceCleanup(host, journal)),
                                containers=cast(Any, None)),
         }  # fmt: skip
+        # The real key exchange, on an anonymous bus: the record's check is all there is.
+        await KeyIssuer(nc, migrations, tmp_path / host, host, identities=False).serve()
         for role, handlers in roles.items():
             runner = SagaRunner(
                 js, host=host, role=role,  # type: ignore[arg-type]
@@ -234,7 +240,9 @@ async def test_a_command_the_record_gives_to_another_host_is_dropped_unrun(
     # The current step, for h1's destination worker — but the record gives it to h2.
     forged = StepCommand(migration_id=record.id, step="restore", attempt=1, host="h1",
                          role="destination")  # fmt: skip
-    await bus.publish_command(js, forged, {})
+    # (Under an id of its own: one equal to the real command's would make JetStream drop
+    # the real one as a duplicate — a delay the watchdog turns into a rollback, docs/trust.md.)
+    await bus.publish_command(js, forged, {}, msg_id=f"{forged.msg_id}.forged")
     # A command naming h2 delivered on h1's queue.
     await js.publish(subjects.command_subject("h1", "destination"),
                      forged.model_copy(update={"host": "h2"}).to_bytes(),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from services import certificates
 from services.config import HostConfig
 from services.credentials import BusCredentials, write_credentials
 
@@ -23,11 +24,14 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def host_files(tmp_path: Path) -> tuple[Path, Path]:
-    """The example config, pointing at a real credentials file (0600) in tmp_path."""
+    """The example config, pointing at a real credentials file (0600) and real TLS files
+    (`ferry certs`'s) in tmp_path."""
     creds = tmp_path / "h1.creds"
     write_credentials(creds, BusCredentials(user="h1", password="correct-horse-battery"))
+    certificates.issue(certificates.ensure_ca(tmp_path), tmp_path, "h1", ["10.0.0.11"])
     config = tmp_path / "agent.toml"
-    config.write_text(EXAMPLE.read_text().replace("/etc/ferry/h1.creds", str(creds)))
+    text = EXAMPLE.read_text().replace("/etc/ferry/h1.creds", str(creds))
+    config.write_text(text.replace("/etc/ferry/", f"{tmp_path}/"))
     return config, creds
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from schemas.v1.containers import ContainerSpec
 from services.runtime.bundle import oci_config
+
+SPEC = ContainerSpec(layers=("a" * 64,), args=("/bin/app", "7000"), env=("MODE=test",))
 
 
 def _config(memory_mib: int | None = 64) -> dict[str, object]:
     return oci_config(
+        SPEC.model_copy(update={"memory_mib": memory_mib}),
         hostname="web",
-        args=["/bin/app", "7000"],
-        env=["MODE=test"],
         netns_path=Path("/var/lib/ferry/netns/web"),
         cgroups_path="/ferry-lab/h1/web",
-        memory_mib=memory_mib,
     )
 
 

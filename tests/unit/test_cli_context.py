@@ -317,7 +317,9 @@ def test_a_chosen_context_keeps_lab_up_off_the_default(
         return spec
 
     monkeypatch.setattr(lab_module, "up", fake_up)
-    args = argparse.Namespace(hosts=2, allow_faults=False, segments=1, subnet=None, context=None)
+    args = argparse.Namespace(
+        hosts=2, allow_faults=False, plain_transfers=False, segments=1, subnet=None, context=None
+    )
     commands.lab_up(args)
     assert seen["select_default"] is True
     monkeypatch.setenv("FERRY_CONTEXT", "prod")

@@ -58,7 +58,8 @@ def test_the_shipped_example_is_a_valid_config() -> None:
         "nats://10.9.0.3:4222",
     )
     assert config.nats_creds == Path("/etc/ferry/h1.creds")
-    assert config.nats_ca is None
+    assert config.nats_ca == Path("/etc/ferry/ca.pem")
+    assert config.tls is not None and config.tls.cert == Path("/etc/ferry/h1.pem")
     assert config.subnet == ipaddress.IPv4Network("10.1.0.0/24")
     assert (config.gateway, config.ip_pool, config.bridge) == ("10.1.0.1", (100, 250), "br0")
     assert config.labels == {"disk": "ssd"}

@@ -213,7 +213,7 @@ def test_the_placement_moves_back_once_and_only_from_this_migrations_destination
     assert placement_back(unlocked, record) is not None
     for foreign in (
         placement(host="h3", migration_id=record.id),
-        placement(host="h2", migration_id="other"),
+        placement(host="h2", migration_id="ffffffffffffffff"),
     ):
         with pytest.raises(ValueError, match="not migration"):
             placement_back(foreign, record)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.firewall import rules
+from services.runtime.firewall import peer_rules, rules
 
 
 def test_the_bridge_lets_in_only_replies() -> None:
@@ -22,3 +22,10 @@ def test_ipv6_keeps_neighbour_discovery_and_drops_the_rest() -> None:
     kinds = [r[r.index("--icmpv6-type") + 1] for r in fence if "--icmpv6-type" in r]
     assert kinds == ["neighbour-solicitation", "neighbour-advertisement"]
     assert fence[-1] == ["-i", "br0", "-j", "DROP"]
+
+
+def test_a_page_server_admits_its_peer_and_drops_everyone_else() -> None:
+    admit, drop = peer_rules(40001, "10.9.0.11", "0123456789abcdef")
+    tag = ["-m", "comment", "--comment", "ferry-migration:0123456789abcdef"]
+    assert admit == ["-p", "tcp", "--dport", "40001", *tag, "-s", "10.9.0.11", "-j", "RETURN"]
+    assert drop == ["-p", "tcp", "--dport", "40001", *tag, "-j", "DROP"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from services import identities
+from services import certificates, identities
 from services.identity_files import write_identities
 
 REPO = Path(__file__).parents[2]
@@ -158,8 +158,11 @@ def test_the_shipped_nats_conf_is_valid_and_its_lame_duck_fits_the_stop_timeout(
     etc = tmp_path / "etc"
     write_identities(etc, [identities.operator(), identities.host("h1")], ["10.9.0.2"])
     shutil.copyfile(example, etc / "nats.conf")
+    ca = certificates.ensure_ca(etc)
+    node = certificates.issue(ca, etc, "n1", ["127.0.0.1"])
     env = {"FERRY_NATS_NAME": "n1", "FERRY_NATS_HOST": "127.0.0.1",
-           "FERRY_NATS_STORE": str(tmp_path / "store")}  # fmt: skip
+           "FERRY_NATS_STORE": str(tmp_path / "store"), "FERRY_NATS_TLS_CERT": str(node.cert),
+           "FERRY_NATS_TLS_KEY": str(node.key), "FERRY_NATS_TLS_CA": str(ca.cert)}  # fmt: skip
     done = subprocess.run(
         [str(VENV_BIN / "nats-server"), "-c", str(etc / "nats.conf"), "-t"],
         capture_output=True,

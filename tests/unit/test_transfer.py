@@ -27,8 +27,12 @@ from services.runtime.transfer import (
     RACY_NS,
     ZSTD,
     Entry,
+    Link,
     Member,
+    TlsFiles,
+    TransferGrant,
     TransferServer,
+    auth,
     plan_delta,
     pull,
     push,
@@ -44,21 +48,33 @@ SIZE = 12 << 20
 Seen = list[tuple[float, int]]  # (monotonic time, bytes) of each read
 
 
+SOURCE, DESTINATION = "h-src", "h-dst"
+
+
 @dataclass(frozen=True)
 class Peer:
-    """A running transfer server and the state dir it serves."""
+    """A running transfer server (the destination) and the state dir it serves."""
 
     state_dir: Path
     port: int
+    tls: TlsFiles | None = None  # the source's files, when the server speaks TLS
 
     def incoming(self, migration_id: str, name: str) -> Path:
         return migration_dir(self.state_dir, migration_id) / "incoming" / name
 
-    def prepared(self) -> str:
-        """A new migration this host has prepared for (it takes files only for those)."""
+    def prepared(self, source: str = SOURCE) -> str:
+        """A new migration this host has prepared for `source` (it takes files only for
+        those, and only from it)."""
         migration_id = new_id()
-        migration_dir(self.state_dir, migration_id).mkdir(parents=True)
+        auth.issue(migration_dir(self.state_dir, migration_id), migration_id, source=source)
         return migration_id
+
+    def link(self, migration_id: str, port: int | None = None) -> Link:
+        """How the migration's source reaches this server (through a relay's `port`)."""
+        held = auth.load(migration_dir(self.state_dir, migration_id))
+        key = held.key if held is not None else "0" * 64  # not prepared: any key will do
+        grant = TransferGrant(migration_id=migration_id, key=key, side="received", peer="h-dst")
+        return Link(LOOPBACK, port or self.port, DESTINATION, grant, self.tls)
 
 
 class Relay:
@@ -168,8 +184,7 @@ async def test_a_limited_push_keeps_to_the_limit_over_every_window(
 
     mid = peer.prepared()
     sent = await push(
-        LOOPBACK,
-        relay.port,
+        peer.link(mid, relay.port),
         mid,
         "bundle",
         [Member(src, "blob")],
@@ -197,7 +212,7 @@ async def test_a_limited_push_keeps_to_the_limit_over_every_window(
 
     relay.up.clear()
     fast = await push(
-        LOOPBACK, relay.port, mid, "bundle", [Member(src, "blob")], tmp_path / "scratch"
+        peer.link(mid, relay.port), mid, "bundle", [Member(src, "blob")], tmp_path / "scratch"
     )
     unlimited = list(relay.up)
     print(
@@ -221,8 +236,7 @@ async def test_a_limited_pull_is_paced_by_the_server(
         calls.append((done, total))
 
     got = await pull(
-        LOOPBACK,
-        relay.port,
+        peer.link(mid, relay.port),
         mid,
         "pages",
         tmp_path / "back",
@@ -247,8 +261,7 @@ async def test_a_compressed_push_arrives_identical_and_smaller_on_the_wire(
     (src / "log.txt").write_bytes(text)
     mid = peer.prepared()
     sent = await push(
-        LOOPBACK,
-        relay.port,
+        peer.link(mid, relay.port),
         mid,
         "bundle",
         [Member(src, "log.txt")],
@@ -276,15 +289,15 @@ async def test_without_zstd_compression_falls_back_to_gzip(
     (src / "data").write_bytes(text)
     mid = peer.prepared()
     sent = await push(
-        LOOPBACK, peer.port, mid, "bundle", [Member(src, "data")], tmp_path / "s", compress=True
+        peer.link(mid), mid, "bundle", [Member(src, "data")], tmp_path / "s", compress=True
     )
     assert sent.encoding == GZIP and sent.bytes < sent.raw_bytes / 50
     assert (peer.incoming(mid, "bundle") / "data").read_bytes() == text
     with pytest.raises(RuntimeFailure, match="corrupted"):
+        other = peer.prepared()
         await push(
-            LOOPBACK,
-            peer.port,
-            peer.prepared(),
+            peer.link(other),
+            other,
             "bundle",
             [Member(src, "data")],
             tmp_path / "s",
@@ -299,9 +312,7 @@ async def test_a_compressed_pull_arrives_identical(tmp_path: Path, peer: Peer) -
     images.mkdir(parents=True)
     pages = bytes(4096) * 512 + os.urandom(4096)
     (images / "pages-1.img").write_bytes(pages)
-    got = await pull(
-        LOOPBACK, peer.port, mid, "pages", tmp_path / "back", tmp_path / "s", compress=True
-    )
+    got = await pull(peer.link(mid), mid, "pages", tmp_path / "back", tmp_path / "s", compress=True)
     assert got.encoding in (ZSTD, GZIP) and got.bytes < got.raw_bytes / 10
     assert (tmp_path / "back" / "pages-1.img").read_bytes() == pages
 
@@ -409,7 +420,7 @@ async def test_presync_then_delta_leaves_an_equal_tree_and_sends_only_changes(
     base, mid, scratch = tmp_path / "src", peer.prepared(), tmp_path / "scratch"
     upper = upper_dir(base)
     await asyncio.sleep(RACY_NS / 1e9 + 0.1)  # no entry is racy: the count below is exact
-    sent, since = await push_presync(LOOPBACK, peer.port, mid, base, "upper", scratch)
+    sent, since = await push_presync(peer.link(mid), mid, base, "upper", scratch)
     there = peer.incoming(mid, "presync") / "upper"
     assert sent.entries == len(since) == 16
     assert snapshot(there) == snapshot(upper)
@@ -418,7 +429,7 @@ async def test_presync_then_delta_leaves_an_equal_tree_and_sends_only_changes(
     change(upper)
     since_json = json.loads(json.dumps(since))  # as a worker would keep it between steps
     relay.sent.clear()
-    delta = await push_delta(LOOPBACK, relay.port, mid, base, "upper", since_json, scratch)
+    delta = await push_delta(peer.link(mid, relay.port), mid, base, "upper", since_json, scratch)
     assert snapshot(there) == snapshot(upper)
     assert (delta.entries, delta.deleted) == (len(CHANGED), 1)
     assert plan_delta(since, {}).deleted == len(since)
@@ -427,7 +438,7 @@ async def test_presync_then_delta_leaves_an_equal_tree_and_sends_only_changes(
 
     assert await replay(peer.port, bytes(relay.sent)) == {"ok": True}  # the same bytes again
     assert snapshot(there) == snapshot(upper)
-    again = await push_delta(LOOPBACK, peer.port, mid, base, "upper", since, scratch)
+    again = await push_delta(peer.link(mid), mid, base, "upper", since, scratch)
     assert (again.entries, again.deleted) == (delta.entries, 1)
     assert snapshot(there) == snapshot(upper)
 
@@ -438,14 +449,13 @@ async def test_a_corrupted_delta_is_refused_and_a_clean_one_then_lands(
 ) -> None:
     base, mid, scratch = tmp_path / "src", peer.prepared(), tmp_path / "scratch"
     upper = upper_dir(base)
-    _, since = await push_presync(LOOPBACK, peer.port, mid, base, "upper", scratch)
+    _, since = await push_presync(peer.link(mid), mid, base, "upper", scratch)
     there = peer.incoming(mid, "presync") / "upper"
     before = snapshot(there)
     change(upper)
     with pytest.raises(RuntimeFailure, match="corrupted"):
         await push_delta(
-            LOOPBACK,
-            peer.port,
+            peer.link(mid),
             mid,
             base,
             "upper",
@@ -456,8 +466,7 @@ async def test_a_corrupted_delta_is_refused_and_a_clean_one_then_lands(
         )
     assert snapshot(there) == before
     sent = await push_delta(
-        LOOPBACK,
-        peer.port,
+        peer.link(mid),
         mid,
         base,
         "upper",
@@ -475,7 +484,8 @@ async def test_a_delta_without_its_presync_is_refused(tmp_path: Path, peer: Peer
     base = tmp_path / "src"
     upper = upper_dir(base)
     with pytest.raises(RuntimeFailure, match="no presync"):
-        await push_delta(LOOPBACK, peer.port, peer.prepared(), base, "upper", {}, tmp_path / "s")
+        alone = peer.prepared()
+        await push_delta(peer.link(alone), alone, base, "upper", {}, tmp_path / "s")
     assert upper.is_dir()
 
 
@@ -497,5 +507,5 @@ async def test_a_push_for_a_migration_this_host_has_not_prepared_is_refused(
     (src / "data").write_bytes(b"late")
     late = new_id()
     with pytest.raises(RuntimeFailure, match="not prepared on this host"):
-        await push(LOOPBACK, peer.port, late, "bundle", [Member(src, "data")], tmp_path / "s")
+        await push(peer.link(late), late, "bundle", [Member(src, "data")], tmp_path / "s")
     assert not migration_dir(peer.state_dir, late).exists()

@@ -1,12 +1,15 @@
-"""Moving files between hosts over plain TCP, sha256-checked end to end. A sender can pace
+"""Moving files between hosts over TCP (mutual TLS where hosts have certificates), each
+transfer signed with its migration's key and sha256-checked end to end. A sender can pace
 itself, compress, and report progress; an overlay upper dir can travel twice, whole while
 the container still runs ("presync"), then, after the freeze, only what changed since
 ("delta"), applied over the presync copy. The layers, lowest first: `codec` (wire
 encodings, digests), `manifest` (tar members, manifests, delta plans), `wire` (the
-protocol and its pacing), then `client` (push, pull) and `server` (TransferServer). This
-module re-exports what the rest of Ferry uses.
+protocol and its pacing), `auth` (who may transfer: the migration's key, mutual TLS), then
+`client` (push, pull) and `server` (TransferServer). This module re-exports what the rest
+of Ferry uses.
 """
 
+from services.runtime.transfer.auth import Link, TlsFiles, TransferGrant
 from services.runtime.transfer.client import Sent, pull, push, push_delta, push_presync
 from services.runtime.transfer.codec import GZIP, ZSTD
 from services.runtime.transfer.manifest import RACY_NS, Entry, Member, plan_delta
@@ -19,9 +22,12 @@ __all__ = [
     "RACY_NS",
     "ZSTD",
     "Entry",
+    "Link",
     "Member",
     "Progress",
     "Sent",
+    "TlsFiles",
+    "TransferGrant",
     "TransferServer",
     "plan_delta",
     "pull",

@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from services.errors import InvalidInput, RuntimeFailure
+from services.errors import FerryError, Forbidden, InvalidInput, RuntimeFailure
 from services.retrying import transient
 from services.runtime.proc import arun
-from services.runtime.transfer.codec import IDENTITY, IO_TIMEOUT_S, _encode, _sha256
+from services.runtime.transfer.auth import AUTH_FIELD, Link, sign, verify
+from services.runtime.transfer.codec import IDENTITY, IO_TIMEOUT_S, _encode, _sha256, check_sizes
 from services.runtime.transfer.manifest import (
     DELTA_INDEX,
+    PAGES,
     TAR_FLAGS,
     DeltaIndex,
     Manifest,
@@ -56,8 +58,7 @@ class Sent:
 
 
 async def _deliver(
-    address: str,
-    port: int,
+    link: Link,
     migration_id: str,
     name: str,
     tar_path: Path,
@@ -79,17 +80,18 @@ async def _deliver(
             f.seek(size // 2)
             f.write(b"\xff\x00\xff\x00")
     started = loop.time()
-    reader, writer = await _connect(address, port)
+    reader, writer = await _connect(link)
     try:
         header: dict[str, object] = {"op": "push", "migration_id": migration_id, "name": name}
         header |= {"size": size, "sha256": sha256, "encoding": encoding, "raw_size": raw_size}
+        header = sign(link.grant.secret, header)
         writer.write(json.dumps(header).encode() + b"\n")
         await _send_file(writer, wire, limit_bps=limit_bps, on_progress=on_progress)
         reply = await _header(reader)
     finally:
         await _close(writer)
     if not reply.get("ok"):
-        raise RuntimeFailure(f"peer refused the transfer: {reply.get('error')}", retryable=True)
+        raise _refusal(reply, f"peer refused the transfer of {name}")
     return Sent(
         bytes=size,
         sha256=sha256,
@@ -99,10 +101,18 @@ async def _deliver(
     )
 
 
+def _refusal(reply: dict[str, object], what: str) -> FerryError:
+    """The peer's refusal, typed: one on who we are is final, any other may pass."""
+    if reply.get("kind") == Forbidden.kind:
+        return Forbidden(f"{what}: {reply.get('error')}")
+    if reply.get("kind") == InvalidInput.kind:  # what we sent is refused: again is no better
+        return InvalidInput(f"{what}: {reply.get('error')}")
+    return RuntimeFailure(f"{what}: {reply.get('error')}", retryable=True)
+
+
 @transient
 async def push(
-    address: str,
-    port: int,
+    link: Link,
     migration_id: str,
     name: str,
     members: Sequence[Member],
@@ -127,8 +137,7 @@ async def push(
         tar_path = Path(tmp) / f"{name}.tar"
         digest = await pack(members, tar_path, live=name == "presync")
         return await _deliver(
-            address,
-            port,
+            link,
             migration_id,
             name,
             tar_path,
@@ -141,8 +150,7 @@ async def push(
 
 
 async def push_presync(
-    address: str,
-    port: int,
+    link: Link,
     migration_id: str,
     base: Path,
     dirname: str,
@@ -159,8 +167,7 @@ async def push_presync(
     _check_dirname(dirname)
     since = await asyncio.to_thread(manifest, base / dirname)
     sent = await push(
-        address,
-        port,
+        link,
         migration_id,
         "presync",
         [Member(base, dirname)],
@@ -175,8 +182,7 @@ async def push_presync(
 
 @transient
 async def push_delta(
-    address: str,
-    port: int,
+    link: Link,
     migration_id: str,
     base: Path,
     dirname: str,
@@ -220,8 +226,7 @@ async def push_delta(
         await arun(argv, timeout=IO_TIMEOUT_S)
         digest = tar_path.stat().st_size, await asyncio.to_thread(_sha256, tar_path)
         sent = await _deliver(
-            address,
-            port,
+            link,
             migration_id,
             "delta",
             tar_path,
@@ -236,8 +241,7 @@ async def push_delta(
 
 @transient
 async def pull(
-    address: str,
-    port: int,
+    link: Link,
     migration_id: str,
     name: str,
     into: Path,
@@ -255,20 +259,23 @@ async def pull(
     loop = asyncio.get_running_loop()
     scratch.mkdir(parents=True, exist_ok=True)
     started = loop.time()
-    reader, writer = await _connect(address, port)
+    reader, writer = await _connect(link)
     try:
         request: dict[str, object] = {"op": "pull", "migration_id": migration_id, "name": name}
         request |= {"limit_bps": limit_bps, "compress": compress}
+        request = sign(link.grant.secret, request)
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
         header = await _header(reader)
         if not header.get("ok"):
-            raise RuntimeFailure(f"peer cannot send {name}: {header.get('error')}")
-        size, sha256 = int(str(header["size"])), str(header["sha256"])
+            raise _refusal(header, f"peer cannot send {name}")
+        # The answer is signed too: pages are taken only from the host that holds the key.
+        verify(link.grant.secret, {**header, "request": request[AUTH_FIELD]}, what="the reply")
+        size, sha256 = check_sizes(header.get("size"))[0], str(header["sha256"])
         with tempfile.TemporaryDirectory(dir=scratch) as tmp:
             tar_path = await _receive_payload(reader, header, Path(tmp), on_progress)
             raw_size = tar_path.stat().st_size
-            await unpack(tar_path, into)
+            await unpack(tar_path, into, policy=PAGES)
     finally:
         await _close(writer)
     return Sent(

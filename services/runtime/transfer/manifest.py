@@ -4,6 +4,11 @@ devices, opaque-dir xattrs, hard links, sparse files), a manifest describes a di
 lstat alone, a delta plan says what turns the copy a presync left into the dir as it is
 now, and the receiver prepares that copy (removals, stale xattrs) before the delta's tar
 is unpacked over it, never following a symlink out of it. It knows nothing of the wire.
+
+Every tar that arrives is checked before GNU tar unpacks it (services/runtime/tarcheck.py):
+an upper dir and its deltas as a container's root filesystem (whiteouts, fifos and any
+symlink target are the container's), a bundle or page files as Ferry's own files (no
+device, no fifo, no setuid, symlinks only inside), and neither may write below a symlink.
 """
 
 from __future__ import annotations
@@ -17,23 +22,46 @@ import stat
 import tarfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.errors import InvalidInput, RuntimeFailure
+from services.runtime import tarcheck
 from services.runtime.proc import arun
-from services.runtime.transfer.codec import IO_TIMEOUT_S, _sha256
+from services.runtime.tarcheck import TAR_FLAGS as TAR_FLAGS  # the client's and server's too
+from services.runtime.tarcheck import Checked, Policy
+from services.runtime.transfer.codec import IO_TIMEOUT_S, MAX_TRANSFER_BYTES, _sha256
 
-TAR_FLAGS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--sparse"]
+UPPER = Policy(
+    "upper dir",
+    container_links=True,
+    whiteouts=True,
+    fifos=True,  # a running container makes them, and the manifest carries them
+    setid=True,
+    top_links=False,  # upper/ itself becomes an overlay's upperdir
+    max_bytes=MAX_TRANSFER_BYTES,
+)
+UPPER_DELTA = replace(UPPER, what="delta")
+FILES = Policy(  # a bundle (CRIU's images, config.json) or page files: Ferry's own
+    "bundle",
+    container_links=False,
+    whiteouts=False,
+    fifos=False,
+    setid=False,
+    top_links=False,
+    max_bytes=MAX_TRANSFER_BYTES,
+)
+PAGES = replace(FILES, what="page files")  # what a pull brings back
 
 # A stat taken within this long of a change may not see a later change of the same size:
 # the file's timestamps tick coarsely (a jiffy; a second on some filesystems). Such entries
 # are marked racy in the presync manifest and always sent again in the delta.
 RACY_NS = 1_000_000_000
 DELTA_INDEX = ".ferry-delta.json"  # the delta's first tar member, beside <dirname>/
+MAX_INDEX_BYTES = 256 << 20  # its removals and dirs, as JSON: far more than a million paths
 DIRNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -139,9 +167,15 @@ async def pack(members: Sequence[Member], out: Path, *, live: bool = False) -> t
     return out.stat().st_size, await asyncio.to_thread(_sha256, out)
 
 
-async def unpack(tar_path: Path, into: Path) -> None:
+async def unpack(tar_path: Path, into: Path, *, policy: Policy = UPPER) -> Checked:
+    """Check `tar_path` against `policy` (UPPER: an upper dir, a presync; FILES: a bundle;
+    PAGES: page files) and what `into` already holds, then unpack it there; refused whole
+    (tarcheck.UnsafeArchive) before anything is written."""
+    checked = await asyncio.to_thread(tarcheck.check, tar_path, policy)
     into.mkdir(parents=True, exist_ok=True)
-    await arun(["tar", *TAR_FLAGS, "-xpf", str(tar_path), "-C", str(into)], timeout=IO_TIMEOUT_S)
+    await asyncio.to_thread(tarcheck.check_on_disk, into, checked, policy.what)
+    await arun(tarcheck.extract_argv(tar_path, into), timeout=IO_TIMEOUT_S)
+    return checked
 
 
 def _entry(path: str, st: os.stat_result, racy_after_ns: int) -> Entry | None:
@@ -246,9 +280,19 @@ def _inside(root: Path, rel: str) -> Path | None:
     return path / rel.split("/")[-1]
 
 
-def _prepare_delta(root: Path, index: DeltaIndex) -> None:
+class CheckedDelta(DeltaIndex):
+    """A delta's index, read from a tar that passed tarcheck: plus what that tar writes."""
+
+    checked: Checked = Field(exclude=True)
+
+
+def _prepare_delta(root: Path, index: CheckedDelta) -> None:
     """Remove what is gone or changed type, and drop the xattrs of the directories about
-    to be unpacked over (tar adds xattrs to an existing directory but never removes any)."""
+    to be unpacked over (tar adds xattrs to an existing directory but never removes any).
+    First, the delta is refused, the copy untouched, if a directory it writes into without
+    holding it is reached through a symlink in the copy that is not among the removals."""
+    removed = {f"{index.dirname}/{rel}" for rel in index.remove}
+    tarcheck.check_on_disk(root.parent, index.checked, UPPER_DELTA.what, removed=removed)
     for rel in index.remove:
         path = _inside(root, rel)
         if path is None:
@@ -270,14 +314,25 @@ def _prepare_delta(root: Path, index: DeltaIndex) -> None:
                     raise
 
 
-def _read_index(tar_path: Path) -> DeltaIndex:
+def _read_index(tar_path: Path) -> CheckedDelta:
+    """The delta's index, once its whole tar passed tarcheck as an upper dir's, holding
+    nothing but the index and members under the one dir it names."""
+    checked = tarcheck.check(tar_path, UPPER_DELTA)
     try:
         with tarfile.open(tar_path, "r:") as tar:
             first = tar.next()
             if first is None or first.name != DELTA_INDEX or not first.isfile():
                 raise InvalidInput(f"a delta must start with {DELTA_INDEX}")
+            if first.size > MAX_INDEX_BYTES:
+                raise InvalidInput(f"a {first.size}-byte delta index (at most {MAX_INDEX_BYTES})")
             data = tar.extractfile(first)
             assert data is not None
-            return DeltaIndex.model_validate_json(data.read())
+            index = DeltaIndex.model_validate_json(data.read())
     except (tarfile.TarError, ValidationError) as exc:
         raise InvalidInput(f"malformed delta: {exc}") from exc
+    strays = checked.tops - {DELTA_INDEX, index.dirname}
+    if strays:
+        raise tarcheck.UnsafeArchive(
+            f"delta: members outside {index.dirname}/ ({', '.join(sorted(strays)[:3])})"
+        )
+    return CheckedDelta(**index.model_dump(), checked=checked)

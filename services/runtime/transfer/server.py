@@ -1,7 +1,9 @@
 """The receiving side of a transfer, served by each host's transfer worker: it takes
-pushes only into migrations this host has prepared, unpacks each beside its final place
-and swaps it in (or applies a delta over the presync copy), one writer per migration at a
-time, and serves a migration's page files back to a puller, paced and compressed as asked.
+pushes only into migrations this host has prepared, from the source each names, signed
+with the migration's key (over mutual TLS where the host has certificates). It unpacks
+each push beside its final place and swaps it in (or applies a delta over the presync
+copy), one writer per migration at a time, and serves a migration's page files back to
+its source, paced and compressed as asked.
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from services.errors import InvalidInput, RuntimeFailure
+from services.errors import FerryError, InvalidInput, RuntimeFailure, Unavailable
 from services.runtime.paths import MigrationPaths
 from services.runtime.proc import arun
+from services.runtime.transfer import auth
+from services.runtime.transfer.auth import (
+    AUTH_FIELD,
+    TlsFiles,
+    TransferGrant,
+    check_peer,
+    sign,
+    verify,
+)
 from services.runtime.transfer.codec import IDENTITY, IO_TIMEOUT_S, _encode
 from services.runtime.transfer.manifest import (
+    FILES,
     TAR_FLAGS,
+    UPPER,
     DeltaIndex,
     Member,
     _prepare_delta,
@@ -39,18 +52,47 @@ from services.runtime.transfer.wire import (
 # The package's logger, as before the split into modules: log filters keep matching.
 log = logging.getLogger(__package__)
 
+# A peer that connects must say what it wants quickly; transfers at once are bounded, so a
+# flood of connections cannot exhaust the host (each one may hold a file being written).
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 32
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    address = writer.get_extra_info("peername")
+    return f"{address[0]}:{address[1]}" if address else "an unknown peer"
+
 
 class TransferServer:
-    """Serves pushes into, and pulls out of, this host's migration directories.
-    `limit_bps` caps what it sends back, whatever a puller asks for."""
+    """Serves pushes into, and pulls out of, this host's migration directories, to the
+    source each migration names only (services/runtime/transfer/auth.py). `limit_bps` caps
+    what it sends back, whatever a puller asks for; `tls` makes the port mutual TLS."""
 
-    def __init__(self, state_dir: Path, *, limit_bps: int | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        limit_bps: int | None = None,
+        tls: TlsFiles | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.state_dir = state_dir
         self.limit_bps = _check_limit(limit_bps)
+        self.tls = tls
+        self.max_connections = max_connections
+        self._open = 0
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     async def serve(self, address: str, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self._handle, address, port, reuse_address=True)
+        ssl_context = self.tls.server_context() if self.tls is not None else None
+        return await asyncio.start_server(
+            self._handle,
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            ssl_handshake_timeout=HEADER_TIMEOUT_S if ssl_context else None,
+        )
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """One writer at a time into a migration's incoming dir (a delta edits in place)."""
@@ -61,11 +103,16 @@ class TransferServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         header_text = "no header"
+        self._open += 1
         try:
-            header = await _header(reader)
+            if self._open > self.max_connections:
+                raise Unavailable(f"busy: {self.max_connections} transfers at once already")
+            header = await asyncio.wait_for(_header(reader), HEADER_TIMEOUT_S)
             header_text = f"migration {header.get('migration_id')} {header.get('name')}"
             migration_id, name = str(header.get("migration_id")), str(header.get("name"))
             _check(migration_id, name)
+            grant = self._grant(migration_id, writer)
+            verify(grant.secret, header, what=f"a request for {name} of {migration_id}")
             if header.get("op") == "push":
                 await self._receive(reader, writer, header, migration_id, name)
             elif header.get("op") == "pull":
@@ -73,7 +120,8 @@ class TransferServer:
                 limits = [x for x in (asked, self.limit_bps) if x is not None]
                 await self._send(
                     writer,
-                    migration_id,
+                    grant,
+                    str(header[AUTH_FIELD]),
                     name,
                     limit_bps=min(limits, default=None),
                     compress=header.get("compress") is True,
@@ -81,12 +129,32 @@ class TransferServer:
             else:
                 raise InvalidInput(f"unknown op {header.get('op')!r}")
         except Exception as exc:
-            log.warning("transfer request failed: %s (%s)", exc, header_text)
+            log.warning(
+                "transfer request failed: %s (%s, from %s)", exc, header_text, _peer(writer)
+            )
+            kind = exc.kind if isinstance(exc, FerryError) else "failed"
             with contextlib.suppress(Exception):
-                writer.write(json.dumps({"ok": False, "error": str(exc)}).encode() + b"\n")
+                refusal = {"ok": False, "error": str(exc), "kind": kind}
+                writer.write(json.dumps(refusal).encode() + b"\n")
                 await writer.drain()
         finally:
+            self._open -= 1
             writer.close()
+
+    def _grant(self, migration_id: str, writer: asyncio.StreamWriter) -> TransferGrant:
+        """The key this host issued for the migration, if the peer is its source."""
+        grant = auth.load(MigrationPaths.of(self.state_dir, migration_id).root)
+        if grant is None or grant.side != "issued":
+            raise RuntimeFailure(
+                f"migration {migration_id} is not prepared on this host (or was discarded)"
+            )
+        if self.tls is not None:
+            check_peer(
+                writer.get_extra_info("peercert"),
+                grant.peer,
+                what=f"only {grant.peer} may transfer for migration {migration_id}",
+            )
+        return grant
 
     async def _receive(
         self,
@@ -117,7 +185,7 @@ class TransferServer:
                     final = incoming / name
                     partial = incoming / f".{name}.partial"
                     shutil.rmtree(partial, ignore_errors=True)
-                    await unpack(tar_path, partial)
+                    await unpack(tar_path, partial, policy=FILES if name == "bundle" else UPPER)
                     shutil.rmtree(final, ignore_errors=True)
                     partial.rename(final)
         writer.write(json.dumps({"ok": True}).encode() + b"\n")
@@ -143,12 +211,14 @@ class TransferServer:
     async def _send(
         self,
         writer: asyncio.StreamWriter,
-        migration_id: str,
+        grant: TransferGrant,
+        request_mac: str,
         name: str,
         *,
         limit_bps: int | None = None,
         compress: bool = False,
     ) -> None:
+        migration_id = grant.migration_id
         images = MigrationPaths.of(self.state_dir, migration_id).images
         files = sorted(p.name for p in images.glob("page*.img")) if images.is_dir() else []
         if name != "pages" or not files:
@@ -159,7 +229,8 @@ class TransferServer:
             wire, encoding = await _encode(tar_path, compress)
             size = wire.stat().st_size
             header: dict[str, object] = {"ok": True, "size": size, "sha256": sha256}
-            header |= {"encoding": encoding, "raw_size": raw_size}
+            header |= {"encoding": encoding, "raw_size": raw_size, "request": request_mac}
+            header = sign(grant.secret, header)
             writer.write(json.dumps(header).encode() + b"\n")
             await _send_file(writer, wire, limit_bps=limit_bps)
         log.info("sent %d page files back for %s (%d bytes)", len(files), migration_id, size)

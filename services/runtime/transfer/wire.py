@@ -13,12 +13,14 @@ import contextlib
 import hashlib
 import json
 import math
-import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from services.errors import InvalidInput, RuntimeFailure
+from schemas.v1.types import MIGRATION_ID
+from services.errors import Forbidden, InvalidInput, RuntimeFailure
+from services.runtime.transfer.auth import Link, check_peer
 from services.runtime.transfer.codec import (
     CHUNK,
     ENCODINGS,
@@ -26,9 +28,9 @@ from services.runtime.transfer.codec import (
     IO_TIMEOUT_S,
     _decode,
     _sha256,
+    check_sizes,
 )
 
-MIGRATION_ID = re.compile(r"^[0-9a-f]{8,64}$")
 NAMES = {"bundle", "pages", "presync", "delta"}
 CONNECT_TIMEOUT_S = 10.0
 
@@ -141,8 +143,10 @@ async def _receive_payload(
     tmp: Path,
     on_progress: Progress | None = None,
 ) -> Path:
-    """Read the payload the header announces and decode it; return the tar, verified."""
-    size, sha256 = int(str(header["size"])), str(header["sha256"])
+    """Read the payload the header announces and decode it; return the tar, verified. Sizes
+    above the cap are refused before a byte is read."""
+    size, raw_size = check_sizes(header.get("size"), header.get("raw_size"))
+    sha256 = str(header["sha256"])
     encoding = str(header.get("encoding", IDENTITY))
     if encoding not in ENCODINGS:
         raise InvalidInput(f"unknown encoding {encoding!r}", field="encoding")
@@ -152,7 +156,7 @@ async def _receive_payload(
     if encoding != IDENTITY:
         # The digest covers the decoded tar, the bytes that get unpacked, not the wire bytes.
         tar_path = tmp / "payload.tar"
-        await _decode(encoding, wire, tar_path, int(str(header["raw_size"])))
+        await _decode(encoding, wire, tar_path, raw_size)
         wire.unlink()
         digest = await asyncio.to_thread(_sha256, tar_path)
     if digest != sha256:
@@ -173,13 +177,26 @@ async def _header(reader: asyncio.StreamReader) -> dict[str, object]:
     return data
 
 
-async def _connect(address: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _connect(link: Link) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the peer's transfer service; over TLS, only to the host `link`
+    names (its certificate is checked before a byte of ours goes out)."""
+    where = f"the transfer service of {link.peer} at {link.address}:{link.port}"
+    ssl_context = link.tls.client_context() if link.tls is not None else None
     try:
-        return await asyncio.wait_for(asyncio.open_connection(address, port), CONNECT_TIMEOUT_S)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(link.address, link.port, ssl=ssl_context), CONNECT_TIMEOUT_S
+        )
+    except ssl.SSLError as exc:
+        raise Forbidden(f"TLS with {where} failed: {exc.reason or exc}") from exc
     except (OSError, TimeoutError) as exc:
-        raise RuntimeFailure(
-            f"cannot reach the transfer service at {address}:{port}: {exc}", retryable=True
-        ) from exc
+        raise RuntimeFailure(f"cannot reach {where}: {exc}", retryable=True) from exc
+    if ssl_context is not None:
+        try:
+            check_peer(writer.get_extra_info("peercert"), link.peer, what=where)
+        except Forbidden:
+            await _close(writer)
+            raise
+    return reader, writer
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
