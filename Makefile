@@ -12,7 +12,7 @@ setup:
 
 ## test: lint, type check and the whole suite (real CRIU, runc and nats-server; needs root).
 test: lint typecheck workloads
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not long"
 
 ## test-middle: components against a real nats-server started per test (no root, < 1 min).
 test-middle:
@@ -36,7 +36,9 @@ demo-minecraft:
 
 ## chaos: 463 cells (strategy x fault x step x when), directions alternating (~70 min); every
 ## cell gets a verdict, the run goes to the end and fails on any lost/two-copies/misplaced cell.
+## First the tests marked `long` (minutes each), which `make test` leaves to it.
 chaos: workloads
+	$(PY) -m pytest -m long
 	$(PY) -m deploy.chaos --repeat 1 --json bench/chaos.json
 
 ## chaos-cell: one cell, REPEAT times in a row (the labels: python -m deploy.chaos --list).
@@ -49,10 +51,11 @@ chaos-cell: workloads
 schemas:
 	$(PY) -m schemas.export
 
-## bench: migrate 64/512/2048 MiB dirtying containers per strategy beside a hand-run baseline
-## (quick: make bench BENCH_ARGS="--sizes 64").
+## bench: migrate 64/512/2048 MiB dirtying containers per strategy, 3 samples alternating with
+## a hand-run baseline, TCP/push/UDP clients on them; nginx under wrk; the Minecraft demo
+## (quick: make bench BENCH_ARGS="--sizes 64 --samples 1 --no-minecraft").
 bench: workloads
-	$(PY) -m deploy.bench.run --json bench/results.json $(BENCH_ARGS)
+	$(PY) -m deploy.bench.run --json bench/results.json --table bench/results-table.txt $(BENCH_ARGS)
 
 ## workloads: the small static programs the tests run inside containers.
 workloads: build/memapp build/dirtyapp

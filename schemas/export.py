@@ -40,6 +40,7 @@ from schemas.v1.migrations import (
 )
 from schemas.v1.migrations import MigrationRecord as MigrationRecordV1
 from schemas.v1.migrations import StepCommand as StepCommandV1
+from schemas.v1.transfers import LinkHandover, LinkTaken
 from schemas.v2 import ledger
 from schemas.v2 import migrations as v2
 
@@ -71,6 +72,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "HostHeartbeat": HostHeartbeat,
     "WorkerHeartbeat": WorkerHeartbeat,
     "HostRegistration": HostRegistration,
+    "LinkHandover": LinkHandover,
+    "LinkTaken": LinkTaken,
 }
 
 
@@ -198,6 +201,21 @@ def asyncapi() -> dict[str, Any]:
                 "messages": {
                     "request": _message("RunsContainer", "Does this host run this container"),
                     "reply": _message("ContainerRuns", "As runc reports it"),
+                },
+            },
+            "takeLink": {
+                "address": f"{p}.host.{{host}}.{subjects.TAKE_LINK}",
+                "description": (
+                    "Host to host: a migration's source, frozen and off the bridge, tells its "
+                    "destination to plug the container's link in and announce its MAC; what "
+                    "clients send from then on waits in the destination's hold until the "
+                    "commit. Signed with the migration's transfer key; answered only while "
+                    "the record's dump step runs on the asking source."
+                ),
+                "parameters": {"host": {"description": "the migration's destination"}},
+                "messages": {
+                    "request": _message("LinkHandover", "The source froze: take the link"),
+                    "reply": _message("LinkTaken", "Plugged in here"),
                 },
             },
             "layerList": {

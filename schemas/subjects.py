@@ -79,6 +79,8 @@ def requester_of(subject: str) -> str:
 
 
 PAGE_SERVER = "migration.page-server"  # per host: a page server for one pre-copy round
+TRANSFER_KEY = "migration.transfer-key"  # per host, transfer worker: the key its source signs with
+TAKE_LINK = "migration.take-link"  # per host, destination worker: the source froze, take the link
 MIGRATION_INTAKE = "migration.intake"  # per host, source worker: a request for what it holds
 HOST_CHECK = "migration.check"  # per host: can this host play its part (dry run)
 HOST_LEDGER = "host.ledger"  # per host, source worker: its local record and runc's list

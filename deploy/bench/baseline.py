@@ -15,8 +15,14 @@ which is bridged to the datacenter, so the same IP and MAC work on every host), 
                source, images copied, `criu lazy-pages --page-server` + `runc restore -d
                --lazy-pages` on the destination; the source serves the pages until all moved.
 
-A client asks the container about one page every millisecond throughout. Nothing of Ferry
-moves anything here; from Ferry it only reads the lab's layout (lab.json) to find the hosts.
+Same flags as Ferry: every runc and CRIU command line comes from Ferry's own builders
+(services/runtime/cmdlines.py) and the container's CRIU config file from bundle.py's
+(skip-in-flight; leave-stopped and --leave-running for the lazy dump; CRIU's --tls with the
+host's certificate when the lab has them, as Ferry's hosts do). The image copy speaks
+mutual TLS too on such a lab (Ferry's transfers do). The same clients as Ferry's bench run
+throughout (UDP, TCP request/response, TCP push; deploy/bench/client.py). Nothing of Ferry
+moves anything here; from Ferry it only reads the lab's layout (lab.json) to find the
+hosts, and uses its pure command-line builders.
 Its address (.254) is above Ferry's pool, its veth (`fbl…`) and directories are not Ferry's,
 so Ferry's leftover collector never touches them. Everything it made is removed afterwards,
 also on failure.
@@ -44,14 +50,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deploy.bench.client import ClientError, PingerProcess, PingReport
-from deploy.lab.layout import HOST_STATE_MOUNT, LabLayout, LabSpec, read_spec
+from deploy.bench.client import MODES, ClientError, Clients, Mode, PingReport
+from deploy.lab.layout import HOST_ETC_MOUNT, HOST_STATE_MOUNT, LabLayout, LabSpec, read_spec
+from services.certificates import CA_CERT
+from services.runtime import bundle as ferry_bundle
+from services.runtime import cmdlines
+from services.tls import TlsFiles
 
 Recipe = Literal["page-server", "lazy-pages"]
 RECIPES: tuple[Recipe, ...] = ("page-server", "lazy-pages")
 
 REPO = Path(__file__).resolve().parents[2]
-CRIU = os.environ.get("FERRY_CRIU") or shutil.which("criu") or "/usr/local/sbin/criu"
+CRIU = cmdlines.CRIU  # the binary Ferry's hosts run
 BASE = HOST_STATE_MOUNT / "baseline"  # as the host sees it
 IP_OFFSET = 254  # above Ferry's container pool (100-250)
 VETH = "fblv0"  # Ferry's own veths are "vf" + digest; its collector removes only those
@@ -61,7 +71,6 @@ COPY_PORT = 17202  # the image copy
 RAW_PORT = 17203  # the raw TCP yardstick
 CRIU_MARK = "0xC114"
 PIPE_MAX_NEEDED = 4194304  # machine facts F4: the source's page server must grow its pipe
-RUNC_CRIU_FLAGS = ["--tcp-established", "--manage-cgroups-mode", "soft"]
 CLIENT_LEAD_S = 1.0  # the client runs this long before and after the move
 
 
@@ -70,6 +79,14 @@ class BaselineError(Exception):
 
 
 # ---- the lab's hosts ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HandRunc:
+    """runc as the baseline runs it: the host's binary with the baseline's own state root."""
+
+    root: Path
+    binary: str = "runc"
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,17 @@ class Hosts:
     def address(self, host: str) -> str:
         """Where the other host reaches it (management network, as Ferry's own transfers)."""
         return self.spec.mgmt_address(host)
+
+    def tls(self, host: str) -> TlsFiles | None:
+        """The host's TLS files as the host sees them (its agent.toml's [tls]), or None on
+        a lab whose transfers go in the clear."""
+        if self.spec.plain_transfers:
+            return None
+        return TlsFiles(
+            ca=HOST_ETC_MOUNT / CA_CERT,
+            cert=HOST_ETC_MOUNT / f"{host}.pem",
+            key=HOST_ETC_MOUNT / f"{host}.key",
+        )
 
     def outside(self, host: str, inside: Path) -> Path:
         """The root namespace's view of a path under the host's /var/lib/ferry."""
@@ -242,12 +270,14 @@ def app_args(size_mib: int, dirty_mib_s: float) -> list[str]:
 
 
 def oci_config(
-    name: str, args: list[str], netns: Path, cgroups_path: str, memory_mib: int
+    name: str, args: list[str], netns: Path, cgroups_path: str, memory_mib: int, criu_config: Path
 ) -> dict[str, Any]:
-    """A plain runc spec: own pid/ipc/uts/mount namespaces, an external netns (machine facts F2)."""
+    """A plain runc spec: own pid/ipc/uts/mount namespaces, an external netns (machine facts
+    F2), and the CRIU config file runc hands to CRIU (as Ferry's containers have)."""
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
     return {
         "ociVersion": "1.0.2",
+        "annotations": {"org.criu.config": str(criu_config)},
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
@@ -319,8 +349,15 @@ class BaselineResult:
     ok: bool
     error: str | None = None
     client: dict[str, Any] | None = None
-    pause_ms: float | None = None
+    pause_ms: float | None = None  # the UDP client's
+    tcp_pause_ms: float | None = None  # the TCP request/response client's
+    push_pause_ms: float | None = None  # the TCP push client's
+    reconnects: int = 0  # TCP clients' reconnects: any is a failure
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)  # by mode
+    tls: bool = False  # CRIU's page stream and the image copy over TLS
     pause_from_freeze_s: float | None = None  # where the longest gap began, after the freeze
+    # CRIU's frozen_time: a page-server dump's freeze; for a lazy dump it runs until the
+    # last page was served (the source waits stopped): no pause anyone feels.
     criu_frozen_ms: float | None = None
     criu_freezing_ms: float | None = None
     criu_memdump_ms: float | None = None
@@ -364,12 +401,14 @@ class HandRun:
         self.netns = self.dir / "netns"
         self.images = self.dir / "images"
         self.bundle = self.dir / "bundle"
+        self.criu_config = self.dir / "criu.conf"
         spec = hosts.spec
         self.ip = str(spec.subnet.network_address + IP_OFFSET)
         packed = ipaddress.IPv4Address(self.ip).packed
         self.mac = "02:fd:" + ":".join(f"{b:02x}" for b in packed)
         self.procs: list[Proc] = []
         self.timeline = Timeline()
+        self.rt = HandRunc(root=self.runc_root)
 
     # -- helpers --
 
@@ -380,10 +419,12 @@ class HandRun:
         return f"{self.hosts.layout.cgroup_parent(host)}/{self.name}"
 
     def runc(self, *args: str, log: str) -> list[str]:
-        return [
-            "runc", "--root", str(self.runc_root), "--criu", CRIU,
-            "--log", str(self.dir / log), "--log-format", "json", *args,
-        ]  # fmt: skip
+        return cmdlines.runc(self.rt, *args, log_file=self.dir / log)
+
+    def tls_args(self, host: str) -> list[str]:
+        """tcpcopy's --tls with the host's own files, where the lab has them."""
+        tls = self.hosts.tls(host)
+        return ["--tls", str(tls.ca), str(tls.cert), str(tls.key)] if tls else []
 
     def step(self, host: str, argv: list[str], timeout: float) -> int:
         """Run one command of the recipe to its end; it is ended with its children (runc's
@@ -426,8 +467,16 @@ class HandRun:
             config_netns,
             self.cgroups_path(host),
             self.memory_mib,
+            self.criu_config,
         )
         (bundle / "config.json").write_text(json.dumps(config, indent=2))
+        # Ferry's own file: leave-stopped only for the lazy dump's source (the way back).
+        ferry_bundle.ensure_criu_config(
+            self.out(host, self.criu_config),
+            leave_stopped=self.recipe == "lazy-pages" and host == self.src,
+            tls=self.hosts.tls(host),
+            ferry_locks_network=False,  # the recipe: CRIU locks, a prelock on the destination
+        )
 
     def make_netns(self, host: str, link_up: bool) -> None:
         """The container's netns file: eth0 with the container's IP and MAC, its peer in br0."""
@@ -484,7 +533,8 @@ class HandRun:
         proc = self.hosts.start(
             self.dst,
             [sys.executable, "-m", "deploy.bench.tcpcopy", "recv",
-             self.hosts.address(self.dst), str(COPY_PORT), "--extract", str(self.images)],
+             self.hosts.address(self.dst), str(COPY_PORT), "--extract", str(self.images),
+             *self.tls_args(self.dst)],
             self.out(self.dst, self.dir / "copy-recv.log"),
         )  # fmt: skip
         self.procs.append(proc)
@@ -500,7 +550,8 @@ class HandRun:
         done = self.hosts.run(
             self.src,
             [sys.executable, "-m", "deploy.bench.tcpcopy", "send",
-             self.hosts.address(self.dst), str(COPY_PORT), "--tar", str(self.images)],
+             self.hosts.address(self.dst), str(COPY_PORT), "--tar", str(self.images),
+             *self.tls_args(self.src)],
             timeout=120,
         )  # fmt: skip
         if receiver.wait(60) != 0:
@@ -511,12 +562,11 @@ class HandRun:
         """The destination answers for this MAC from now on: one bridge port at a time."""
         self.hosts.run(self.src, ["ip", "link", "set", VETH, "down"])
 
-    def restore(self, *extra: str) -> None:
+    def restore(self, *, lazy: bool = False) -> None:
         """Link up (the prelock holds traffic off), restore, tell the bridges where it is."""
-        restore = self.runc(
-            "restore", "--detach", "--image-path", str(self.images),
-            "--work-path", str(self.images), "--bundle", str(self.bundle),
-            *RUNC_CRIU_FLAGS, *extra, self.name, log="runc-restore.log",
+        restore = cmdlines.runc_restore(
+            self.rt, self.name, self.images, self.bundle, self.dir / "runc-restore.log",
+            lazy_pages=lazy,
         )  # fmt: skip
         script = f"ip link set {VETH} up\n{shlex.join(restore)}"
         if self.step(self.dst, ["sh", "-ec", script], timeout=300) != 0:
@@ -535,30 +585,25 @@ class HandRun:
 
     def page_server_argv(self, address: str, status_fd: int) -> list[str]:
         """The destination's page server: it takes one dump's pages, then exits."""
-        return [
-            CRIU, "page-server", "--images-dir", str(self.images), "--work-dir", str(self.images),
-            "--address", address, "--port", str(PAGE_PORT), "--status-fd", str(status_fd),
-            "-o", "page-server.log",
-        ]  # fmt: skip
+        return cmdlines.criu_page_server(
+            self.images, address, PAGE_PORT, status_fd=status_fd, tls=self.hosts.tls(self.dst)
+        )
 
     def lazy_checkpoint_argv(self, address: str, status_fd: int) -> list[str]:
         """The source's dump that keeps the pages and serves them (from 0.0.0.0, whatever
         address it is given)."""
-        return self.runc(
-            "checkpoint", "--image-path", str(self.images), "--work-path", str(self.images),
-            "--lazy-pages", "--page-server", f"{address}:{PAGE_PORT}",
-            "--status-fd", str(status_fd), *RUNC_CRIU_FLAGS, self.name,
-            log="runc-checkpoint.log",
+        argv = cmdlines.runc_checkpoint(
+            self.rt, self.name, self.images, self.dir / "runc-checkpoint.log",
+            page_server=f"{address}:{PAGE_PORT}", lazy_pages=True,
         )  # fmt: skip
+        return [str(status_fd) if arg == cmdlines.STATUS_FD else arg for arg in argv]
 
     def lazy_pages_argv(self, source_address: str, status_fd: int) -> list[str]:
         """The destination's daemon that pulls the pages the restored process needs."""
-        return [
-            CRIU, "lazy-pages", "--page-server", "--address", source_address,
-            "--port", str(PAGE_PORT), "--images-dir", str(self.images),
-            "--work-dir", str(self.images), "--status-fd", str(status_fd),
-            "-o", "lazy-pages.log",
-        ]  # fmt: skip
+        argv = cmdlines.criu_lazy_pages(
+            self.images, source_address, PAGE_PORT, tls=self.hosts.tls(self.dst)
+        )
+        return [str(status_fd) if arg == cmdlines.STATUS_FD else arg for arg in argv]
 
     def move_page_server(self) -> tuple[int, int]:
         """Stop-and-copy through a page server. Returns (page bytes, image bytes)."""
@@ -576,10 +621,9 @@ class HandRun:
         receiver = self.receive_images()
         t.mark("prepared")
         t.mark("freeze")
-        checkpoint = self.runc(
-            "checkpoint", "--image-path", str(self.images), "--work-path", str(self.images),
-            "--page-server", f"{dst_addr}:{PAGE_PORT}", *RUNC_CRIU_FLAGS, self.name,
-            log="runc-checkpoint.log",
+        checkpoint = cmdlines.runc_checkpoint(
+            self.rt, self.name, self.images, self.dir / "runc-checkpoint.log",
+            page_server=f"{dst_addr}:{PAGE_PORT}",
         )  # fmt: skip
         if self.step(self.src, checkpoint, timeout=600) != 0:
             raise BaselineError(
@@ -626,7 +670,7 @@ class HandRun:
             self.out(self.dst, self.dir / "lazy-pages.out"), timeout=15,
         )  # fmt: skip
         self.procs.append(lazy)
-        self.restore("--lazy-pages")
+        self.restore(lazy=True)
         deadline = 60 + self.size_mib / 10
         if lazy.wait(deadline) != 0:
             raise BaselineError(
@@ -778,16 +822,19 @@ def run_recipe(
     memory_mib: int,
     dirty_mib_s: float = 8.0,
     say: Callable[[str], None] = lambda _: None,
+    modes: tuple[Mode, ...] = MODES,
 ) -> BaselineResult:
-    """Make the container, move it h1 -> h2 with `recipe` while the client pings, measure,
+    """Make the container, move it h1 -> h2 with `recipe` while the clients ask, measure,
     and remove everything — also when a step fails."""
     run = HandRun(hosts, recipe, rootfs, size_mib, memory_mib, dirty_mib_s)
-    result = BaselineResult(recipe=recipe, size_mib=size_mib, ok=False)
-    client: PingerProcess | None = None
+    result = BaselineResult(
+        recipe=recipe, size_mib=size_mib, ok=False, tls=hosts.tls(run.src) is not None
+    )
+    clients: Clients | None = None
     try:
         say(f"baseline {recipe} {size_mib} MiB: starting {run.name} on {run.src} at {run.ip}")
         run.start_container()
-        client = PingerProcess(run.ip, APP_PORT).start()
+        clients = Clients(run.ip, APP_PORT, modes).start()
         time.sleep(CLIENT_LEAD_S)
         say(f"baseline {recipe} {size_mib} MiB: moving {run.src} -> {run.dst}")
         if recipe == "page-server":
@@ -795,8 +842,9 @@ def run_recipe(
         else:
             pages_bytes, image_bytes = run.move_lazy_pages()
         time.sleep(CLIENT_LEAD_S)
-        report: PingReport = client.stop()
-        client = None
+        reports = clients.stop()
+        clients = None
+        report: PingReport = reports["udp"]
         result.app_after = app_request(run.ip, b"C\n", timeout=30)
         t = run.timeline
         if recipe == "page-server":
@@ -805,7 +853,13 @@ def run_recipe(
             stats = dump_log_facts(run.out(run.src, run.images / "dump.log"))
         result.criu_stats = stats
         result.client = asdict(report)
+        result.clients = {mode: asdict(r) for mode, r in reports.items()}
         result.pause_ms = report.longest_gap_ms
+        if "tcp" in reports:
+            result.tcp_pause_ms = reports["tcp"].longest_gap_ms
+        if "push" in reports:
+            result.push_pause_ms = reports["push"].longest_gap_ms
+        result.reconnects = sum(r.reconnects for r in reports.values())
         if report.gap_start:
             result.pause_from_freeze_s = round(report.gap_start - t.epoch["freeze"], 3)
         result.criu_frozen_ms = stats.get("frozen_time", 0) / 1000
@@ -825,16 +879,19 @@ def run_recipe(
         if recipe == "page-server" and stream_us:
             result.stream_mib_s = round(pages_bytes / 2**20 / (stream_us / 1e6), 1)
         result.timeline_s = t.relative()
-        bad = report.bad + int(result.app_after.get("bad_pages", 0))
-        result.ok = bad == 0 and report.replies > 0
-        if not result.ok:
-            result.error = f"memory check failed: {report.bad} bad replies, {result.app_after}"
+        bad = sum(r.bad for r in reports.values()) + int(result.app_after.get("bad_pages", 0))
+        result.ok = bad == 0 and report.replies > 0 and result.reconnects == 0
+        if bad:
+            result.error = f"memory check failed: {bad} bad replies, {result.app_after}"
+        elif result.reconnects:
+            resets = [x for r in reports.values() for x in r.resets]
+            result.error = f"TCP connection reset: {resets}"
     except (BaselineError, ClientError, OSError, subprocess.SubprocessError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         result.timeline_s = run.timeline.relative()
     finally:
-        if client is not None:
-            client.kill()
+        if clients is not None:
+            clients.kill()
         result.leftovers = run.cleanup()
     if result.leftovers:
         say(f"baseline {recipe}: LEFTOVERS {result.leftovers}")

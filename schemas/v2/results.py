@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from schemas.v1.base import Part
+from schemas.v1.types import EndpointStr
 
 
 class StepResult(Part):
@@ -28,7 +29,9 @@ class PrepareResult(StepResult):
     layers_fetched: int = Field(default=0, ge=0)
     layers_present: int = Field(default=0, ge=0)
     layer_bytes_fetched: int = Field(default=0, ge=0)
-    page_server: str | None = Field(default=None, description="address:port of the page server")
+    page_server: EndpointStr | None = Field(
+        default=None, description="address:port of the page server"
+    )
 
 
 class PresyncResult(StepResult):
@@ -41,7 +44,7 @@ class PresyncResult(StepResult):
 class PrecopyResult(StepResult):
     """Pre-copy rounds ended; the final dump goes to `page_server`, chained to round N."""
 
-    page_server: str
+    page_server: EndpointStr
     precopy_rounds: int = Field(ge=1)
     precopy_reason: str
     precopy_expected_downtime_ms: float | None = None
@@ -57,13 +60,21 @@ class DumpResult(StepResult):
     criu_frozen_us: int = 0
     criu_memdump_us: int = 0
     criu_memwrite_us: int = 0
-    lazy_pages: str | None = Field(
+    lazy_pages: EndpointStr | None = Field(
         default=None, description="post-copy: where the source serves its pages (address:port)"
+    )
+    pause_ms: int | None = Field(
+        default=None, ge=0, description="the source's own freeze (runc pause) before CRIU ran"
+    )
+    link_handover_ms: int | None = Field(
+        default=None,
+        ge=0,
+        description="freeze -> the destination had taken the container's link (None: it did not)",
     )
 
 
 class TransferResult(StepResult):
-    """Images, bundle config and the file delta arrived, sha256-checked."""
+    """Images and the file delta arrived, sha256-checked (config.json is made at restore)."""
 
     transfer_bytes: int = Field(ge=0)
     transfer_ms: int = Field(ge=0)
@@ -85,7 +96,20 @@ class VerifyResult(StepResult):
 
 
 class OpenNetworkResult(StepResult):
+    """The destination's network opened; what waited in its hold went through first."""
+
     frozen_to_open_ms: int = Field(ge=0)
+    opened_at: float | None = Field(
+        default=None, description="when the hold was released (the destination's clock)"
+    )
+    held_in: int | None = Field(default=None, ge=0, description="packets for it that waited")
+    held_out: int | None = Field(default=None, ge=0, description="packets from it that waited")
+    hold_lost: int | None = Field(
+        default=None, ge=0, description="packets the kernel dropped: the hold's queue was full"
+    )
+    hold_ms: float | None = Field(
+        default=None, ge=0, description="from the first packet held to the release"
+    )
 
 
 class DrainResult(StepResult):

@@ -7,16 +7,21 @@ from schemas.v1.containers import CreateContainer, ListLayers, PullLayers
 from schemas.v1.migrations import HostCheck, StartPageServer
 from services import bus
 from services.destination.handlers import Destination
+from services.kvstores import KvMigrationStore
+from services.link_handover import LinkTaker
 from services.runtime.destination_side import DestinationSide
 from services.saga.runner import SagaRunner
 from services.worker import WorkerContext, main
 
 
 async def register(ctx: WorkerContext) -> None:
+    side = DestinationSide(ctx.config, ctx.containers, ctx.faults)
     role = Destination(
-        side=DestinationSide(ctx.config, ctx.containers, ctx.faults),
+        side=side,
         containers=ctx.containers,
         placements=ctx.placements,
+        state_dir=ctx.config.state_dir,
+        peers=ctx.directory,
     )
     host, log_error = ctx.host_subject, ctx.log_error
     # Separate subscriptions: a listing is answered while a long pull is still fetching.
@@ -38,6 +43,16 @@ async def register(ctx: WorkerContext) -> None:
         ctx.nc, host(subjects.PAGE_SERVER), StartPageServer, role.start_page_server,
         on_error=log_error,
     )  # fmt: skip
+    migrations = KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET))
+    await LinkTaker(
+        ctx.nc,
+        migrations,
+        ctx.placements,
+        side,
+        ctx.config.state_dir,
+        ctx.config.host,
+        identities=ctx.config.nats_creds is not None,
+    ).serve()
     ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())
 
 

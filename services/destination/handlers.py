@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from schemas.v1.containers import (
     ContainerCreated,
@@ -24,8 +25,10 @@ from services.runtime import ledger
 from services.runtime.containers import HostContainers
 from services.runtime.destination_side import DestinationSide
 from services.runtime.lazy_pages import DaemonView
+from services.runtime.paths import MigrationPaths
+from services.runtime.transfer import auth
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun, placement_of
-from services.stores import PlacementStore
+from services.stores import PeerDirectory, PlacementStore
 
 # Post-copy falls back when pages stop arriving for this long, not after a fixed time: a
 # large container may drain for hours. (The step's own timeout is far beyond it.)
@@ -41,6 +44,8 @@ class Destination:
     side: DestinationSide
     containers: HostContainers
     placements: PlacementStore
+    state_dir: Path  # where this host keeps its migrations (and their transfer keys)
+    peers: PeerDirectory  # where the migration's source is: its page servers admit only it
 
     def steps(self) -> dict[str, StepHandler]:
         return {
@@ -82,10 +87,16 @@ class Destination:
     # -- steps -------------------------------------------------------------------------------
 
     async def prepare_destination(self, run: StepRun, progress: Progress) -> StepOutcome:
-        """Layers present, network namespace built with its link down, page server listening."""
+        """Layers present, network namespace built with its link down, page server listening,
+        and the key the source's transfers must carry (services/transfer_keys.py)."""
         placement = await placement_of(run, self.placements)
+        migration_root = MigrationPaths.of(self.state_dir, run.migration_id).root
+        auth.issue(migration_root, run.migration_id, source=run.source)
         result = await self.side.prepare(
-            placement, run.migration_id, page_server=run.strategy == "stop-and-copy"
+            placement,
+            run.migration_id,
+            page_server=run.strategy == "stop-and-copy",
+            source_address=await self.peers.address_of(run.source),
         )
         if result.layers_fetched:
             mib = result.layer_bytes_fetched / 2**20
@@ -151,18 +162,35 @@ class Destination:
 
     async def open_network(self, run: StepRun, progress: Progress) -> StepOutcome:
         placement = await placement_of(run, self.placements)
-        announced = await self.side.open_network(placement, run.migration_id)
+        opened = await self.side.open_network(placement, run.migration_id)
+        hold = opened.hold
+        held = (
+            f"; {hold.held_in} packet(s) in and {hold.held_out} out had waited, let through"
+            f" in order ({hold.kernel_dropped + hold.undelivered} lost)"
+            if hold
+            else "; no packet holder answered (an earlier delivery released it, or it died and"
+            " what waited was dropped)"
+        )
         await progress(
-            f"{run.container} serves clients at {placement.ip};"
-            f" announced {', '.join(announced) or 'nothing'} (gratuitous ARP, IPv6 NA)",
+            f"{run.container} serves clients at {placement.ip}{held};"
+            f" announced {', '.join(opened.announced) or 'nothing'} (gratuitous ARP, IPv6 NA)",
             None,
             None,
         )
         # From the freeze to an open network: what a client waits at the least (two hosts'
         # clocks are compared here; fine within NTP's error on real machines).
         dumped = run.results.dump
-        gap = round((time.time() - dumped.frozen_at) * 1000) if dumped and dumped.frozen_at else 0
-        return StepOutcome(OpenNetworkResult(frozen_to_open_ms=max(gap, 0)))
+        gap = round((opened.opened_at - dumped.frozen_at) * 1000) if dumped else 0
+        return StepOutcome(
+            OpenNetworkResult(
+                frozen_to_open_ms=max(gap, 0),
+                opened_at=opened.opened_at,
+                held_in=hold.held_in if hold else None,
+                held_out=hold.held_out if hold else None,
+                hold_lost=hold.kernel_dropped + hold.undelivered if hold else None,
+                hold_ms=hold.hold_ms if hold else None,
+            )
+        )
 
     async def drain_pages(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Post-copy, after the commit: every page has arrived and the daemon exited 0."""

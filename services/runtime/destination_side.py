@@ -10,19 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 
 from schemas.v1.containers import Placement
 from schemas.v2.results import DrainResult, PrepareResult, RestoreResult, VerifyResult
 from services.config import HostConfig
 from services.errors import Conflict, RuntimeFailure
 from services.faults import NO_FAULTS, FaultPlan
-from services.runtime import bundle, criu, layers, lazy_pages, netlock, netns, precopy
+from services.runtime import (
+    bundle,
+    criu,
+    firewall,
+    layers,
+    lazy_pages,
+    netlock,
+    netns,
+    packet_hold,
+    precopy,
+)
 from services.runtime import paths as layout
 from services.runtime.containers import ContainerPaths, HostContainers
 from services.runtime.paths import MigrationPaths
@@ -34,6 +44,15 @@ PAGE_SERVER_EXIT_S = 30.0
 DRAIN_POLL_S = 0.2
 EXIT_CODE_GRACE_S = 3.0
 VERIFY_CONNECT_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Opened:
+    """The network opened: when (this host's clock), what was announced, what was held."""
+
+    announced: list[str]
+    opened_at: float
+    hold: packet_hold.HoldStats | None
 
 
 class DestinationSide:
@@ -86,10 +105,11 @@ class DestinationSide:
         return results
 
     async def prepare(
-        self, placement: Placement, migration_id: str, *, page_server: bool
+        self, placement: Placement, migration_id: str, *, page_server: bool, source_address: str
     ) -> PrepareResult:
         """Layers present, netns with the container's IP and MAC (link down), and for
-        stop-and-copy a page server up (post-copy pulls its pages from the source instead)."""
+        stop-and-copy a page server up (post-copy pulls its pages from the source instead)
+        that only `source_address` may reach, over TLS where the host has certificates."""
         await criu.check()
         existing = await self.runc.state(placement.name)
         if existing is not None:
@@ -106,10 +126,12 @@ class DestinationSide:
         if not cpaths.netns.exists():
             await netns.create(self._network(placement), self.config.bridge, link_up=False)
         # The hold goes on now, before any freeze: one less thing inside the freeze window.
+        paths.root.mkdir(parents=True, exist_ok=True)
         with tracer.start_as_current_span("network.hold"):
             await netlock.hold(cpaths.netns)
-        paths.root.mkdir(parents=True, exist_ok=True)
+            await packet_hold.start(cpaths.netns, paths.root)
         paths.held.touch()
+        paths.peer.write_text(source_address)  # pre-copy's round page servers admit it too
         if not page_server:
             return result
         address = self.config.address
@@ -123,9 +145,21 @@ class DestinationSide:
             with tracer.start_as_current_span(
                 "criu.page_server", attributes={"ferry.listen": f"{address}:{port}"}
             ):
-                await criu.start_page_server(paths.images, address, port)
+                firewall.admit_only(port, source_address, migration_id)
+                await criu.start_page_server(paths.images, address, port, tls=self.config.tls)
             paths.page_server_port.write_text(str(port))
         return result.model_copy(update={"page_server": f"{address}:{port}"})
+
+    async def take_link(self, placement: Placement, migration_id: str) -> bool:
+        """The source is frozen and off the bridge: plug the incoming container's port in
+        and announce its MAC here, so what its clients send from now on waits in its held
+        netns instead of being lost. Nothing reaches its processes before the commit.
+        Returns whether the announcement went out."""
+        paths, cpaths = self.paths(migration_id), self.cpaths(placement.name)
+        if not paths.held.exists():
+            raise RuntimeFailure(f"{placement.name} is not held here: refusing to take its link")
+        await netns.set_link(placement.name, up=True, check=True)
+        return await netns.gratuitous_arp(cpaths.netns, placement.ip)
 
     async def start_round_page_server(
         self, migration_id: str, images: str, parent: str | None
@@ -138,8 +172,14 @@ class DestinationSide:
             return f"{self.config.address}:{port_file.read_text()}"
         port = netns.free_port(self.config.address)
         argv = precopy.page_server_argv(
-            target, self.config.address, port, status_fd=criu.STATUS_FD, parent=parent
+            target,
+            self.config.address,
+            port,
+            status_fd=criu.STATUS_FD,
+            parent=parent,
+            tls=self.config.tls,
         )
+        firewall.admit_only(port, self.paths(migration_id).peer.read_text(), migration_id)
         await criu.start_background(argv, target, layout.PAGE_SERVER)
         port_file.write_text(str(port))
         return f"{self.config.address}:{port}"
@@ -157,7 +197,8 @@ class DestinationSide:
         None when an earlier delivery restored it already."""
         name = placement.name
         paths, cpaths = self.paths(migration_id), self.cpaths(name)
-        state = await self.runc.state(name)
+        # (Inside the freeze: runc is asked only when its state directory says it may know.)
+        state = await self.runc.state(name) if self.runc.may_know(name) else None
         if state is not None and state.status == "running":
             return None
         rc = 0 if lazy_from else await criu.page_server_result(paths.images, PAGE_SERVER_EXIT_S)
@@ -167,6 +208,7 @@ class DestinationSide:
                 " the pages did not all arrive",
                 log_tail=criu.tail(paths.criu_log(layout.PAGE_SERVER)),
             )
+        firewall.forget_peers(migration_id)  # every page server of the migration is done
         incoming = paths.incoming_bundle
         if not incoming.is_dir():
             raise RuntimeFailure("the bundle from the source has not arrived")
@@ -184,18 +226,16 @@ class DestinationSide:
         shutil.rmtree(cpaths.work, ignore_errors=True)
         ready = await self.containers.ensure_layers(placement.layers)  # here since prepare
         await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
-        config = json.loads((incoming / "config.json").read_text())
-        config["linux"]["cgroupsPath"] = f"{self.config.cgroup_parent}/{name}"
-        config.setdefault("annotations", {})["org.criu.config"] = str(
-            bundle.ensure_criu_config(cpaths.criu_config)
-        )
-        cpaths.bundle.mkdir(parents=True, exist_ok=True)
-        (cpaths.bundle / "config.json").write_text(json.dumps(config, indent=2))
-        # Held (since prepare), then link up, then restore: no packet reaches it before
-        # the commit.
+        # Its config is made here from the placement (the record), never taken from the
+        # wire: a config.json that arrives in the incoming bundle is ignored.
+        self.containers.write_config(name, placement.spec)
+        bundle.ensure_criu_config(cpaths.criu_config, tls=self.config.tls)
+        # Held (since prepare), then link up (at the latest now: the source normally hands
+        # it over as it freezes), then restore: no packet reaches it before the commit.
         if not paths.held.exists():
             with tracer.start_as_current_span("network.hold"):
                 await netlock.hold(cpaths.netns)
+                await packet_hold.start(cpaths.netns, paths.root)
         await netns.set_link(name, up=True, check=True)
         if lazy_from:
             paths.lazy.write_text(lazy_from)
@@ -204,12 +244,15 @@ class DestinationSide:
                 with tracer.start_as_current_span(
                     "criu.lazy_pages", attributes={"ferry.peer": lazy_from}
                 ):
-                    await criu.start_lazy_pages(paths.images, host, int(port))
+                    await criu.start_lazy_pages(paths.images, host, int(port), tls=self.config.tls)
         if self.faults.carries(migration_id, "restore"):
             # Test-only fault: a damaged image makes the real CRIU restore fail (in post-copy,
             # after the lazy-pages daemon has connected to the source: CRIU's worst case).
             paths.inventory.write_bytes(b"ferry: injected fault\n")
-        await restore_container(self.runc, name, paths, cpaths, lazy=bool(lazy_from))
+        # Whether it stays running is verify's first check, the next step: not asked twice.
+        await restore_container(
+            self.runc, name, paths, cpaths, lazy=bool(lazy_from), check_running=False
+        )
         running_at = time.time()
         if lazy_from and self.faults.carries(migration_id, "lazy-pages-dies"):
             # Test-only fault: the lazy-pages daemon dies with pages still at the source.
@@ -243,18 +286,30 @@ class DestinationSide:
                 raise RuntimeFailure(f"{placement.name} does not accept connections on port {port}")
         return VerifyResult(restored_pid=state.pid)
 
-    async def open_network(self, placement: Placement, migration_id: str) -> list[str]:
-        """Let clients in, and tell neighbours where the container's MAC lives now.
-        Returns the addresses announced."""
+    async def open_network(self, placement: Placement, migration_id: str) -> Opened:
+        """Let clients in: the held packets first, in the order they came, then everything;
+        and tell neighbours where the container's MAC lives now."""
         netns_path = self.cpaths(placement.name).netns
+        paths = self.paths(migration_id)
         with tracer.start_as_current_span("network.cutover") as span:
+            await netns.set_answering(netns_path, answering=True)
+            # Released before the rules go: what arrives in between passes at once, behind
+            # the held ones. (No holder: an earlier delivery released it, or it died and the
+            # kernel dropped what waited — clients retransmit.)
+            held = await packet_hold.command(paths.root, "release")
+            opened_at = time.time()
             await netlock.release(netns_path)
+            stopped = await packet_hold.command(paths.root, "stop")
             announced = await netns.announce(netns_path, placement.ip)
             span.set_attribute("ferry.announced", announced)
-        paths = self.paths(migration_id)
+            final = stopped or held
+            if final is not None:
+                for key, value in asdict(final).items():
+                    if value is not None and key != "mode":
+                        span.set_attribute(f"ferry.hold.{key}", value)
         if not paths.lazy.exists():  # a lazy-pages daemon still works in there
             shutil.rmtree(paths.root, ignore_errors=True)
-        return announced
+        return Opened(announced=announced, opened_at=opened_at, hold=final)
 
     async def drain_pages(
         self,
@@ -326,5 +381,6 @@ class DestinationSide:
         paths = self.paths(migration_id)
         criu.stop_page_server(paths.images)
         kill_working_on(paths.root)
+        firewall.forget_peers(migration_id)
         await self.containers.discard_local(name)
         shutil.rmtree(paths.root, ignore_errors=True)

@@ -20,6 +20,11 @@ from services.runtime.proc import kill_working_on
 from services.runtime.spans import tracer
 
 
+def _peer(link: transfer.Link) -> dict[str, str]:
+    """Who the bytes went to, for the trace (never the key)."""
+    return {"ferry.peer": f"{link.address}:{link.port}", "ferry.peer_host": link.peer}
+
+
 @dataclass(frozen=True)
 class TransferOptions:
     """How this migration's own transfers go: a rate cap, compression, a progress hook."""
@@ -40,17 +45,15 @@ class FileSync:
         return MigrationPaths.of(self.config.state_dir, migration_id)
 
     async def presync_files(
-        self, name: str, migration_id: str, address: str, port: int, options: TransferOptions
+        self, name: str, migration_id: str, link: transfer.Link, options: TransferOptions
     ) -> transfer.Sent:
         """While the container still runs: its overlay upper dir, whole, to the destination.
         The manifest taken first is what the delta after the freeze is computed against."""
         paths, cpaths = self.paths(migration_id), self.containers.paths(name)
         paths.root.mkdir(parents=True, exist_ok=True)
-        with tracer.start_as_current_span(
-            "fs.presync", attributes={"ferry.peer": f"{address}:{port}"}
-        ) as span:
+        with tracer.start_as_current_span("fs.presync", attributes=_peer(link)) as span:
             sent, since = await transfer.push_presync(
-                address, port, migration_id, cpaths.root, "upper", self.config.state_dir / "tmp",
+                link, migration_id, cpaths.root, "upper", self.config.state_dir / "tmp",
                 limit_bps=options.limit_bps, compress=options.compress,
                 on_progress=options.on_progress,
             )  # fmt: skip
@@ -72,8 +75,7 @@ class FileSync:
         self,
         name: str,
         migration_id: str,
-        address: str,
-        port: int,
+        link: transfer.Link,
         options: TransferOptions,
         damage: Callable[[], bool] | None = None,
     ) -> list[transfer.Sent]:
@@ -83,14 +85,11 @@ class FileSync:
         paths, cpaths = self.paths(migration_id), self.containers.paths(name)
         members = [
             transfer.Member(paths.root, "images"),
-            transfer.Member(cpaths.bundle, "config.json"),
         ]
         scratch = self.config.state_dir / "tmp"
-        with tracer.start_as_current_span(
-            "fs.sync", attributes={"ferry.peer": f"{address}:{port}"}
-        ) as span:
+        with tracer.start_as_current_span("fs.sync", attributes=_peer(link)) as span:
             images = transfer.push(
-                address, port, migration_id, "bundle", members, scratch, damage,
+                link, migration_id, "bundle", members, scratch, damage,
                 limit_bps=options.limit_bps, compress=options.compress,
                 on_progress=options.on_progress,
             )  # fmt: skip
@@ -98,14 +97,14 @@ class FileSync:
             if paths.presync_manifest.exists():
                 since = json.loads(paths.presync_manifest.read_text())
                 files = transfer.push_delta(
-                    address, port, migration_id, cpaths.root, "upper", since, scratch,
+                    link, migration_id, cpaths.root, "upper", since, scratch,
                     limit_bps=options.limit_bps, compress=options.compress,
                     on_progress=options.on_progress,
                 )  # fmt: skip
             else:
                 files = _first(
                     transfer.push_presync(
-                        address, port, migration_id, cpaths.root, "upper", scratch,
+                        link, migration_id, cpaths.root, "upper", scratch,
                         limit_bps=options.limit_bps, compress=options.compress,
                         on_progress=options.on_progress,
                     )

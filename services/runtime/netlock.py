@@ -1,8 +1,12 @@
 """Holding a container's network closed while it is restored, and opening it after the commit.
 
-Ferry's own chain FERRY-HOLD drops everything but loopback and CRIU's own marked packets.
-CRIU removes only a chain named CRIU when it finishes a restore, so the hold survives the
-restore and no client reaches the destination before the placement has moved.
+Ferry's own chain FERRY-HOLD queues everything but loopback and CRIU's own marked packets
+to NFQUEUE (no --queue-bypass): the packet holder (services/runtime/packet_hold.py) keeps
+them waiting and lets them through in order after the commit, and with no holder bound the
+kernel drops them — never lets them pass. Ferry's dumps run with `network-lock skip` (the
+source's link is down first) and CRIU restores with the method its dump recorded, so this
+is the only lock there, and no client reaches the destination before the placement has
+moved.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from services.errors import RuntimeFailure
+from services.runtime.packet_hold import QUEUE_NUM
 from services.runtime.proc import arun
 
 HOLD_CHAIN = "FERRY-HOLD"
@@ -29,7 +34,7 @@ HOLD_RULES = f"""*filter
 -A {HOLD_CHAIN} -i lo -j ACCEPT
 -A {HOLD_CHAIN} -o lo -j ACCEPT
 -A {HOLD_CHAIN} -m mark --mark {CRIU_MARK} -j ACCEPT
--A {HOLD_CHAIN} -j DROP
+-A {HOLD_CHAIN} -j NFQUEUE --queue-num {QUEUE_NUM}
 -I INPUT 1 -j {HOLD_CHAIN}
 -I OUTPUT 1 -j {HOLD_CHAIN}
 COMMIT
@@ -63,7 +68,8 @@ async def _hold_one(netns: Path, tool: str) -> None:
 
 
 async def hold(netns: Path) -> None:
-    """Drop all traffic except loopback and CRIU's marked packets; idempotent."""
+    """Queue all traffic but loopback and CRIU's marked packets (held by the packet
+    holder if one is bound, dropped if not); idempotent."""
     await asyncio.gather(*(_hold_one(netns, tool) for tool in TOOLS))
 
 

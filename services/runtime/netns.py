@@ -77,6 +77,8 @@ async def create(net: ContainerNetwork, bridge: str, *, link_up: bool = True) ->
     # move by design: skip duplicate address detection, which would also hold the address
     # tentative (unusable as a source) for a second after every move.
     await arun([*ns, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0"], check=False)
+    if not link_up:
+        await set_answering(net.netns_path, answering=False)
     await arun([*ns, "ip", "addr", "add", f"{net.ip}/{net.prefix_len}", "dev", "eth0"])
     await arun([*ns, "ip", "link", "set", "eth0", "up"])
     await arun([*ns, "ip", "route", "add", "default", "via", net.gateway])
@@ -92,6 +94,25 @@ async def set_link(container: str, *, up: bool, check: bool = False) -> None:
     await arun(["ip", "link", "set", host_veth_name(container), state], check=check)
 
 
+async def set_answering(netns_path: Path, *, answering: bool) -> None:
+    """Whether the container's kernel answers ARP requests for its address.
+
+    An incoming container's netns stays silent until its network opens: every frame it sent
+    would pull the bridges' forwarding tables to it, and after a rollback the source answers
+    for the same IP and MAC again. (Everything else it would send is held by the hold's
+    OUTPUT rule; ARP is not IP, so iptables never sees it.)"""
+    value = "0" if answering else "8"  # 8: reply to no ARP request at all
+    setting = f"net.ipv4.conf.eth0.arp_ignore={value}"
+    await arun(["nsenter", f"--net={netns_path}", "sysctl", "-qw", setting])
+
+
+async def gratuitous_arp(netns_path: Path, ip: str) -> bool:
+    """One gratuitous ARP from the container's eth0: the bridges learn where its MAC is now.
+    Sent from a packet socket, so it goes out even while the netns is held and silent."""
+    garp = ["busybox", "arping", "-U", "-c", "1", "-I", "eth0", ip]
+    return (await arun(["nsenter", f"--net={netns_path}", *garp], check=False)).returncode == 0
+
+
 def free_port(address: str) -> int:
     """A TCP port nobody listens on at `address` now (for a CRIU server about to start)."""
     with socket.socket() as s:
@@ -104,8 +125,7 @@ async def announce(netns_path: Path, ip: str) -> list[str]:
     address, unsolicited neighbour advertisements for its IPv6 ones. Returns what was
     announced."""
     inside = ["nsenter", f"--net={netns_path}"]
-    garp = ["busybox", "arping", "-U", "-c", "1", "-I", "eth0", ip]
-    announced = [ip] if (await arun([*inside, *garp], check=False)).returncode == 0 else []
+    announced = [ip] if await gratuitous_arp(netns_path, ip) else []
     ndp = await arun([*inside, sys.executable, "-m", "services.runtime.ndp", "eth0"], check=False)
     if ndp.returncode == 0:
         announced += ndp.stdout.split()

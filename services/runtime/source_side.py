@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from opentelemetry import trace
 
@@ -21,6 +24,7 @@ from services.runtime import (
     bundle,
     cmdlines,
     criu,
+    firewall,
     layers,
     netlock,
     netns,
@@ -43,10 +47,19 @@ from services.runtime.proc import tree as proc_tree
 from services.runtime.restore import restore_container
 from services.runtime.runc import log_errors
 from services.runtime.spans import fail, tracer
+from services.runtime.transfer import Link
+
+# The source is frozen and off the bridge: tell the destination to take the container's
+# link (returns whether it did). Runs beside the dump; a handover that fails costs the
+# packets of the freeze (clients retransmit), never the move.
+Handover = Callable[[], Awaitable[bool]]
+HANDOVER_WAIT_S = 5.0  # after the dump, how long its answer may still take
 
 PRE_DUMP_TIMEOUT_S = 300.0
 LAZY_DUMP_READY_S = 120.0  # freeze and dump everything but the pages
 LAZY_DUMP_EXIT_S = 15.0  # a source CRIU whose peer is gone exits at once
+
+log = logging.getLogger("ferry.source")
 
 
 class SourceSide:
@@ -99,8 +112,39 @@ class SourceSide:
         paths.images.mkdir(parents=True, exist_ok=True)
         return None
 
+    async def _freeze(self, name: str, handover: Handover | None) -> Frozen:
+        """The first frozen instant, Ferry's own: runc's freezer (a tight loop, where CRIU's
+        waits in 100 ms steps and then finds the cgroup frozen already), then the source
+        off the bridge — from here its kernel neither acknowledges nor sends a byte, and
+        no frame of it pulls the bridges back — then the destination told to take the
+        link, beside the dump. CRIU still locks the netns as it dumps."""
+        frozen_at = time.time()
+        with tracer.start_as_current_span("source.freeze"):
+            await self.runc.pause(name)
+            paused_at = time.time()
+            await netns.set_link(name, up=False, check=True)
+        return Frozen(
+            frozen_at=frozen_at,
+            pause_ms=round((paused_at - frozen_at) * 1000),
+            handover=_timed(handover, frozen_at) if handover else None,
+        )
+
+    async def _freeze_or_fail(
+        self, name: str, handover: Handover | None, span: trace.Span, paths: MigrationPaths
+    ) -> Frozen:
+        try:
+            return await self._freeze(name, handover)
+        except RuntimeFailure as exc:  # the way back thaws what froze and plugs it in again
+            raise _dump_failed(span, f"freezing {name}", paths, exc.reason) from exc
+
     async def dump(
-        self, name: str, migration_id: str, page_server: str, *, parent: str | None = None
+        self,
+        name: str,
+        migration_id: str,
+        page_server: str,
+        *,
+        parent: str | None = None,
+        handover: Handover | None = None,
     ) -> DumpResult:
         """Freeze and dump; pages stream to the destination. The source copy stops here.
         After pre-copy rounds, `parent` (../it-N) makes it send only what changed since."""
@@ -108,22 +152,24 @@ class SourceSide:
         earlier = await self._earlier_dump(name, paths)
         if earlier is not None:
             return earlier
+        bundle.ensure_criu_config(self.cpaths(name).criu_config, tls=self.config.tls)
         span = tracer.start_span("criu.dump", attributes={"ferry.page_server": page_server})
-        frozen_at = time.time()
+        frozen = await self._freeze_or_fail(name, handover, span, paths)
         argv = cmdlines.runc_checkpoint(
             self.runc, name, paths.images, paths.runc_log, page_server=page_server, parent=parent
         )
         # Cancelled: runc and its CRIU die (their own process group), never the container.
         code = await wait_owned(await spawn(argv))
         dumped_at = time.time()
+        handed_ms = await frozen.handed_over()
         if code != 0:
             raise _dump_failed(span, f"checkpoint of {name}", paths, f"exit {code}")
-        # The destination will answer for this MAC: take the source's port off the bridge.
-        await netns.set_link(name, up=False)
         stats = criu.load_stats(paths.stats_dump)
         result = DumpResult(
-            frozen_at=frozen_at,
-            dump_ms=round((dumped_at - frozen_at) * 1000),
+            frozen_at=frozen.frozen_at,
+            dump_ms=round((dumped_at - frozen.frozen_at) * 1000),
+            pause_ms=frozen.pause_ms,
+            link_handover_ms=handed_ms,
             pages_written=stats.get("pages_written", 0),
             criu_freezing_us=stats.get("freezing_time", 0),
             criu_frozen_us=stats.get("frozen_time", 0),
@@ -149,6 +195,7 @@ class SourceSide:
         if stats_file.exists():
             return criu.load_stats(stats_file)  # this round ran before a redelivery
         images.mkdir(parents=True, exist_ok=True)
+        bundle.ensure_criu_config(self.cpaths(name).criu_config, tls=self.config.tls)
         log_file = images / layout.RUNC_LOG
         argv = precopy.pre_dump_argv(
             self.runc, name, rounds, iteration, page_server, log_file=log_file
@@ -171,10 +218,18 @@ class SourceSide:
                 span.set_attribute(f"criu.{key}", value)
         return stats
 
-    async def dump_lazy(self, name: str, migration_id: str) -> DumpResult:
+    async def dump_lazy(
+        self,
+        name: str,
+        migration_id: str,
+        destination_address: str,
+        *,
+        handover: Handover | None = None,
+    ) -> DumpResult:
         """Post-copy: freeze and dump all but the memory pages, which this host then serves
-        to the destination on demand. CRIU leaves the source *stopped*, not killed, once
-        the pages are served: the way back until the destination is verified."""
+        to the destination on demand (only to `destination_address`, over TLS where the
+        host has certificates). CRIU leaves the source *stopped*, not killed, once the
+        pages are served: the way back until the destination is verified."""
         paths, cpaths = self.paths(migration_id), self.cpaths(name)
         if paths.lazy.exists() and criu.background_pid(paths.images, layout.LAZY_DUMP):
             # An earlier delivery's worker died while its dump ran; the dump did not (its
@@ -183,28 +238,33 @@ class SourceSide:
         earlier = await self._earlier_dump(name, paths)
         if earlier is not None:
             return earlier
-        serve_at = f"{self.config.address}:{netns.free_port(self.config.address)}"
+        port = netns.free_port(self.config.address)
+        serve_at = f"{self.config.address}:{port}"
         # Tells resume that the source waits stopped, and where its page server listens.
         paths.lazy.write_text(serve_at)
-        bundle.ensure_criu_config(cpaths.criu_config, leave_stopped=True)
+        # Anyone else connecting first would end the page serving (services/runtime/firewall.py).
+        firewall.admit_only(port, destination_address, migration_id)
+        bundle.ensure_criu_config(cpaths.criu_config, leave_stopped=True, tls=self.config.tls)
         span = tracer.start_span("criu.dump", attributes={"ferry.lazy_pages": serve_at})
-        frozen_at = time.time()
+        frozen = await self._freeze_or_fail(name, handover, span, paths)
         argv = cmdlines.runc_checkpoint(
             self.runc, name, paths.images, paths.runc_log, page_server=serve_at, lazy_pages=True
         )
         try:
             await criu.start_background(argv, paths.images, layout.LAZY_DUMP, LAZY_DUMP_READY_S)
         except RuntimeFailure as exc:
+            await frozen.handed_over()
             raise _dump_failed(span, f"lazy checkpoint of {name}", paths, exc.reason) from exc
         finally:
             # CRIU read the file when it started; later dumps of this container must not stop.
-            bundle.ensure_criu_config(cpaths.criu_config)
+            bundle.ensure_criu_config(cpaths.criu_config, tls=self.config.tls)
         dumped_at = time.time()
-        await netns.set_link(name, up=False)
         result = DumpResult(
-            frozen_at=frozen_at,
-            dump_ms=round((dumped_at - frozen_at) * 1000),
+            frozen_at=frozen.frozen_at,
+            dump_ms=round((dumped_at - frozen.frozen_at) * 1000),
             lazy_pages=serve_at,
+            pause_ms=frozen.pause_ms,
+            link_handover_ms=await frozen.handed_over(),
         )
         span.set_attribute("criu.dump_ms", result.dump_ms)
         span.end()
@@ -217,7 +277,7 @@ class SourceSide:
         except RuntimeFailure as exc:
             span = tracer.start_span("criu.dump", attributes={"ferry.adopted": True})
             raise _dump_failed(span, f"lazy checkpoint of {name}", paths, exc.reason) from exc
-        bundle.ensure_criu_config(self.cpaths(name).criu_config)
+        bundle.ensure_criu_config(self.cpaths(name).criu_config, tls=self.config.tls)
         await netns.set_link(name, up=False)
         # It froze about when its pid file was written (this host's clock).
         frozen_at = layout.pid_file(paths.images, layout.LAZY_DUMP).stat().st_mtime
@@ -229,9 +289,12 @@ class SourceSide:
         paths.dump_done.write_text(result.model_dump_json())
         return result
 
-    async def resume(self, placement: Placement, migration_id: str, peer: str, port: int) -> str:
+    async def resume(
+        self, placement: Placement, migration_id: str, link: Callable[[], Awaitable[Link]]
+    ) -> str:
         """Bring the container back on this host: untouched, thawed, or restored from its
-        images with the pages fetched back from the destination."""
+        images with the pages fetched back from the destination (over `link()`, asked for
+        only then)."""
         name = placement.name
         paths, cpaths = self.paths(migration_id), self.cpaths(name)
         if paths.lazy.exists():
@@ -243,31 +306,43 @@ class SourceSide:
         if kill_working_on(paths.root):
             await asyncio.sleep(0.2)  # let the kernel release what a killed CRIU held
         state = await self.runc.state(name)
+        # Back on the bridge, then announced: since the freeze the destination answered for
+        # the container's MAC, and the bridges' forwarding tables still point there.
         if state is not None and state.status == "running":
             await netlock.remove_criu_lock(cpaths.netns)
             await netns.set_link(name, up=True)
+            await netns.announce(cpaths.netns, placement.ip)
             shutil.rmtree(paths.root, ignore_errors=True)
             return "still running"
-        if state is not None and state.status == "paused":
-            await self.runc.resume(name)
+        if state is not None and state.status == "paused":  # Ferry's freeze, or CRIU's
             await netlock.remove_criu_lock(cpaths.netns)
             await netns.set_link(name, up=True)
+            await self.runc.resume(name)
+            await netns.announce(cpaths.netns, placement.ip)
             shutil.rmtree(paths.root, ignore_errors=True)
             return "thawed"
         if not paths.dump_done.exists() and not paths.inventory.exists():
             raise RuntimeFailure(f"{name} is gone and no dump of it exists here: cannot resume")
         if not paths.page_images():
-            with tracer.start_as_current_span("pages.fetch_back", attributes={"ferry.peer": peer}):
+            peer = await link()
+            with tracer.start_as_current_span(
+                "pages.fetch_back", attributes={"ferry.peer": peer.address}
+            ):
                 await transfer.pull(
-                    peer, port, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
+                    peer, migration_id, "pages", paths.images, self.config.state_dir / "tmp"
                 )
         # The overlay normally stays mounted on the source until clean_source; mount it
         # again if it went (its layers are kept on this host; fetched if ever removed).
         ready = await self.containers.ensure_layers(placement.layers)
         await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
-        # CRIU's lock from the dump still holds the netns; its restore removes it at the end.
+        # Ferry dumps with `network-lock skip` (the link down was the lock) and CRIU restores
+        # with the dump's method: hold the netns ourselves, or a client's packet reaching a
+        # socket not restored yet would be answered with a reset.
+        await netlock.hold(cpaths.netns)
         await netns.set_link(name, up=True)
         await restore_container(self.runc, name, paths, cpaths)
+        await netlock.release(cpaths.netns)
+        await netns.announce(cpaths.netns, placement.ip)
         shutil.rmtree(paths.root, ignore_errors=True)
         return "restored from images"
 
@@ -308,6 +383,39 @@ class SourceSide:
             if stopped
             else "still running"
         )
+
+
+@dataclass
+class Frozen:
+    """The source frozen by Ferry: when, how long runc's pause took, and the destination's
+    answer to the link handover, still coming."""
+
+    frozen_at: float
+    pause_ms: int
+    handover: asyncio.Task[int | None] | None
+
+    async def handed_over(self) -> int | None:
+        """Milliseconds from the freeze to the destination holding the link; None when it
+        did not (no handover, refused, no answer in time)."""
+        if self.handover is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.handover), HANDOVER_WAIT_S)
+        except TimeoutError:
+            log.warning("the destination did not answer the link handover in time")
+            return None
+
+
+def _timed(handover: Handover, frozen_at: float) -> asyncio.Task[int | None]:
+    async def run() -> int | None:
+        try:
+            taken = await handover()
+        except Exception as exc:  # the move goes on: its restore plugs the link in
+            log.warning("link handover failed: %s", exc)
+            return None
+        return round((time.time() - frozen_at) * 1000) if taken else None
+
+    return asyncio.create_task(run(), name="ferry-link-handover")
 
 
 def _dump_failed(

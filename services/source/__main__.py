@@ -14,12 +14,15 @@ from schemas.v1.migrations import ForwardedRequest, HostCheck, PageServerStarted
 from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus
 from services.errors import FerryError, RuntimeFailure
+from services.forecasting import HolderInputs
 from services.intake import Intake
 from services.kvstores import KvMigrationStore
+from services.link_handover import LinkGiver
 from services.runtime.ledger import HostLedger
 from services.runtime.source_side import SourceSide
 from services.saga.runner import SagaRunner
 from services.source.handlers import Source
+from services.transfer_keys import KeyHolder
 from services.worker import WorkerContext, log, main
 
 
@@ -38,13 +41,17 @@ async def register(ctx: WorkerContext) -> None:
         )
         return started.address
 
+    keys = KeyHolder(
+        ctx.nc, ctx.config.state_dir, ctx.directory, ctx.config.transfer_port, ctx.config.tls
+    )
     role = Source(
         side=SourceSide(ctx.config, ctx.containers),
         containers=ctx.containers,
         placements=ctx.placements,
         peers=ctx.directory,
         page_server_for=page_server_for,
-        transfer_port=ctx.config.transfer_port,
+        keys=keys,
+        links=LinkGiver(ctx.nc, keys),
     )
     await bus.serve(
         ctx.nc,
@@ -87,6 +94,7 @@ async def register(ctx: WorkerContext) -> None:
         KvMigrationStore(await bus.bucket(ctx.js, subjects.MIGRATIONS_BUCKET)),
         ctx.directory,
         host=ctx.config.host,
+        freeze_inputs=HolderInputs(ctx.config.host, ctx.containers.runc, host_ledger),
     )
     await bus.serve(
         ctx.nc,

@@ -11,10 +11,13 @@ from schemas.v1.migrations import HostCheck, HostCheckReply
 from schemas.v2.results import PrecopyResult, ResumeResult
 from services import preflight as dry_run
 from services.errors import RuntimeFailure
+from services.link_handover import LinkGiver
 from services.runtime.containers import HostContainers
-from services.runtime.source_side import SourceSide
+from services.runtime.source_side import Handover, SourceSide
+from services.runtime.transfer import Link
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun, placement_of
 from services.stores import PeerDirectory, PlacementStore
+from services.transfer_keys import KeyHolder
 from workflows.precopy import IterationStats, PrecopyPlan, decide
 
 PAGE_SIZE = 4096
@@ -32,7 +35,8 @@ class Source:
     placements: PlacementStore
     peers: PeerDirectory
     page_server_for: RoundPageServer
-    transfer_port: int
+    keys: KeyHolder
+    links: LinkGiver
 
     def steps(self) -> dict[str, StepHandler]:
         return {
@@ -56,14 +60,28 @@ class Source:
         await self.peers.address_of(run.destination)
         return StepOutcome(await self.side.preflight(run.container))
 
+    async def _handover(self, run: StepRun) -> Handover:
+        """What the freeze calls to hand the container's link to the destination; the key
+        it signs with is fetched now, before anything is frozen."""
+        grant = await self.links.prepared(run.destination, run.migration_id)
+
+        async def hand_over() -> bool:
+            return await self.links.hand_over(run.destination, grant)
+
+        return hand_over
+
     async def dump(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Freeze and dump; the pages stream into the destination's page server, or, for
         post-copy, wait on this host for the destination to pull them."""
+        handover = await self._handover(run)
         if run.strategy == "post-copy":
             await progress(
                 f"freezing {run.container}; its pages stay here to be pulled", None, None
             )
-            lazy = await self.side.dump_lazy(run.container, run.migration_id)
+            destination = await self.peers.address_of(run.destination)
+            lazy = await self.side.dump_lazy(
+                run.container, run.migration_id, destination, handover=handover
+            )
             await progress(
                 f"dumped in {lazy.dump_ms} ms; pages served from {lazy.lazy_pages}", None, None
             )
@@ -75,7 +93,9 @@ class Source:
             prepared = run.needs(run.results.prepare_destination, "prepare_destination")
             page_server, parent = run.needs(prepared.page_server, "a page server"), None
         await progress(f"freezing {run.container}; pages stream to {page_server}", None, None)
-        result = await self.side.dump(run.container, run.migration_id, page_server, parent=parent)
+        result = await self.side.dump(
+            run.container, run.migration_id, page_server, parent=parent, handover=handover
+        )
         pages = result.pages_written
         await progress(f"dumped {pages} pages", pages * PAGE_SIZE, pages * PAGE_SIZE)
         return StepOutcome(result, bytes_moved=pages * PAGE_SIZE)
@@ -122,7 +142,10 @@ class Source:
                 f"refusing to resume {run.container} on {run.source}:"
                 f" the placement names {placement.host}"
             )
-        peer = await self.peers.address_of(run.destination)
-        how = await self.side.resume(placement, run.migration_id, peer, self.transfer_port)
+
+        async def link() -> Link:  # asked for only if the pages must come back
+            return await self.keys.link_to(run.destination, run.migration_id)
+
+        how = await self.side.resume(placement, run.migration_id, link)
         await progress(f"{run.container} runs on {run.source} again ({how})", None, None)
         return StepOutcome(ResumeResult(resumed=how))

@@ -9,7 +9,7 @@ from schemas.v2.results import PresyncResult, TransferResult
 from services.faults import FaultPlan
 from services.runtime.filesync import FileSync, TransferOptions
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun
-from services.stores import PeerDirectory
+from services.transfer_keys import KeyHolder
 
 
 def _options(run: StepRun, progress: Progress, what: str) -> TransferOptions:
@@ -32,8 +32,7 @@ class Transfer:
     """The transfer role on this host, holding what its steps need."""
 
     files: FileSync
-    peers: PeerDirectory
-    port: int
+    keys: KeyHolder
     faults: FaultPlan
 
     def steps(self) -> dict[str, StepHandler]:
@@ -45,11 +44,9 @@ class Transfer:
 
     async def presync_files(self, run: StepRun, progress: Progress) -> StepOutcome:
         """While the container still runs, its files go ahead of the freeze."""
-        address = await self.peers.address_of(run.destination)
-        options = _options(run, progress, f"pre-syncing files to {address}")
-        sent = await self.files.presync_files(
-            run.container, run.migration_id, address, self.port, options
-        )
+        link = await self.keys.link_to(run.destination, run.migration_id)
+        options = _options(run, progress, f"pre-syncing files to {link.address}")
+        sent = await self.files.presync_files(run.container, run.migration_id, link, options)
         await progress(
             f"pre-synced {sent.entries} entries, {_rate(sent.bytes, sent.seconds)}",
             sent.bytes,
@@ -61,12 +58,10 @@ class Transfer:
     async def transfer(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Images, bundle config and what changed in the files since the pre-sync,
         sha256-checked."""
-        address = await self.peers.address_of(run.destination)
-        options = _options(run, progress, f"sending images and file changes to {address}")
+        link = await self.keys.link_to(run.destination, run.migration_id)
+        options = _options(run, progress, f"sending images and file changes to {link.address}")
         damage = self.faults.once(run.migration_id, "corrupt:transfer")
-        sent = await self.files.push_bundle(
-            run.container, run.migration_id, address, self.port, options, damage
-        )
+        sent = await self.files.push_bundle(run.container, run.migration_id, link, options, damage)
         total = sum(s.bytes for s in sent)
         seconds = sum(s.seconds for s in sent)
         changed = sum(s.entries for s in sent[1:])

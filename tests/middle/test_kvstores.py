@@ -43,7 +43,7 @@ async def test_claiming_a_taken_name_is_a_conflict_that_names_the_host(
 async def test_a_placement_update_is_compare_and_set(placements: KvPlacementStore) -> None:
     web = records.placement("web", "h1")
     first = await placements.claim(web)
-    locked = records.placement("web", "h1", state="migrating", migration_id="m1")
+    locked = records.placement("web", "h1", state="migrating", migration_id="00000000000000e1")
     second = await placements.update(locked, first)
     assert second > first
     assert await placements.get("web") == (locked, second)
@@ -95,12 +95,12 @@ async def test_a_migration_update_is_compare_and_set(migrations: KvMigrationStor
 async def test_all_migrations_come_oldest_first(migrations: KvMigrationStore) -> None:
     assert await migrations.all() == []
     now = time.time()
-    newer = records.migration_record("bbbb", created_at=now)
-    older = records.migration_record("aaaa", container="db", created_at=now - 60)
+    newer = records.migration_record("bbbb000000000000", created_at=now)
+    older = records.migration_record("aaaa000000000000", container="db", created_at=now - 60)
     await migrations.create(newer)
     await migrations.create(older)
-    assert [r.id for r in await migrations.all()] == ["aaaa", "bbbb"]
-    assert await migrations.is_live("bbbb") is True
+    assert [r.id for r in await migrations.all()] == ["aaaa000000000000", "bbbb000000000000"]
+    assert await migrations.is_live("bbbb000000000000") is True
 
 
 async def test_the_host_directory_knows_registered_hosts_and_which_are_alive(

@@ -18,7 +18,8 @@ from schemas.v2.results import (
     VerifyResult,
 )
 from services.errors import RuntimeFailure
-from services.runtime.transfer import Sent
+from services.runtime.destination_side import Opened
+from services.runtime.transfer import Link, Sent
 
 
 @dataclass
@@ -59,16 +60,24 @@ class FakeSourceSide:
         return PreflightResult(listening_ports=(7000,), source_pid=4242)
 
     async def dump(
-        self, name: str, migration_id: str, page_server: str, *, parent: str | None = None
+        self,
+        name: str,
+        migration_id: str,
+        page_server: str,
+        *,
+        parent: str | None = None,
+        handover: Any = None,
     ) -> DumpResult:
         self.journal.note(self.host, f"dump to {page_server}", name)
         return DumpResult(frozen_at=time.time(), dump_ms=5, pages_written=10)
 
-    async def dump_lazy(self, name: str, migration_id: str) -> DumpResult:
+    async def dump_lazy(
+        self, name: str, migration_id: str, destination_address: str, *, handover: Any = None
+    ) -> DumpResult:
         self.journal.note(self.host, "dump lazy", name)
         return DumpResult(frozen_at=time.time(), dump_ms=5, lazy_pages="10.77.1.1:40000")
 
-    async def resume(self, placement: Placement, migration_id: str, peer: str, port: int) -> str:
+    async def resume(self, placement: Placement, migration_id: str, link: Any) -> str:
         self.journal.note(self.host, "resume", placement.name)
         return "thawed"
 
@@ -78,10 +87,8 @@ class FakeFileSync:
     host: str
     journal: Journal
 
-    async def presync_files(
-        self, name: str, migration_id: str, address: str, port: int, options: Any
-    ) -> Sent:
-        self.journal.note(self.host, f"presync to {address}", name)
+    async def presync_files(self, name: str, migration_id: str, link: Link, options: Any) -> Sent:
+        self.journal.note(self.host, f"presync to {link.address}", name)
         return Sent(bytes=1000, sha256="a" * 64, seconds=0.01, entries=3)
 
     def forget_presync(self, migration_id: str) -> bool:
@@ -89,9 +96,9 @@ class FakeFileSync:
         return True
 
     async def push_bundle(
-        self, name: str, migration_id: str, address: str, port: int, options: Any, damage: Any
+        self, name: str, migration_id: str, link: Link, options: Any, damage: Any
     ) -> list[Sent]:
-        self.journal.note(self.host, f"push bundle to {address}", name)
+        self.journal.note(self.host, f"push bundle to {link.address}", name)
         return [
             Sent(bytes=2000, sha256="b" * 64, seconds=0.01),
             Sent(bytes=30, sha256="c" * 64, seconds=0.01, entries=1),
@@ -112,7 +119,7 @@ class FakeDestinationSide:
         return [("no container of that name here", True, "free")]
 
     async def prepare(
-        self, placement: Placement, migration_id: str, *, page_server: bool
+        self, placement: Placement, migration_id: str, *, page_server: bool, source_address: str
     ) -> PrepareResult:
         self.journal.note(self.host, "prepare", placement.name)
         return PrepareResult(
@@ -131,9 +138,9 @@ class FakeDestinationSide:
         self.journal.note(self.host, f"verify {list(ports)}", placement.name)
         return VerifyResult(restored_pid=77)
 
-    async def open_network(self, placement: Placement, migration_id: str) -> list[str]:
+    async def open_network(self, placement: Placement, migration_id: str) -> Opened:
         self.journal.note(self.host, "open network", placement.name)
-        return [placement.ip]
+        return Opened(announced=[placement.ip], opened_at=time.time(), hold=None)
 
     async def drain_pages(self, migration_id: str, timeout: float) -> DrainResult | None:
         self.journal.note(self.host, "drain", migration_id)

@@ -214,8 +214,8 @@ async def test_above_the_limit_nothing_is_removed_and_health_says_why(tmp_path: 
 async def test_a_stale_lock_here_is_released_by_compare_and_set(tmp_path: Path) -> None:
     c, containers, evidence, placements, clock = collector(tmp_path)
     containers.run("web")
-    evidence.place("web", "h1", revision=5, lock="m1")
-    evidence.records["m1"] = Record.ENDED
+    evidence.place("web", "h1", revision=5, lock="00000000000000e1")
+    evidence.records["00000000000000e1"] = Record.ENDED
     await c.sweep()
     clock.now = 11.0
     done = await c.sweep()
@@ -227,9 +227,9 @@ async def test_a_stale_lock_here_is_released_by_compare_and_set(tmp_path: Path) 
 async def test_a_live_lock_or_an_unknown_record_is_left_alone(tmp_path: Path) -> None:
     c, containers, evidence, placements, clock = collector(tmp_path)
     containers.run("web")
-    evidence.place("web", "h1", revision=5, lock="m1")
+    evidence.place("web", "h1", revision=5, lock="00000000000000e1")
     for record in (Record.LIVE, Record.UNAVAILABLE):
-        evidence.records["m1"] = record
+        evidence.records["00000000000000e1"] = record
         for _ in range(3):
             clock.now += 11.0
             await c.sweep()

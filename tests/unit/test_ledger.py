@@ -52,7 +52,9 @@ def test_the_newest_copy_of_the_record_is_kept_whatever_the_order(tmp_path: Path
 def test_commit_uncommit_and_source_done_are_recorded(tmp_path: Path) -> None:
     destination = HostLedger(tmp_path / "b", "h2")
     record = running_at("commit", since=1.0)
-    destination.committed(record, placement("web", "h1", state="migrating", migration_id="x"))
+    destination.committed(
+        record, placement("web", "h1", state="migrating", migration_id="0000000000000001")
+    )
     [entry] = destination.migrations()
     assert entry.committed and entry.committed_at
     [held] = destination.containers()
@@ -90,3 +92,13 @@ def test_the_module_functions_record_in_the_installed_ledger_only(tmp_path: Path
     finally:
         os.chmod(book.containers_dir, 0o700)
         ledger.install(None)
+
+
+def test_recent_migrations_are_the_entries_written_last(tmp_path: Path) -> None:
+    book = HostLedger(tmp_path, "h1")
+    for n, migration_id in enumerate(("aaaaaaaaaaaaaaaa", "cccccccccccccccc", "bbbbbbbbbbbbbbbb")):
+        book.saw(running_at("dump", since=1.0).model_copy(update={"id": migration_id}))
+        entry = tmp_path / "ledger" / "migrations" / f"{migration_id}.json"
+        os.utime(entry, (1000.0 + n, 1000.0 + n))
+    assert [m.id for m in book.recent_migrations(2)] == ["bbbbbbbbbbbbbbbb", "cccccccccccccccc"]
+    assert len(book.recent_migrations(50)) == 3

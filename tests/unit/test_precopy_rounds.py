@@ -66,7 +66,8 @@ def _run(host: SyntheticHost, budget_ms: int) -> tuple[StepOutcome, list[Any], l
     # Only what the pre-copy loop touches is real: the side's pre_dump and the page servers.
     role = Source(
         side=cast(SourceSide, host), containers=cast(Any, None), placements=cast(Any, None),
-        peers=cast(Any, None), page_server_for=page_server_for, transfer_port=0,
+        peers=cast(Any, None), page_server_for=page_server_for, keys=cast(Any, None),
+        links=cast(Any, None),
     )  # fmt: skip
     outcome = asyncio.run(role.precopy_rounds(StepRun(cmd, record), progress))
     return outcome, asked, said

@@ -18,10 +18,12 @@ NOTHING = cast(Any, None)  # the roles hold their dependencies; listing steps to
 ROLES = {
     "source": Source(
         side=NOTHING, containers=NOTHING, placements=NOTHING, peers=NOTHING,
-        page_server_for=NOTHING, transfer_port=0,
+        page_server_for=NOTHING, keys=NOTHING, links=NOTHING,
     ),
-    "transfer": Transfer(files=NOTHING, peers=NOTHING, port=0, faults=NOTHING),
-    "destination": Destination(side=NOTHING, containers=NOTHING, placements=NOTHING),
+    "transfer": Transfer(files=NOTHING, keys=NOTHING, faults=NOTHING),
+    "destination": Destination(
+        side=NOTHING, containers=NOTHING, placements=NOTHING, state_dir=NOTHING, peers=NOTHING
+    ),
     "cleanup": Cleanup(cleanup=NOTHING, containers=NOTHING),
 }  # fmt: skip
 

@@ -17,13 +17,22 @@
  * so it works the same while the process is restored under lazy pages (a page that is not
  * here yet is fetched by the kernel's userfaultfd on first touch).
  *
+ * It also listens on TCP PORT (the same number), for clients that keep one connection:
+ *   the same requests, one per line, answered in order on that connection;
+ *   "PUSH\n"   from then on the app writes "tick <seq>\n" on it every millisecond (seq
+ *              counts that connection's ticks; a tick that finds the socket full is skipped,
+ *              as is any tick missed while the process was frozen: never a burst)
+ * A connection the client closes is closed; nothing else ever closes one.
+ *
  * Single-threaded: one poll() loop with a 1 ms timeout; between polls the writer catches up
  * with its pace, in small slices so a request never waits long.
  *
  * usage: dirtyapp PORT MIB [DIRTY_MIB_PER_S]
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -38,11 +47,28 @@
 #define PAGE 4096
 #define WORDS (PAGE / 8)
 #define MAX_SLICE_PAGES 64 /* at most 256 KiB rewritten between two polls */
+#define MAX_CONNS 64
+#define TICK_NS 1000000LL
+#define CONN_BUF 4096
+#define MAX_REPLY 256 /* the longest reply (S) is ~190 bytes */
 
 static uint64_t *mem;
 static size_t pages;
 static size_t next_dirty;
 static unsigned long long dirtied_pages, requests, bad_pages_seen;
+static long mib;
+
+/* One kept TCP connection: what came in but is not a whole line yet, what is not sent yet. */
+struct conn {
+    int fd;
+    int push;                    /* asked for ticks */
+    long long next_tick;         /* monotonic ns */
+    unsigned long long ticks;
+    size_t in_len, out_len;
+    char in[CONN_BUF], out[CONN_BUF];
+};
+static struct conn conns[MAX_CONNS];
+static int nconns;
 
 static uint64_t pattern(uint64_t page, uint64_t gen, uint64_t word) {
     uint64_t x = (page + 1) * 0x9E3779B97F4A7C15ULL ^ (gen + 1) * 0xC2B2AE3D27D4EB4FULL ^ word;
@@ -79,13 +105,107 @@ static void dirty_one(void) {
     dirtied_pages++;
 }
 
+/* The reply to one request (UDP datagram or TCP line) in `out`; returns its length. */
+static int answer(const char *in, char *out, size_t size) {
+    requests++;
+    if (in[0] == 'P') {
+        unsigned long long asked = strtoull(in + 1, NULL, 10);
+        size_t p = (size_t)(asked % pages);
+        if (page_ok(p))
+            return snprintf(out, size, "ok %llu %llu %llu\n", asked,
+                            (unsigned long long)mem[p * WORDS], requests);
+        bad_pages_seen++;
+        return snprintf(out, size, "bad %llu\n", asked);
+    }
+    if (in[0] == 'S') {
+        unsigned long long gen_sum = 0;
+        for (size_t p = 0; p < pages; p++) gen_sum += mem[p * WORDS];
+        return snprintf(out, size,
+                        "{\"pages\":%zu,\"mib\":%ld,\"bad_pages_seen\":%llu,"
+                        "\"generation_sum\":%llu,\"requests\":%llu,"
+                        "\"dirtied_pages\":%llu,\"pid\":%d}\n",
+                        pages, mib, bad_pages_seen, gen_sum, requests, dirtied_pages,
+                        (int)getpid());
+    }
+    if (in[0] == 'C') {
+        unsigned long long bad = 0;
+        for (size_t p = 0; p < pages; p++) bad += !page_ok(p);
+        bad_pages_seen += bad;
+        return snprintf(out, size, "{\"pages_checked\":%zu,\"bad_pages\":%llu}\n", pages, bad);
+    }
+    return snprintf(out, size, "error unknown request\n");
+}
+
+static void conn_close(int i) {
+    close(conns[i].fd);
+    conns[i] = conns[--nconns];
+}
+
+/* Send what is queued; returns -1 when the connection is gone. */
+static int conn_flush(struct conn *c) {
+    while (c->out_len > 0) {
+        ssize_t n = send(c->fd, c->out, c->out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? 0 : -1;
+        memmove(c->out, c->out + n, c->out_len - (size_t)n);
+        c->out_len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Answer the whole lines that came in, while their replies fit in `out`. */
+static void conn_serve(struct conn *c) {
+    char *line = c->in, *end;
+    while ((end = memchr(line, '\n', c->in_len - (size_t)(line - c->in))) != NULL) {
+        if (end - line == 4 && memcmp(line, "PUSH", 4) == 0) {
+            c->push = 1;
+            c->next_tick = now_ns();
+        } else {
+            if (sizeof c->out - c->out_len < MAX_REPLY) break; /* waits for the client */
+            *end = 0;
+            int len = answer(line, c->out + c->out_len, MAX_REPLY);
+            c->out_len += (size_t)len < MAX_REPLY ? (size_t)len : MAX_REPLY - 1;
+        }
+        line = end + 1;
+    }
+    c->in_len -= (size_t)(line - c->in);
+    memmove(c->in, line, c->in_len);
+}
+
+/* Read what came (while there is room), answer, send; -1 when the connection is gone. */
+static int conn_io(struct conn *c, short revents) {
+    if ((revents & (POLLIN | POLLHUP)) && c->in_len < sizeof c->in) {
+        ssize_t n = recv(c->fd, c->in + c->in_len, sizeof c->in - c->in_len, MSG_DONTWAIT);
+        if (n == 0) return -1;
+        if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+        if (n > 0) c->in_len += (size_t)n;
+    }
+    conn_serve(c);
+    if (c->in_len == sizeof c->in && !memchr(c->in, '\n', c->in_len))
+        return -1; /* a line longer than any request */
+    return conn_flush(c);
+}
+
+/* A tick when one is due; missed ones are skipped, and so is a tick with no room. */
+static int conn_tick(struct conn *c, long long t) {
+    if (!c->push || t < c->next_tick) return 0;
+    c->next_tick += TICK_NS;
+    if (c->next_tick < t) c->next_tick = t + TICK_NS;
+    char tick[64];
+    int len = snprintf(tick, sizeof tick, "tick %llu\n", c->ticks++);
+    if (c->out_len + (size_t)len <= sizeof c->out) {
+        memcpy(c->out + c->out_len, tick, (size_t)len);
+        c->out_len += (size_t)len;
+    }
+    return conn_flush(c);
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: dirtyapp PORT MIB [DIRTY_MIB_PER_S]\n");
         return 2;
     }
     int port = atoi(argv[1]);
-    long mib = atol(argv[2]);
+    mib = atol(argv[2]);
     double dirty_rate = argc > 3 ? atof(argv[3]) : 8.0;
     if (mib <= 0 || port <= 0 || dirty_rate < 0) {
         fprintf(stderr, "dirtyapp: PORT and MIB must be positive, DIRTY_MIB_PER_S >= 0\n");
@@ -107,13 +227,28 @@ int main(int argc, char **argv) {
         perror("bind udp");
         return 1;
     }
-    struct pollfd fd = {.fd = udp, .events = POLLIN};
+    int one = 1;
+    int tcp = socket(AF_INET, SOCK_STREAM, 0);
+    if (tcp < 0 || setsockopt(tcp, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+        bind(tcp, (struct sockaddr *)&addr, sizeof addr) || listen(tcp, 16)) {
+        perror("listen tcp");
+        return 1;
+    }
+    struct pollfd fds[2 + MAX_CONNS];
     double pages_per_ns = dirty_rate * (1024.0 * 1024.0 / PAGE) / 1e9;
     long long paced_since = now_ns();
     double owed = 0; /* pages the writer is behind its pace */
 
     for (;;) {
-        int ready = poll(&fd, 1, 1);
+        fds[0] = (struct pollfd){.fd = udp, .events = POLLIN};
+        fds[1] = (struct pollfd){.fd = tcp, .events = POLLIN};
+        for (int i = 0; i < nconns; i++)
+            fds[2 + i] = (struct pollfd){
+                .fd = conns[i].fd,
+                .events = (short)((conns[i].in_len < CONN_BUF ? POLLIN : 0) |
+                                  (conns[i].out_len ? POLLOUT : 0))};
+        int polled = nconns;
+        int ready = poll(fds, (nfds_t)(2 + polled), 1);
         long long t = now_ns();
         /* Time spent frozen (or anything longer than 100 ms) is not made up for afterwards. */
         long long elapsed = t - paced_since;
@@ -127,7 +262,24 @@ int main(int argc, char **argv) {
             slice++;
         }
         if (owed > MAX_SLICE_PAGES * 16) owed = MAX_SLICE_PAGES * 16; /* never a long burst */
-        if (ready <= 0 || !(fd.revents & POLLIN)) continue;
+        /* Ticks first (their pace is the point), then whatever came in; from the last
+         * connection down, so closing one (the last moves into its slot) skips none. */
+        for (int i = polled - 1; i >= 0; i--) {
+            short ev = fds[2 + i].revents;
+            if (conn_tick(&conns[i], t) < 0 || (ev & (POLLERR | POLLNVAL)) ||
+                ((ev || conns[i].in_len) && conn_io(&conns[i], ev) < 0))
+                conn_close(i);
+        }
+        if (ready > 0 && (fds[1].revents & POLLIN)) {
+            int fd = accept(tcp, NULL, NULL);
+            if (fd >= 0 && nconns == MAX_CONNS) {
+                close(fd);
+            } else if (fd >= 0) {
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                conns[nconns++] = (struct conn){.fd = fd};
+            }
+        }
+        if (ready <= 0 || !(fds[0].revents & POLLIN)) continue;
 
         for (int burst = 0; burst < 64; burst++) {
             char in[128], out[512];
@@ -137,36 +289,7 @@ int main(int argc, char **argv) {
                                  &fromlen);
             if (n <= 0) break;
             in[n] = 0;
-            requests++;
-            int len;
-            if (in[0] == 'P') {
-                unsigned long long asked = strtoull(in + 1, NULL, 10);
-                size_t p = (size_t)(asked % pages);
-                if (page_ok(p)) {
-                    len = snprintf(out, sizeof out, "ok %llu %llu %llu\n", asked,
-                                   (unsigned long long)mem[p * WORDS], requests);
-                } else {
-                    bad_pages_seen++;
-                    len = snprintf(out, sizeof out, "bad %llu\n", asked);
-                }
-            } else if (in[0] == 'S') {
-                unsigned long long gen_sum = 0;
-                for (size_t p = 0; p < pages; p++) gen_sum += mem[p * WORDS];
-                len = snprintf(out, sizeof out,
-                               "{\"pages\":%zu,\"mib\":%ld,\"bad_pages_seen\":%llu,"
-                               "\"generation_sum\":%llu,\"requests\":%llu,"
-                               "\"dirtied_pages\":%llu,\"pid\":%d}\n",
-                               pages, mib, bad_pages_seen, gen_sum, requests, dirtied_pages,
-                               (int)getpid());
-            } else if (in[0] == 'C') {
-                unsigned long long bad = 0;
-                for (size_t p = 0; p < pages; p++) bad += !page_ok(p);
-                bad_pages_seen += bad;
-                len = snprintf(out, sizeof out, "{\"pages_checked\":%zu,\"bad_pages\":%llu}\n",
-                               pages, bad);
-            } else {
-                len = snprintf(out, sizeof out, "error unknown request\n");
-            }
+            int len = answer(in, out, sizeof out);
             sendto(udp, out, (size_t)len, 0, (struct sockaddr *)&from, fromlen);
         }
     }
