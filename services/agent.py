@@ -35,7 +35,7 @@ from services import bus, metrics, topology
 from services.config import HostConfig
 from services.config_layout import CONFIG_ENV
 from services.errors import FerryError, InvalidInput, Unavailable
-from services.runtime import firewall
+from services.runtime import firewall, kdat
 from services.runtime.features import host_features
 from services.runtime.versions import host_versions
 from services.worker import setup_logging
@@ -177,7 +177,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
             await _stay_registered(js, registry, registration)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), subjects.HEARTBEAT_INTERVAL_S)
-    await nc.close()
+    await bus.close(nc)
 
 
 async def _keep_declaration(registry: KeyValue, registration: HostRegistration) -> HostRegistration:
@@ -238,6 +238,7 @@ async def run_agent(config: HostConfig | None = None) -> None:
     for d in (config.run_dir, config.log_dir):
         d.mkdir(parents=True, exist_ok=True)
     (config.run_dir / "agent.pid").write_text(f"{os.getpid()}\n")
+    kdat.ensure_cache_dir()  # before the first CRIU run (the registration's feature checks)
     # Before any worker listens: nothing a container sends may reach this host's ports.
     fenced = firewall.fence_tenants(config.bridge, str(config.subnet))
     log.info("tenants fenced off this host (%s, bridge %s)", " and ".join(fenced), config.bridge)

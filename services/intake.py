@@ -32,16 +32,27 @@ from schemas.v1.migrations import (
     MigrationRequest,
     StrategyChoice,
 )
+from schemas.v2.forecast import FreezeForecast
 from schemas.v2.migrations import MigrationOptions, MigrationRecord
 from services import bus, preflight, tracing
 from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavailable
+from services.forecasting import FreezeInputs, NothingKnown
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga.publish import publish_decision
 from services.saga.transitions import compare_and_set
 from services.tracecontext import new_traceparent
 from workflows.definitions import DEFINITIONS
+from workflows.freeze_forecast import forecast
 from workflows.saga import begin, request_cancel
-from workflows.strategy import HostFeatures, StrategyUnavailable, choose
+from workflows.strategy import (
+    DIRTY_TRACKING,
+    GUIDE_MS,
+    HostFeatures,
+    OverBudget,
+    StrategyUnavailable,
+    choose,
+    choose_within_budget,
+)
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 FORWARD_TIMEOUT_S = 20.0
@@ -95,7 +106,8 @@ def _options(request: MigrationRequest) -> MigrationOptions:
     """What the steps need to know of the request."""
     limit = request.bandwidth_limit_mib_s
     return MigrationOptions(
-        downtime_budget_ms=request.downtime_budget_ms,
+        # Pre-copy plans its rounds for the budget, or for QEMU's default without one.
+        downtime_budget_ms=request.downtime_budget_ms or GUIDE_MS,
         compress=request.compress,
         bandwidth_limit_bps=max(round(limit * 2**20), 1) if limit else None,
         inject_fault=request.inject_fault,
@@ -114,6 +126,7 @@ class Intake:
         hosts: KvHostDirectory,
         *,
         host: str | None = None,
+        freeze_inputs: FreezeInputs | None = None,
     ) -> None:
         # The host this intake runs on: only a container's holder may lock it, so a request
         # for a container held elsewhere goes on to its holder. None: take every request.
@@ -123,6 +136,7 @@ class Intake:
         self.placements = placements
         self.migrations = migrations
         self.hosts = hosts
+        self.freeze_inputs = freeze_inputs or NothingKnown()
 
     async def accept(
         self, data: bytes, requested_by: str = subjects.ANONYMOUS
@@ -168,24 +182,24 @@ class Intake:
             )
         source = await self.hosts.registered(placement.host)
         preflight.refuse_incompatible(placement.host, source, request.destination, destination)
-        try:
-            strategy = choose(
-                request.strategy,
-                request.downtime_budget_ms,
-                _features(placement.host, source),
-                _features(request.destination, destination),
-            )
-        except StrategyUnavailable as exc:
-            raise InvalidInput(str(exc), field="strategy") from exc
-        if request.dry_run:
-            return await self.dry_run(request, placement.host, strategy)
-        if self.host is not None and placement.host != self.host:
+        source_features = _features(placement.host, source)
+        destination_features = _features(request.destination, destination)
+        if self.host is not None and placement.host != self.host and not request.dry_run:
+            # Only the holder forecasts the freeze: it knows the container's memory and its
+            # own earlier moves. What any intake can check, it checks before passing it on.
+            try:
+                choose(request.strategy, GUIDE_MS, source_features, destination_features)
+            except StrategyUnavailable as exc:
+                raise InvalidInput(str(exc), field="strategy") from exc
             if forwarded:
                 raise Conflict(
                     f"{request.container} moved to {placement.host} meanwhile; try again",
                     field="container",
                 )
             return await self._forward(placement.host, request, requested_by)
+        strategy, predicted = await self._choose(request, source_features, destination_features)
+        if request.dry_run:
+            return await self.dry_run(request, placement.host, strategy, predicted)
 
         migration_id = uuid.uuid4().hex[:16]
         # The root span's ids are reserved here; the worker that ends the saga records it.
@@ -200,6 +214,9 @@ class Intake:
                 "ferry.destination": request.destination,
                 "ferry.strategy": strategy.chosen,
                 "ferry.strategy_reason": strategy.reason,
+                "ferry.forecast_ms": predicted.predicted_ms,
+                "ferry.forecast": predicted.line(),
+                "ferry.forecast_missing": list(predicted.missing),
                 "ferry.host": os.environ.get("FERRY_HOST", ""),
                 "ferry.requested_by": requested_by,
             },
@@ -231,11 +248,44 @@ class Intake:
             deadline=now,
             options=_options(request),
             requested_by=requested_by,
+            forecast=predicted,
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
         await publish_decision(self.js, decision, host=self.host)
         return MigrationAccepted(id=migration_id)
+
+    async def _choose(
+        self, request: MigrationRequest, source: HostFeatures, destination: HostFeatures
+    ) -> tuple[StrategyChoice, FreezeForecast]:
+        """The strategy and its freeze forecast; over an explicit budget, refused — or, for
+        a dry run, reported as a failed check."""
+        inputs = await self.freeze_inputs.inputs(
+            request.container, DIRTY_TRACKING in source.features
+        )
+
+        def forecaster(strategy: str) -> FreezeForecast:
+            return forecast(
+                strategy,
+                memory_bytes=inputs.memory_bytes,
+                memory_basis=inputs.memory_basis,
+                destination=request.destination,
+                history=inputs.history,
+                budget_ms=request.downtime_budget_ms,
+                missing=inputs.missing,
+            )
+
+        try:
+            return choose_within_budget(
+                request.strategy, request.downtime_budget_ms, source, destination, forecaster
+            )
+        except OverBudget as exc:
+            if not request.dry_run:
+                raise InvalidInput(str(exc), field="downtime_budget_ms") from exc
+            chosen = choose(request.strategy, GUIDE_MS, source, destination)
+            return chosen, forecaster(chosen.chosen)
+        except StrategyUnavailable as exc:
+            raise InvalidInput(str(exc), field="strategy") from exc
 
     async def _forward(
         self, holder: str, request: MigrationRequest, requested_by: str
@@ -250,7 +300,11 @@ class Intake:
         )
 
     async def dry_run(
-        self, request: MigrationRequest, source: str, strategy: StrategyChoice
+        self,
+        request: MigrationRequest,
+        source: str,
+        strategy: StrategyChoice,
+        predicted: FreezeForecast,
     ) -> DryRunReport:
         """Pre-flight only: ask both hosts whether they can play their part."""
         on_source = await _host_check(
@@ -271,7 +325,14 @@ class Intake:
             ok=True,
             detail=strategy.reason,
         )
-        checks = (*on_source.checks, *on_destination.checks, chosen)
+        freeze = CheckResult(
+            host=f"{source}->{request.destination}",
+            check="freeze forecast",
+            ok=predicted.fits,
+            detail=predicted.line()
+            + (f"; assumed: {'; '.join(predicted.missing)}" if predicted.missing else ""),
+        )
+        checks = (*on_source.checks, *on_destination.checks, chosen, freeze)
         return DryRunReport(ok=all(c.ok for c in checks), checks=checks)
 
     async def cancel(self, data: bytes, requested_by: str = subjects.ANONYMOUS) -> CancelAccepted:

@@ -223,6 +223,17 @@ def emit_root_span(telemetry: Telemetry, record: Any) -> None:
     }
     if record.freeze_ms is not None:
         attributes["ferry.freeze_ms"] = record.freeze_ms
+    opened = record.results.open_network
+    if opened is not None:
+        attributes["ferry.frozen_to_open_ms"] = opened.frozen_to_open_ms
+    if record.forecast is not None:
+        # Forecast and outcome side by side: how good the forecast was is in the trace.
+        attributes["ferry.forecast_ms"] = record.forecast.predicted_ms
+        attributes["ferry.forecast"] = record.forecast.line()
+        if opened is not None and opened.frozen_to_open_ms:
+            attributes["ferry.forecast_ratio"] = round(
+                record.forecast.predicted_ms / opened.frozen_to_open_ms, 2
+            )
     root_context = otel_context.Context()  # no parent: this is the trace's root
     with reserved_ids(trace_id, span_id):
         span = telemetry.tracer.start_span(

@@ -3,10 +3,11 @@ can do, or — for `auto` — the best one they can, with the reason written dow
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from schemas.v1.migrations import Strategy, StrategyChoice
+from schemas.v2.forecast import FreezeForecast
 
 LAZY_PAGES = "lazy_pages"
 DIRTY_TRACKING = "mem_dirty_track"
@@ -30,6 +31,17 @@ class HostFeatures:
 
 class StrategyUnavailable(ValueError):
     """The requested strategy cannot run between these hosts; the message says why."""
+
+
+class OverBudget(StrategyUnavailable):
+    """Every strategy that could run would freeze the container longer than the budget."""
+
+
+# auto's order of preference: pre-copy keeps the whole way back, post-copy's freeze does
+# not grow with memory, stop-and-copy always works.
+PREFERENCE = ("pre-copy", "post-copy", "stop-and-copy")
+Forecaster = Callable[[str], FreezeForecast]
+GUIDE_MS = 300  # pre-copy's rounds aim here when the request gives no budget (QEMU's default)
 
 
 def _lacking(strategy: str, hosts: tuple[HostFeatures, ...]) -> str | None:
@@ -68,4 +80,44 @@ def choose(
     return StrategyChoice(
         chosen="stop-and-copy",
         reason=f"auto: {skipped}; {_lacking('post-copy', hosts)}; the freeze grows with memory",
+    )
+
+
+def choose_within_budget(
+    requested: Strategy,
+    budget_ms: int | None,
+    source: HostFeatures,
+    destination: HostFeatures,
+    forecaster: Forecaster,
+) -> tuple[StrategyChoice, FreezeForecast]:
+    """The strategy, and its freeze forecast. With a budget, a strategy whose forecast is
+    over it is refused when requested, and passed over by auto for the next one that fits;
+    without one, the forecast is only recorded."""
+    hosts = (source, destination)
+    guide_ms = budget_ms or GUIDE_MS
+    if requested != "auto":
+        choice = choose(requested, guide_ms, source, destination)
+        predicted = forecaster(choice.chosen)
+        if not predicted.fits:
+            raise OverBudget(f"over the {budget_ms} ms downtime budget: {predicted.line()}")
+        return choice, predicted
+    usable = [s for s in PREFERENCE if _lacking(s, hosts) is None]
+    forecasts = {s: forecaster(s) for s in usable}
+    preferred = choose("auto", guide_ms, source, destination)
+    fitting = [s for s in usable if forecasts[s].fits]
+    if not fitting:
+        lines = "; ".join(forecasts[s].line() for s in usable)
+        raise OverBudget(f"no strategy fits the {budget_ms} ms downtime budget: {lines}")
+    if fitting[0] == preferred.chosen:
+        return preferred, forecasts[preferred.chosen]
+    chosen = fitting[0]
+    before = usable[: usable.index(chosen)]
+    passed = ", ".join(f"{s} {forecasts[s].predicted_ms} ms" for s in before)
+    return (
+        StrategyChoice(
+            chosen=chosen,
+            reason=f"auto: forecast {forecasts[chosen].predicted_ms} ms fits the {budget_ms} ms"
+            f" budget; passed over: {passed}",
+        ),
+        forecasts[chosen],
     )

@@ -36,6 +36,13 @@ CRIU_BIN=/usr/local/sbin/criu
 CRIU_SRC=${FERRY_CRIU_SRC:-/usr/local/src/ferry-criu}
 # The self-test keeps its images here; step 5 decodes their stats-dump with pycriu.
 CRIU_SELFTEST=$CRIU_SRC/selftest
+# Ferry's own fixes to CRIU, applied to Debian's source before the build (each says why).
+CRIU_PATCHES=$SETUP_DIR/criu-patches
+# Where CRIU keeps its kernel-feature cache (criu.kdat). CRIU keeps it only on a tmpfs;
+# /run is not one on every machine, so Ferry gives CRIU a tmpfs of its own here (this step,
+# and the agent on every start: services/runtime/kdat.py). A cold cache costs ~50-130 ms
+# inside every freeze.
+CRIU_RUNDIR=/run/ferry-criu
 NATS_SERIES=2.15
 PIPE_MAX=4194304
 FERRY_LINK=/usr/local/bin/ferry
@@ -46,10 +53,14 @@ APT_PACKAGES=(
     # tests: one host's Ferry workers with their clock off (libfaketime; never runc or CRIU)
     faketime
     # CRIU build dependencies (docs/recipes.md#R1)
-    gcc make libc6-dev pkg-config libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
+    gcc make patch libc6-dev pkg-config libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev
     libnl-3-dev libcap-dev uuid-dev libnet1-dev libnftables-dev libgnutls28-dev libbsd-dev
     # pycriu's *_pb2.py, and the venv
     protobuf-compiler python3-venv python3-dev
+    # netfilterqueue (the venv builds it): packets held, not dropped, across a cut-over
+    libnetfilter-queue-dev
+    # make bench: a keep-alive web server moved under load (nginx in a container, wrk outside)
+    nginx-light wrk
 )
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +121,9 @@ disable_system_redis() {
 step_criu() {
     local have
     # The source tree must stay too: step 5 generates pycriu from it.
+    ensure_kdat_dir
     if [[ $FORCE != 1 && -f $CRIU_SRC/tree/Makefile ]] && have=$(criu_version "$CRIU_BIN") \
-        && version_ge "$have" "$CRIU_MIN" && criu_check_ok; then
+        && version_ge "$have" "$CRIU_MIN" && build_stamp_ok && criu_check_ok; then
         if selftest_stamp_ok; then
             log "criu $have already built, criu check ok"
             return 0
@@ -130,6 +142,27 @@ step_criu() {
     log "criu $have: dump/restore of a process with established TCP connections, ok"
 }
 
+# What the installed CRIU was built with: the patches' contents and the cache directory.
+criu_build_id() {
+    { echo "RUNDIR=$CRIU_RUNDIR"; cat "$CRIU_PATCHES"/*.patch; } | sha256sum | cut -d' ' -f1
+}
+
+build_stamp_ok() {
+    [[ -f $CRIU_SRC/build.stamp && $(cat "$CRIU_SRC/build.stamp") == "$(criu_build_id)" ]] || {
+        log "criu: its patches or build options changed: building it again"
+        return 1
+    }
+}
+
+ensure_kdat_dir() {
+    mkdir -p -m 0700 "$CRIU_RUNDIR"
+    if [[ $(stat -f -c %T "$CRIU_RUNDIR") != tmpfs ]]; then
+        mount -t tmpfs -o size=1m,mode=0700 ferry-criu "$CRIU_RUNDIR" \
+            || die "cannot mount a tmpfs on $CRIU_RUNDIR for CRIU's kernel-feature cache"
+        log "criu: a tmpfs on $CRIU_RUNDIR for its kernel-feature cache"
+    fi
+}
+
 criu_check_ok() {
     local out
     out=$("$CRIU_BIN" check 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
@@ -145,11 +178,12 @@ build_criu() {
     mkdir -p "$CRIU_SRC"
     local tree
     tree=$(fetch_criu_source) || exit 1
-    log "criu: building in $tree (make -j$(nproc) criu)"
-    run_quiet "make criu" make -C "$tree" -j"$(nproc)" criu \
+    log "criu: building in $tree (make -j$(nproc) criu RUNDIR=$CRIU_RUNDIR)"
+    run_quiet "make criu" make -C "$tree" -j"$(nproc)" criu RUNDIR="$CRIU_RUNDIR" \
         || die "building CRIU failed in $tree (make criu; output above)"
     install -m 0755 "$tree/criu/criu" "$CRIU_BIN"
     ln -sfn "$tree" "$CRIU_SRC/tree"
+    criu_build_id >"$CRIU_SRC/build.stamp"
     log "criu: installed $CRIU_BIN"
 }
 
@@ -199,13 +233,20 @@ fetch_criu_source() {
     [[ $(sha256_of "$tarball") == "$sha" ]] || die "$tarball does not match SHA256 $sha from sid's Sources"
 
     local tree=$CRIU_SRC/criu-$upstream
-    if [[ ! -f $tree/.ferry-unpacked ]]; then
+    # Unpacked afresh whenever the patches change, so each applies to Debian's own source.
+    if [[ ! -f $tree/.ferry-unpacked || $(cat "$tree/.ferry-unpacked") != "$(criu_build_id)" ]]; then
         rm -rf "$tree" "$tree.tmp"
         mkdir -p "$tree.tmp"
         tar -xf "$tarball" -C "$tree.tmp" --strip-components=1 \
             || die "unpacking $tarball failed"
         [[ -f $tree.tmp/Makefile && -d $tree.tmp/criu ]] || die "$tarball does not look like CRIU's source"
-        touch "$tree.tmp/.ferry-unpacked"
+        local patch
+        for patch in "$CRIU_PATCHES"/*.patch; do
+            patch -d "$tree.tmp" -p1 --forward --quiet <"$patch" >&2 \
+                || die "$(basename "$patch") does not apply to CRIU $upstream"
+            log "criu: applied $(basename "$patch")" >&2
+        done
+        criu_build_id >"$tree.tmp/.ferry-unpacked"
         mv "$tree.tmp" "$tree"
     fi
     printf '%s\n' "$tree"

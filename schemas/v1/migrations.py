@@ -9,6 +9,7 @@ from pydantic import Field, StringConstraints
 
 from schemas.v1.base import Message, Part
 from schemas.v1.containers import ContainerNameStr, HostNameStr
+from schemas.v1.types import EndpointStr, MigrationId
 
 Strategy = Literal["stop-and-copy", "post-copy", "pre-copy", "auto"]
 Role = Literal["source", "transfer", "destination", "cleanup"]
@@ -57,12 +58,14 @@ class MigrationRequest(Message):
         default="auto",
         description="auto picks the best strategy both hosts support for the downtime budget",
     )
-    downtime_budget_ms: int = Field(
-        default=300,
+    downtime_budget_ms: int | None = Field(
+        default=None,
         ge=10,
         le=600_000,
-        description="longest freeze the workload tolerates (QEMU's default is 300 ms);"
-        " guides auto and pre-copy's rounds",
+        description="longest freeze the workload tolerates (QEMU's default is 300 ms). Given,"
+        " it is a limit: a move whose forecast freeze is longer is refused, and auto picks a"
+        " strategy that fits. Not given: the freeze is forecast and recorded, never refused,"
+        " and pre-copy plans its rounds for 300 ms",
     )
     bandwidth_limit_mib_s: float | None = Field(
         default=None,
@@ -122,7 +125,7 @@ class HostCheckReply(Message):
 class StartPageServer(Message):
     """Pre-copy: ask the destination for a page server taking one round's pages."""
 
-    migration_id: str = Field(pattern=r"^[0-9a-f]{8,64}$")
+    migration_id: MigrationId
     images: str = Field(pattern=r"^(it-[1-9][0-9]?|images)$", description="it-N or images")
     parent: str | None = Field(
         default=None, pattern=r"^\.\./it-[1-9][0-9]?$", description="the previous round's dir"
@@ -130,25 +133,25 @@ class StartPageServer(Message):
 
 
 class PageServerStarted(Message):
-    address: str
+    address: EndpointStr
 
 
 class CancelRequest(Message):
     """Stop a migration before its commit; published on ferry.v1.migrations.cancel."""
 
-    id: str = Field(min_length=1, max_length=64)
+    id: MigrationId
     reason: str = "cancelled by operator"
 
 
 class CancelAccepted(Message):
-    id: str
+    id: MigrationId
     state: str
 
 
 class MigrationAccepted(Message):
     """Reply to an accepted request."""
 
-    id: str
+    id: MigrationId
 
 
 class StrategyChoice(Part):
@@ -177,7 +180,7 @@ class StepRecord(Part):
 class MigrationRecord(Message):
     """The durable state of one migration (KV ferry-migrations, compare-and-set only)."""
 
-    id: str
+    id: MigrationId
     container: ContainerNameStr
     source: HostNameStr
     destination: HostNameStr
@@ -206,7 +209,7 @@ class MigrationRecord(Message):
 class StepCommand(Message):
     """Run one step (or compensation) of a migration; published on the work-queue stream."""
 
-    migration_id: str
+    migration_id: MigrationId
     step: str
     kind: StepKind = "forward"
     attempt: int = Field(ge=1)
@@ -218,7 +221,7 @@ class StepCommand(Message):
 
 
 class EventBase(Message):
-    migration_id: str
+    migration_id: MigrationId
     at: float
 
 

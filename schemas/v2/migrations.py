@@ -23,7 +23,9 @@ from schemas.v1.migrations import (
     StepRecord,
     StrategyChoice,
 )
+from schemas.v1.types import MigrationId
 from schemas.v2.base import Message
+from schemas.v2.forecast import FreezeForecast
 from schemas.v2.results import RESULT_TYPES, StepResults
 
 ChosenStrategy = Literal["stop-and-copy", "post-copy", "pre-copy"]
@@ -50,7 +52,7 @@ class MigrationOptions(Part):
 class MigrationRecord(Message):
     """The durable state of one migration (KV ferry-migrations, compare-and-set only)."""
 
-    id: str
+    id: MigrationId
     container: ContainerNameStr
     source: HostNameStr
     destination: HostNameStr
@@ -73,6 +75,9 @@ class MigrationRecord(Message):
     results: StepResults = Field(default_factory=StepResults)
     bytes_moved: int = 0
     freeze_ms: int | None = None
+    forecast: FreezeForecast | None = Field(
+        default=None, description="the freeze forecast at intake, beside the measured one"
+    )
     error: str | None = None
 
     @model_validator(mode="after")
@@ -94,7 +99,7 @@ class MigrationRecord(Message):
 class StepCommand(Message):
     """Run one step (or compensation) of a migration; published on the work-queue stream."""
 
-    migration_id: str
+    migration_id: MigrationId
     step: str
     kind: StepKind = "forward"
     attempt: int = Field(ge=1)

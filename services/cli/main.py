@@ -14,6 +14,7 @@ from schemas.v1.migrations import FAULT_EXAMPLES
 from services.cli import (
     agent_commands,
     bootstrap_commands,
+    cert_commands,
     container_commands,
     host_commands,
     identity_commands,
@@ -97,9 +98,10 @@ def build_parser() -> Parser:
     migrate.add_argument(
         "--downtime-budget",
         type=positive_int,
-        default=300,
+        default=None,
         metavar="MS",
-        help="longest freeze the workload tolerates (default 300 ms, QEMU's default)",
+        help="longest freeze the workload tolerates: a move whose forecast freeze is longer is"
+        " refused (auto picks a strategy that fits). Without it the forecast is only recorded",
     )
     migrate.add_argument(
         "--bandwidth-limit",
@@ -153,6 +155,7 @@ def build_parser() -> Parser:
     boot.set_defaults(run=bootstrap_commands.bootstrap)
 
     identity_commands.register(sub)  # `ferry identities`
+    cert_commands.register(sub)  # `ferry certs`
 
     rec = sub.add_parser(
         "reconcile",

@@ -163,9 +163,10 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
         "container": args.name,
         "destination": args.to,
         "strategy": args.strategy,
-        "downtime_budget_ms": args.downtime_budget,
         "compress": args.compress,
     }
+    if args.downtime_budget is not None:  # given, it is a limit (schemas/v1/migrations.py)
+        payload["downtime_budget_ms"] = args.downtime_budget
     if args.bandwidth_limit is not None:
         payload["bandwidth_limit_mib_s"] = args.bandwidth_limit
     if args.inject_fault:

@@ -118,6 +118,12 @@ class HostLedger:
     def migrations(self) -> list[LedgerMigration]:
         return [m for m in (_read(LedgerMigration, f) for f in _files(self.migrations_dir)) if m]
 
+    def recent_migrations(self, limit: int) -> list[LedgerMigration]:
+        """The `limit` entries written last: what a forecast learns from, without reading
+        every move this host ever made."""
+        newest = sorted(_files(self.migrations_dir), key=_written_at, reverse=True)[:limit]
+        return [m for m in (_read(LedgerMigration, f) for f in newest) if m]
+
     def _change(
         self, record: MigrationRecord, change: Callable[[LedgerMigration], LedgerMigration]
     ) -> None:
@@ -164,6 +170,13 @@ class HostLedger:
 
 def _files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.json")) if directory.is_dir() else []
+
+
+def _written_at(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # gone meanwhile: it sorts last and reads as nothing
+        return 0.0
 
 
 def _read(model: type[M], path: Path) -> M | None:

@@ -9,7 +9,7 @@ import os
 import signal
 
 from services.errors import RuntimeFailure
-from services.runtime import cmdlines, criu, spans
+from services.runtime import bundle, cmdlines, criu, spans
 from services.runtime import paths as layout
 from services.runtime.containers import ContainerPaths
 from services.runtime.paths import MigrationPaths
@@ -18,13 +18,20 @@ from services.runtime.runc import Runc, log_errors
 
 
 async def restore_container(
-    runc: Runc, name: str, paths: MigrationPaths, cpaths: ContainerPaths, *, lazy: bool = False
+    runc: Runc,
+    name: str,
+    paths: MigrationPaths,
+    cpaths: ContainerPaths,
+    *,
+    lazy: bool = False,
+    check_running: bool = True,
 ) -> None:
-    """Restore `name` from this migration's images into its bundle; it must stay running.
-    With `lazy`, a lazy-pages daemon serves its memory (already started)."""
+    """Restore `name` from this migration's images into its bundle; it must stay running
+    (checked here unless the caller checks it next). With `lazy`, a lazy-pages daemon
+    serves its memory (already started)."""
     with spans.tracer.start_as_current_span("criu.restore") as span:
         try:
-            await _run_restore(runc, name, paths, cpaths, lazy=lazy)
+            await _run_restore(runc, name, paths, cpaths, lazy=lazy, check_running=check_running)
         except RuntimeFailure as failure:
             spans.fail(span, failure)
             raise
@@ -38,9 +45,16 @@ async def restore_container(
 
 
 async def _run_restore(
-    runc: Runc, name: str, paths: MigrationPaths, cpaths: ContainerPaths, *, lazy: bool
+    runc: Runc,
+    name: str,
+    paths: MigrationPaths,
+    cpaths: ContainerPaths,
+    *,
+    lazy: bool,
+    check_running: bool,
 ) -> None:
     log_file = paths.runc_restore_log
+    bundle.refuse_hooks(cpaths.bundle)
     argv = cmdlines.runc_restore(runc, name, paths.images, cpaths.bundle, log_file, lazy_pages=lazy)
     # Cancelled (the step's deadline, a lost lease): runc and its CRIU are killed, a
     # half-restored container is left for the compensation (stop_destination) to remove.
@@ -51,6 +65,8 @@ async def _run_restore(
             f"restore of {name} failed: {errors[-1] if errors else f'exit {code}'}",
             log_tail=criu.tail(paths.restore_log),
         )
+    if not check_running:
+        return
     state = await runc.state(name)
     if state is None or state.status != "running":
         raise RuntimeFailure(f"{name} did not stay running after restore")

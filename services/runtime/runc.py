@@ -72,6 +72,12 @@ class Runc:
             RuncState(name=e["id"], status=e["status"], pid=e.get("pid") or None) for e in entries
         ]
 
+    def may_know(self, name: str) -> bool:
+        """Whether runc may have a container of that name: its state directory is there.
+        False is sure (runc keeps every container under its root); True needs `state`.
+        A file check instead of a runc run where a freeze waits for the answer."""
+        return (self.root / name).exists()
+
     async def state(self, name: str) -> RuncState | None:
         done = await arun(self._argv("state", name), check=False)
         if done.returncode != 0:

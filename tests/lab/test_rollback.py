@@ -104,6 +104,22 @@ def test_dry_run_reports_each_hosts_checks_and_changes_nothing(
     assert checks[("h1", "criu")]["ok"] and checks[("h2", "criu")]["ok"]
     assert checks[("h1", "container running here")]["ok"]
     assert checks[("h2", "disk space")]["ok"]
+    forecast = checks[("h1->h2", "freeze forecast")]
+    assert forecast["ok"] and "MiB resident memory" in forecast["detail"], forecast
+    # A budget no move can meet: the dry run says so; the move itself is refused.
+    tight = ferry(
+        fault_lab, "migrate", "drill", "--to", "h2", "--downtime-budget", "10", "--dry-run",
+        "--json",
+    )  # fmt: skip
+    assert tight.code == 1, tight.stderr
+    tight_checks = {(c["host"], c["check"]): c for c in tight.json()["checks"]}
+    assert not tight_checks[("h1->h2", "freeze forecast")]["ok"]
+    refused = ferry(
+        fault_lab, "migrate", "drill", "--to", "h2", "--downtime-budget", "10", "--json"
+    )
+    assert refused.code == 2, refused.stderr
+    assert refused.json()["error"]["field"] == "downtime_budget_ms"
+    assert "downtime budget" in refused.json()["error"]["reason"]
     unknown = ferry(fault_lab, "migrate", "drill", "--to", "h7", "--dry-run", "--json")
     assert unknown.code == 2 and unknown.json()["error"]["field"] == "destination"
     after = (placements(fault_lab), ferry(fault_lab, "status", "--json", check=True).json())

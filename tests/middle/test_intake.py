@@ -123,6 +123,13 @@ REFUSALS = [
     pytest.param(
         request(inject_fault="restore"), InvalidInput, "inject_fault", "fault", id="faults-off"
     ),
+    pytest.param(
+        request(downtime_budget_ms=100),
+        InvalidInput,
+        "downtime_budget_ms",
+        "no strategy fits the 100 ms downtime budget: stop-and-copy: 600 ms",
+        id="over-budget",
+    ),
 ]
 
 
@@ -155,6 +162,19 @@ async def test_a_fault_is_accepted_when_the_hosts_allow_faults(
     accepted = await intake.accept(request(inject_fault="restore"))
     assert isinstance(accepted, MigrationAccepted)
     assert await migrations.get(accepted.id) is not None
+
+
+async def test_the_record_keeps_the_freeze_forecast_and_what_it_had_to_assume(
+    intake: Intake, migrations: KvMigrationStore
+) -> None:
+    accepted = await intake.accept(request())
+    assert isinstance(accepted, MigrationAccepted)
+    got = await migrations.get(accepted.id)
+    assert got is not None and got[0].forecast is not None
+    forecast = got[0].forecast
+    assert (forecast.strategy, forecast.budget_ms, forecast.fits) == ("stop-and-copy", None, True)
+    assert any("not the container's holder" in m for m in forecast.missing), forecast.missing
+    assert got[0].options.downtime_budget_ms == 300, "pre-copy still plans for 300 ms"
 
 
 async def test_the_record_says_which_identity_asked(
