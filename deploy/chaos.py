@@ -18,6 +18,7 @@ unfinished cell fails it. The table goes to stdout, the cells to JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +49,7 @@ from deploy.lab.lab import operator_creds
 from deploy.lab.layout import LabLayout, read_spec
 from deploy.workloads import build_rootfs, query, wait_until_serving
 from schemas import subjects
-from services.credentials import load_credentials
+from services import bus
 from services.runtime.netns import host_veth_name
 from services.watchdog import GRACE_S
 from workflows.definitions import DEFINITIONS
@@ -238,9 +239,10 @@ def ferry(
 class EventTap:
     """Every migration event, as it is published (a plain NATS subscriber, like any system's)."""
 
-    def __init__(self, servers: tuple[str, ...], creds: Path) -> None:
+    def __init__(self, servers: tuple[str, ...], creds: Path, ca: Path) -> None:
         self.servers = servers
         self.creds = creds
+        self.ca = ca
         self.events: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.ready = threading.Event()
@@ -257,11 +259,9 @@ class EventTap:
             async def quiet(_: Exception) -> None:
                 return None  # NATS restarts are part of the show
 
-            secret = load_credentials(self.creds)
             nc = await nats.connect(
                 list(self.servers),
-                user=secret.user,
-                password=secret.password.get_secret_value(),
+                **bus.client_options(self.creds, self.ca),
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.2,
                 error_cb=quiet,
@@ -280,6 +280,11 @@ class EventTap:
                 await asyncio.sleep(3600)
 
         asyncio.run(main())
+
+    def close(self) -> None:
+        """Stop reconnecting to a lab that is gone (its thread lives on, idle, as a daemon)."""
+        with contextlib.suppress(Exception):
+            self.call(bus.close, timeout=5.0)
 
     def call(self, make: Callable[[Any], Coroutine[Any, Any, T]], timeout: float = 10.0) -> T:
         """Run `make(nc)` on the tap's own connection (KV reads, a bucket deleted)."""
@@ -504,6 +509,8 @@ def worker_pids(lab: str) -> dict[tuple[str, str], int]:
 
 
 HEARTBEAT_WAIT_S = 30.0
+UNLOCK_WAIT_S = 20.0  # a killed cleanup worker is back and has unlocked well within this
+UNLOCKING_STATES = ("completed", "rolled_back")  # a failure before the commit stays locked
 
 
 def _wait_for_heartbeats(tap: EventTap, hosts: tuple[str, ...], timeout: float) -> None:
@@ -568,6 +575,8 @@ def run_cell(
         if cell.fault == "nats-kill":
             chaos_nats.revive(lab)
     time.sleep(0.5)
+    if outcome.state in UNLOCKING_STATES:
+        _wait_for_unlock(tap, UNLOCK_WAIT_S)
     monitor.stop.set()
     watcher.join()
     outcome.ran_twice = monitor.twice > 0
@@ -602,6 +611,18 @@ def run_cell(
     )
     outcome.seconds = round(time.monotonic() - started, 1)
     return outcome
+
+
+def _wait_for_unlock(tap: EventTap, within_s: float) -> None:
+    """A finished saga's placement is unlocked by its holder's dispatcher (in the cleanup
+    worker), a moment after the record ends — later when that worker was just killed and is
+    starting again. Give it that moment: a placement still locked after it is a finding."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        placement, _ = tap.placement(NAME)
+        if (placement or {}).get("state") != "migrating":
+            return
+        time.sleep(0.5)
 
 
 def _skew(lab: str, host: str, offset: str) -> tuple[bool, str]:
@@ -1026,9 +1047,12 @@ class Victim:
         self.memory = wait_until_serving(self.ip)
         spec = read_spec(LabLayout(self.lab))
         assert spec is not None
-        # The tap reconnects to a new server on its own, unless the lab moved its port.
-        if self.tap is None or self.tap.servers != spec.nats_urls:
-            self.tap = EventTap(spec.nats_urls, operator_creds(LabLayout(self.lab)))
+        # A new lab has a new CA and new credentials: the old tap could never reconnect
+        # (its TLS context trusts the old CA), so every lab gets a tap of its own.
+        if self.tap is not None:
+            self.tap.close()
+        layout = LabLayout(self.lab)
+        self.tap = EventTap(spec.nats_urls, operator_creds(layout), layout.ca_file)
 
     def source(self) -> str | None:
         assert self.tap is not None

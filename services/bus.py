@@ -45,6 +45,17 @@ from services.errors import (
 )
 
 log = logging.getLogger("ferry.bus")
+
+
+class _QuietTlsEof(logging.Filter):
+    """nats-py's protocol answers a server's EOF the way plain TCP wants; over TLS asyncio
+    warns that this "has no effect" on every close. Harmless: not worth a line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("returning true from eof_received()")
+
+
+logging.getLogger("asyncio").addFilter(_QuietTlsEof())
 ReplyT = TypeVar("ReplyT", bound=BaseModel)
 Message = MessageV1 | MessageV2
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -108,13 +119,36 @@ async def connect(
         # nats-py returns a client stuck "connecting" (it never sends) when any line beats the
         # PONG to its PING, e.g. the server's first PING, sent 2 s after the client arrived,
         # when checking the CONNECT (bcrypt) took longer on a busy server.
-        await nc.close()
+        await close(nc)
         log.warning("nats: %s sent another line before PONG; connecting again", ", ".join(servers))
         return await connect(
             url, name, creds=creds, ca=ca, connect_timeout=connect_timeout,
             give_up_after=give_up_after,
         )  # fmt: skip
     return nc
+
+
+CLOSE_WAIT_S = 2.0
+
+
+async def close(nc: NATS) -> None:
+    """Close a client and make sure its reconnect loop ended with it.
+
+    nats-py cancels the loop once and waits half a second; on Python 3.11 `asyncio.wait_for`
+    can swallow that cancel, and the loop then tries a dead server forever — and the event
+    loop's shutdown (asyncio.run, a worker's exit, a test's teardown) waits for it forever.
+    Cancelled again until it ends; still running after CLOSE_WAIT_S, it is logged, never
+    waited for."""
+    await nc.close()
+    # nats-py keeps the task private; without it there is nothing more to end.
+    task: asyncio.Task[None] | None = getattr(nc, "_reconnection_task", None)
+    deadline = asyncio.get_running_loop().time() + CLOSE_WAIT_S
+    while task is not None and not task.done():
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("nats: the closed client's reconnect loop did not end")
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
 
 
 def client_options(creds: Path | None, ca: Path | None = None) -> dict[str, Any]:
@@ -208,6 +242,7 @@ def validation_error(exc: ValidationError) -> InvalidInput:
 
 
 Handler = Callable[[RequestT], Awaitable[BaseModel]]
+AskedHandler = Callable[[RequestT, str | None], Awaitable[BaseModel]]
 
 
 async def serve(
@@ -221,13 +256,33 @@ async def serve(
 ) -> Any:
     """Answer requests on `subject`: parse, call the handler, reply with its result or error."""
 
+    async def ignoring_asker(request: RequestT, reply_to: str | None) -> BaseModel:
+        return await handler(request)
+
+    return await serve_asked(
+        nc, subject, request_model, ignoring_asker, queue=queue, on_error=on_error
+    )
+
+
+async def serve_asked(
+    nc: NATS,
+    subject: str,
+    request_model: type[RequestT],
+    handler: AskedHandler[RequestT],
+    *,
+    queue: str = "",
+    on_error: Callable[[str, FerryError], None] | None = None,
+) -> Any:
+    """As `serve`, the handler also given the request's reply subject: on a bus with
+    identities, whose own inbox the answer goes to (services/identities.py)."""
+
     async def respond(msg: Msg) -> None:
         try:
             try:
                 parsed = request_model.model_validate_json(msg.data)
             except ValidationError as exc:
                 raise validation_error(exc) from exc
-            reply = (await handler(parsed)).model_dump_json().encode()
+            reply = (await handler(parsed, msg.reply or None)).model_dump_json().encode()
         except FerryError as exc:
             if on_error is not None:
                 on_error(subject, exc)
@@ -238,6 +293,7 @@ async def serve(
                 on_error(subject, failure)
             reply = error_reply(failure)
         except Exception as exc:  # a bug must still answer, or the caller waits in vain
+            log.exception("%s crashed", subject)  # the traceback, for whoever reads the log
             failure = RuntimeFailure(f"internal error: {type(exc).__name__}: {exc}")
             if on_error is not None:
                 on_error(subject, failure)

@@ -190,7 +190,10 @@ async def run_worker(role: WorkerRole, register: Register) -> None:
         task.cancel()
     await telemetry.flush()
     telemetry.shutdown()
-    await nc.drain()
+    try:
+        await nc.drain()
+    finally:
+        await bus.close(nc)
 
 
 def main(role: WorkerRole, register: Register) -> None:

@@ -13,6 +13,8 @@ import pytest
 from tests.support.cli import ferry
 from tests.support.workload import build_rootfs
 
+pytest_plugins = ["tests.support.budget"]
+
 
 def _lab_capability_missing() -> str | None:
     if os.geteuid() != 0:

@@ -39,7 +39,7 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     js = nc.jetstream()
     await topology.create_topology(js, hosts=("h1", "h2", "h3", "h9"))
     yield Bus(nc, js, nats_server)
-    await nc.close()
+    await ferry_bus.close(nc)
 
 
 @pytest.fixture

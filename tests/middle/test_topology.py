@@ -38,7 +38,7 @@ async def stream_names(url: str) -> list[str]:
     try:
         return sorted([s.config.name or "" for s in await nc.jetstream().streams_info()])
     finally:
-        await nc.close()
+        await bus.close(nc)
 
 
 async def test_a_missing_topology_is_named_part_by_part(nats_server: NatsServer) -> None:
@@ -64,7 +64,7 @@ async def test_a_missing_topology_is_named_part_by_part(nats_server: NatsServer)
         await topology.require_topology(js)
         assert await topology.create_topology(js) == []
     finally:
-        await nc.close()
+        await bus.close(nc)
 
 
 async def test_no_answer_is_unavailable_not_missing(nats_server: NatsServer) -> None:
@@ -75,7 +75,7 @@ async def test_no_answer_is_unavailable_not_missing(nats_server: NatsServer) -> 
             await topology.missing_parts(nc.jetstream(), timeout=1.0)
         assert not isinstance(unknown.value, TopologyMissing)
     finally:
-        await nc.close()
+        await bus.close(nc)
 
 
 def test_the_cli_refuses_and_bootstrap_creates_it(nats_server: NatsServer) -> None:
@@ -140,7 +140,7 @@ async def test_a_worker_waits_for_the_bootstrap_then_serves_its_ledger(
                 LedgerReport, timeout=10, what="h1's ledger",
             )  # fmt: skip
         finally:
-            await nc.close()
+            await bus.close(nc)
         assert (report.host, report.containers, report.migrations) == ("h1", (), ())
     finally:
         worker.terminate()

@@ -27,7 +27,8 @@ def nats_urls(lab: str) -> list[str]:
 async def connect_as(lab: str, creds: Path | None, **options: Any) -> NATS:
     """A plain nats-py client of the lab's cluster (no reconnecting forever, unlike a
     worker's): `creds` None is an anonymous client."""
-    return await nats.connect(nats_urls(lab), **bus.client_options(creds), **options)
+    ca = LabLayout(lab).ca_file
+    return await nats.connect(nats_urls(lab), **bus.client_options(creds, ca), **options)
 
 
 async def operator_nats(lab: str) -> NATS:
@@ -43,5 +44,5 @@ async def request_raw(lab: str, payload: bytes, timeout: float = 15.0) -> dict[s
     try:
         reply = await nc.request(REQUEST_SUBJECT, payload, timeout=timeout)
     finally:
-        await nc.close()
+        await bus.close(nc)
     return dict(json.loads(reply.data))

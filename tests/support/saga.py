@@ -11,7 +11,7 @@ from workflows.stop_and_copy import STOP_AND_COPY
 
 def new_record(strategy: str = "stop-and-copy") -> MigrationRecord:
     return MigrationRecord(
-        id="m1",
+        id="0123456789abcdef",
         container="web",
         source="h1",
         destination="h2",
