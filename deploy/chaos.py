@@ -508,6 +508,19 @@ def worker_pids(lab: str) -> dict[tuple[str, str], int]:
     return {(h["name"], role): pid for h in hosts for role, pid in h["workers"].items() if pid}
 
 
+def beating_pids(tap: EventTap, hosts: tuple[str, ...]) -> dict[tuple[str, str], int]:
+    """The workers' pids as their agents' heartbeats say, read on the tap's connection: a
+    few milliseconds, where `ferry hosts` starts a process and connects (seconds right after
+    a NATS restart — long enough for a short step to be over before its fault fires)."""
+    pids = {}
+    for host in hosts:
+        beat, _ = tap.kv_json(subjects.HOSTS_BUCKET, host)
+        for worker in (beat or {}).get("workers", []):
+            if worker.get("pid"):
+                pids[(host, worker["role"])] = int(worker["pid"])
+    return pids
+
+
 HEARTBEAT_WAIT_S = 30.0
 UNLOCK_WAIT_S = 20.0  # a killed cleanup worker is back and has unlocked well within this
 UNLOCKING_STATES = ("completed", "rolled_back")  # a failure before the commit stays locked
@@ -725,8 +738,7 @@ class ExternalFault:
         assert self.spec is not None
         self.env = {**os.environ, **CHAOS_ENV, "FERRY_LAB": lab}
         self.must_end_on = ""  # set when the fault leaves one right answer (rolled forward)
-        # Read now: `ferry hosts` takes longer than a short step runs.
-        self.known_pids = worker_pids(lab)
+        self.known_pids = beating_pids(tap, (source, destination))
 
     def host_of(self, side: str) -> str:
         return self.source if side == "source" else self.destination
@@ -736,7 +748,7 @@ class ExternalFault:
         known = {w: pid for w, pid in self.known_pids.items() if _is_worker(pid, w[1])}
         if len(known) == len(self.known_pids):
             return known
-        self.known_pids = worker_pids(self.lab)
+        self.known_pids = beating_pids(self.tap, (self.source, self.destination))
         return self.known_pids
 
     def record(self) -> dict[str, Any]:
@@ -813,7 +825,7 @@ class ExternalFault:
             return False, f"no {role} worker on {host}"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            new = worker_pids(self.lab).get((host, role))
+            new = beating_pids(self.tap, (host,)).get((host, role))
             if new and new != pid:
                 return True, f"{role} on {host} ({why}): pid {pid} killed, restarted as {new}"
             time.sleep(0.3)
@@ -883,9 +895,15 @@ class ExternalFault:
             else (),
         )
 
+    def _ended(self, step: str) -> bool:
+        entries = [e for e in self.record().get("steps") or [] if e.get("name") == step]
+        return bool(entries) and entries[-1].get("status") not in ("pending", "running")
+
     def net_cut(self) -> tuple[bool, str]:
         host = self.host_of(RUNS[self.cell.step][1])
         isolate = self.cell.role == "isolate"
+        if self.cell.when == "before" and self._ended(self.cell.step):
+            return False, f"{self.cell.step} had ended before the cut went in: too late"
         # Held until the step sends (up to 20 s): after a NATS restart its command can take a
         # fetch expiry or two to reach the worker.
         dropped, lasted = chaos_cuts.hold(self._cut(host, nats=isolate), 3.0, 20.0)
@@ -1091,6 +1109,11 @@ def main() -> int:
         "--cell", action="append", default=[], help="exactly this cell (repeatable)"
     )
     parser.add_argument("--list", action="store_true", help="print the cells' labels and exit")
+    parser.add_argument(
+        "--keep-lab",
+        action="store_true",
+        help="stop at the first fatal cell and leave the lab up (to read its logs)",
+    )
     args = parser.parse_args()
     cells = select(args)
     if args.list:
@@ -1122,11 +1145,15 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            if outcome.fatal and args.keep_lab:
+                print("chaos: stopped at a fatal cell; its lab is left as it is", file=sys.stderr)
+                break
             if outcome.fatal or outcome.leftovers:
                 # Judge the next cell on a clean lab, not on this one's wreckage.
                 victim.up()
     finally:
-        ferry(args.lab, "lab", "down", check=False)
+        if not args.keep_lab:
+            ferry(args.lab, "lab", "down", check=False)
         # Whatever ran is evidence, even when the harness itself stopped early.
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(o) | {"lost": o.lost} for o in outcomes], indent=2))
