@@ -23,8 +23,8 @@ Fact = str | int | float | bool | None
 #   kill:STEP:before|after  the worker running STEP is SIGKILLed before/after its side effect
 #   duplicate:STEP          STEP's command is delivered twice
 #   corrupt:transfer        the first transfer's bytes are damaged on the way
-#   lazy-pages-dies         post-copy: the destination's lazy-pages daemon is killed right
-#                           after the restore, with pages still at the source
+#   lazy-pages-dies         post-copy: the destination's lazy-pages daemon is killed as
+#                           drain_pages starts (after the commit), pages still at the source
 #   silent:STEP:after       the worker running STEP goes silent right after its side effect
 #                           (stops itself, as if cut off; it continues after
 #                           FERRY_FAULT_SILENT_S on its host, default 120 s)

@@ -254,11 +254,6 @@ class DestinationSide:
             self.runc, name, paths, cpaths, lazy=bool(lazy_from), check_running=False
         )
         running_at = time.time()
-        if lazy_from and self.faults.carries(migration_id, "lazy-pages-dies"):
-            # Test-only fault: the lazy-pages daemon dies with pages still at the source.
-            with contextlib.suppress(OSError, ValueError):
-                pid_file = layout.pid_file(paths.images, layout.LAZY_PAGES)
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
         stats = criu.load_stats(paths.stats_restore)
         return RestoreResult(
             running_at=running_at,
@@ -326,6 +321,13 @@ class DestinationSide:
         paths = self.paths(migration_id)
         if not paths.lazy.exists():
             return None
+        if self.faults.carries(migration_id, "lazy-pages-dies"):
+            # Test-only fault: the daemon dies after the commit with pages still at the
+            # source. (Not right after the restore: the restored process would run on
+            # zero-filled pages before verify, which then fails before the commit.)
+            with contextlib.suppress(OSError, ValueError):
+                pid_file = layout.pid_file(paths.images, layout.LAZY_PAGES)
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
         log = paths.criu_log(layout.LAZY_PAGES)
         started = last_sign = time.monotonic()
         logged = -1
