@@ -7,7 +7,8 @@ matching recipe of docs/recipes.md runs by hand on the same lab with the same cl
 (stop-and-copy <-> page-server, post-copy <-> lazy-pages: deploy/bench/baseline.py, with
 Ferry's own CRIU command lines and config, and TLS exactly where Ferry's hosts use it). The
 same bytes are then copied over raw TCP between the same two host namespaces. Beside them:
-nginx under wrk moved h1 -> h2 -> h1 per strategy (deploy/bench/web.py), and the Minecraft
+nginx and busybox's httpd (the tiniest container: what the freeze costs when almost nothing
+moves) under wrk, moved h1 -> h2 -> h1 per strategy (deploy/bench/web.py), and the Minecraft
 demo's tick gaps per move (deploy/bench/game.py). A figure is the median of its samples,
 with their range (min-max) when there are several. It prints the tables, writes them to
 --table and everything to --json (with the git revision that ran).
@@ -93,7 +94,7 @@ from deploy.bench.stats import (
     spread,
     step_timings,
 )
-from deploy.bench.web import WebMove, WebRun, build_web_rootfs, web_moves, web_table
+from deploy.bench.web import WEB_SERVERS, WebMove, WebRun, web_moves, web_table
 from deploy.lab.layout import LabLayout, read_spec, validate_lab_name
 from deploy.workloads import build_rootfs
 from services.errors import InvalidInput
@@ -457,6 +458,10 @@ class FerryBench:
         move.migration_id = record.get("id")
         window = freeze_window(record)
         move.freeze_ms = window.ms if window else None
+        if window is not None and move.state == "completed" and move.migration_id:
+            steps = [s for s in record.get("steps") or [] if isinstance(s, dict)]
+            timed = step_timings(trace_spans(self.lab, move.migration_id))
+            move.slices_ms = freeze_slices(timed or steps, window)
         return move
 
     def _read_clients(self, run: FerryRun, reports: dict[str, PingReport]) -> None:
@@ -912,7 +917,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dirty-rate", type=float, default=8.0, help="MiB/s the app dirties")
     parser.add_argument("--no-baseline", action="store_true", help="skip the hand-run recipes")
     parser.add_argument("--no-warmup", action="store_true")
-    parser.add_argument("--no-web", action="store_true", help="skip nginx under wrk")
+    parser.add_argument("--no-web", action="store_true", help="skip the web servers under wrk")
     parser.add_argument(
         "--web-pace-ms",
         type=float,
@@ -990,20 +995,22 @@ def main(argv: list[str] | None = None) -> int:
             for strategy in strategies:
                 cells.append(run_cell(bench, hosts, rootfs, strategy, size, args))
         bench.discard_idle()
-        if not args.no_web:
-            web_rootfs = build_web_rootfs(tmp / "web-rootfs")
+        for server in () if args.no_web else WEB_SERVERS:
+            web_rootfs = server.build_rootfs(tmp / f"web-{len(web)}")
             for strategy in strategies:
                 if not any(c.strategy == strategy and c.ferry and c.ferry[0].status
                            != "unavailable" for c in cells):  # fmt: skip
                     continue
-                say(f"== web: nginx under wrk, {strategy}, {SOURCE} -> {DESTINATION} -> {SOURCE}")
+                say(f"== web: {server.label} under wrk, {strategy},"
+                    f" {SOURCE} -> {DESTINATION} -> {SOURCE}")  # fmt: skip
                 try:
                     moved = web_moves(
-                        strategy, web_rootfs, bench.run_container, bench.move, bench.remove,
-                        args.web_pace_ms, (SOURCE, DESTINATION),
+                        server, strategy, web_rootfs, bench.run_container, bench.move,
+                        bench.remove, args.web_pace_ms, (SOURCE, DESTINATION),
                     )  # fmt: skip
                 except (*RUN_ERRORS, TimeoutError) as exc:
-                    moved = WebRun(strategy, error=f"{type(exc).__name__}: {exc}")
+                    error = f"{type(exc).__name__}: {exc}"
+                    moved = WebRun(strategy, server=server.label, error=error)
                 web.append(moved)
                 say(
                     f"   errors {moved.error_total}, longest request"
@@ -1060,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
               if r["status"] == "failed"]  # fmt: skip
     failed += [f"baseline {r['baseline_recipe']} {r['size_mib']} MiB" for r in rows
                if r["baseline_ok"] is False]  # fmt: skip
-    failed += [f"web {w.strategy}: {w.error}" for w in web if not w.ok]
+    failed += [f"web {w.server} {w.strategy}: {w.error}" for w in web if not w.ok]
     if game is not None and not game.ok and not game.skipped:
         failed.append(f"minecraft: {game.error}")
     failed += [

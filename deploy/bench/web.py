@@ -1,9 +1,12 @@
-"""A real web server under load while Ferry moves it: Debian's nginx in a Ferry container,
-Debian's wrk outside, keep-alive connections throughout.
+"""A real web server under load while Ferry moves it: Debian's nginx in a Ferry container
+(keep-alive connections throughout), and the tiniest one there is, busybox's httpd (a fork
+per connection, a few hundred KiB of memory: what the freeze costs when almost nothing is
+moved); Debian's wrk outside.
 
-Per strategy: nginx starts on h1, wrk (`-t2 -c16 --latency --timeout 30s`, each connection
-pacing itself, deploy/bench/wrk_report.lua) runs from the root namespace, the container
-moves h1 -> h2 and back h2 -> h1, and wrk is stopped (SIGINT: it reports what it saw).
+Per server and strategy: the server starts on h1, wrk (`-t2 -c16 --latency --timeout 30s`,
+each connection pacing itself, deploy/bench/wrk_report.lua) runs from the root namespace,
+the container moves h1 -> h2 and back h2 -> h1, and wrk is stopped (SIGINT: it reports what
+it saw).
 What counts: wrk's errors (connect, read, write, timeout, non-2xx/3xx status) — for a live
 migration every one is a failure — and the longest request, which is the pause a visitor
 felt. nginx runs as one process (`master_process off`): a master would drop its workers'
@@ -25,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.workloads import build_binary_rootfs
+from deploy.workloads import build_binary_rootfs, build_rootfs
 
 NGINX = Path("/usr/sbin/nginx")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
@@ -56,6 +59,7 @@ http {{
 }}
 """
 NGINX_ARGS = [str(NGINX), "-c", "/etc/nginx/bench.conf"]
+HTTPD_ARGS = ["/bin/busybox", "httpd", "-f", "-p", str(WEB_PORT), "-h", "/www"]
 
 
 def build_web_rootfs(target: Path) -> Path:
@@ -69,6 +73,34 @@ def build_web_rootfs(target: Path) -> Path:
     return target
 
 
+def build_httpd_rootfs(target: Path) -> Path:
+    """Static busybox (its httpd) and one page."""
+    build_rootfs(target)
+    (target / "www").mkdir(exist_ok=True)
+    (target / "www" / "index.html").write_text(PAGE)
+    return target
+
+
+@dataclass(frozen=True)
+class WebServer:
+    """What runs in the container: a label for the tables, its command and rootfs."""
+
+    label: str
+    args: tuple[str, ...]
+    build_rootfs: Callable[[Path], Path]
+    memory_mib: int = MEMORY_MIB
+    pace_ms: float | None = None  # None: the bench's --web-pace-ms
+
+
+NGINX_SERVER = WebServer("nginx", tuple(NGINX_ARGS), build_web_rootfs)
+# busybox's httpd forks a process per request and closes the connection: paced slower
+# (16 connections, 800 forks a second), or the forks, not the move, would fill the 2 cores.
+HTTPD_SERVER = WebServer(
+    "busybox httpd", tuple(HTTPD_ARGS), build_httpd_rootfs, memory_mib=64, pace_ms=20.0
+)
+WEB_SERVERS = (NGINX_SERVER, HTTPD_SERVER)
+
+
 @dataclass
 class WebMove:
     """One move of the web server, as the record tells it."""
@@ -78,6 +110,7 @@ class WebMove:
     state: str = "not run"
     migration_id: str | None = None
     freeze_ms: float | None = None  # first frozen instant -> the destination's network open
+    slices_ms: dict[str, float] = field(default_factory=dict)  # the freeze, step by step
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +119,7 @@ class WebRun:
     """wrk's view of one strategy's two moves."""
 
     strategy: str
+    server: str = NGINX_SERVER.label
     ok: bool = False
     error: str | None = None
     wrk: dict[str, Any] = field(default_factory=dict)  # wrk_report.lua's JSON
@@ -111,7 +145,7 @@ def wait_for_http(ip: str, timeout: float = 30.0) -> None:
         except OSError:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"nginx at {ip} did not answer within {timeout:.0f}s")
+            raise TimeoutError(f"the web server at {ip} did not answer within {timeout:.0f}s")
         time.sleep(0.2)
 
 
@@ -151,6 +185,7 @@ def read_wrk(run: WebRun, report: dict[str, Any]) -> None:
 
 
 def web_moves(
+    server: WebServer,
     strategy: str,
     rootfs: Path,
     run_container: Callable[[str, Path, int, list[str]], str],
@@ -159,15 +194,16 @@ def web_moves(
     pace_ms: float,
     hosts: tuple[str, str] = ("h1", "h2"),
 ) -> WebRun:
-    """nginx on hosts[0] under wrk, moved there and back with `strategy`. The callables are
-    the bench's Ferry commands (container run -> IP, migrate -> WebMove, container rm)."""
-    run = WebRun(strategy)
-    name = f"web-{strategy}"
-    ip = run_container(name, rootfs, MEMORY_MIB, NGINX_ARGS)
+    """`server` (in `rootfs`) on hosts[0] under wrk, moved there and back with `strategy`.
+    The callables are the bench's Ferry commands (container run -> IP, migrate -> WebMove,
+    container rm)."""
+    run = WebRun(strategy, server=server.label)
+    name = f"web-{server.label.split()[-1]}-{strategy}"
+    ip = run_container(name, rootfs, server.memory_mib, list(server.args))
     wrk: subprocess.Popen[str] | None = None
     try:
         wait_for_http(ip)
-        wrk = start_wrk(ip, pace_ms)
+        wrk = start_wrk(ip, pace_ms if server.pace_ms is None else server.pace_ms)
         time.sleep(LEAD_S)
         for source, destination in (hosts, hosts[::-1]):
             move = migrate(name, destination, strategy)
@@ -196,7 +232,7 @@ def web_moves(
 
 def web_table(runs: list[WebRun]) -> str:
     head = (
-        f"{'web (nginx)':<14}{'requests':>10}{'errors':>8}"
+        f"{'web':<14}{'strategy':<15}{'requests':>10}{'errors':>8}"
         f"  {'connect/read/write/timeout/status':<34}"
         f"{'longest ms':>11}{'p99 ms':>8}  freeze per move (ms)"
     )
@@ -212,9 +248,16 @@ def web_table(runs: list[WebRun]) -> str:
             for m in r.moves
         )  # fmt: skip
         lines.append(
-            f"{r.strategy:<14}{r.requests:>10}{r.error_total if r.wrk else '-':>8}  {detail:<34}"
+            f"{r.server:<14}{r.strategy:<15}{r.requests:>10}{r.error_total if r.wrk else '-':>8}"
+            f"  {detail:<34}"
             f"{r.longest_request_ms if r.longest_request_ms is not None else '-':>11}"
             f"{r.p99_ms if r.p99_ms is not None else '-':>8}  {freezes}"
             + ("" if r.ok else f"  FAILED: {r.error}")
         )
+    sliced = [(r, m) for r in runs for m in r.moves if m.slices_ms]
+    if sliced:
+        lines.append("the freeze of each move, step by step (ms; hops: the saga between steps):")
+        for r, m in sliced:
+            steps = ", ".join(f"{k} {v:.0f}" for k, v in m.slices_ms.items() if v >= 1)
+            lines.append(f"  {r.server} {r.strategy} {m.source}->{m.destination}: {steps}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from deploy.bench.stats import (
     spread,
     step_timings,
 )
-from deploy.bench.web import WebRun, read_wrk
+from deploy.bench.web import WebMove, WebRun, read_wrk, web_table
 
 FROZE = 1000.0  # the dump's frozen_at
 
@@ -193,3 +193,18 @@ def test_a_cell_row_is_medians_of_the_samples_that_count_and_fails_on_a_reset() 
 def test_a_refused_strategy_is_unavailable_not_failed() -> None:
     row = row_of(Cell("pre-copy", 64, ferry=[FerryRun("pre-copy", 64, "unavailable", "no")]))
     assert row["status"] == "unavailable" and row["reason"] == "no"
+
+
+def test_the_web_table_names_each_server_and_cuts_each_freeze_into_steps() -> None:
+    move = WebMove(
+        "h1",
+        "h2",
+        state="completed",
+        freeze_ms=97.0,
+        slices_ms={"dump": 41.0, "hop dump>transfer": 12.0, "restore": 44.0},
+    )
+    run = WebRun("stop-and-copy", server="busybox httpd", ok=True, moves=[move])
+    table = web_table([run])
+    assert "busybox httpd stop-and-copy" in table.splitlines()[2].replace("  ", " ")
+    assert "h1->h2 97" in table
+    assert "busybox httpd stop-and-copy h1->h2: dump 41, hop dump>transfer 12, restore 44" in table
