@@ -34,7 +34,7 @@ from schemas.v1.hosts import (
 from services import bus, metrics, topology
 from services.config import HostConfig
 from services.config_layout import CONFIG_ENV
-from services.errors import FerryError, InvalidInput, Unavailable
+from services.errors import FerryError, InvalidInput, Unavailable, described
 from services.runtime import firewall, kdat
 from services.runtime.features import host_features
 from services.runtime.versions import host_versions
@@ -212,7 +212,7 @@ async def _stay_registered(
     except Exception as exc:
         try:
             await topology.require_topology(js)
-            log.warning("registration not checked: %r", exc)
+            log.warning("registration not checked: %s", described(exc))
         except Unavailable as why:  # TopologyMissing among them
             log.error("registration not checked: %s", why.reason)
 

@@ -41,6 +41,7 @@ from services.errors import (
     InvalidInput,
     RuntimeFailure,
     Unavailable,
+    described,
     from_detail,
 )
 
@@ -288,7 +289,9 @@ async def serve_asked(
                 on_error(subject, exc)
             reply = error_reply(exc)
         except ConnectionError as exc:  # a peer went away mid-answer: a retry may help
-            failure: FerryError = Unavailable(f"a connection failed while answering: {exc!r}")
+            failure: FerryError = Unavailable(
+                f"a connection failed while answering: {described(exc)}"
+            )
             if on_error is not None:
                 on_error(subject, failure)
             reply = error_reply(failure)
@@ -319,7 +322,7 @@ async def command_subscription(js: JetStreamContext, host: str, role: str) -> An
                 f" create it with `ferry bootstrap --host {host}`"
             )
         except (NatsError, TimeoutError) as exc:
-            why = f"could not look up consumer {durable}: {exc!r}"
+            why = f"could not look up consumer {durable}: {described(exc)}"
         if why != said:
             log.warning("waiting: %s", why)
             said = why

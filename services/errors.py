@@ -105,3 +105,12 @@ def from_detail(detail: ErrorDetail) -> FerryError:
 class Incompatible(InvalidInput):
     """Two hosts cannot take part in one migration (their Ferry, CRIU or runc versions do not
     interoperate): repeating the request cannot help until one of them is upgraded."""
+
+
+def described(exc: BaseException) -> str:
+    """An exception as a log line can show it: its type and its message. (nats-py's API
+    errors keep their description out of repr(): `BadRequestError()` hid which request
+    the server refused, and why.)"""
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text and not text.startswith(f"nats: {name}") else text or name

@@ -22,7 +22,7 @@ from schemas import subjects
 from schemas.v1.containers import Image, Placement
 from schemas.v1.hosts import DeadDeclaration, HostRegistration
 from schemas.v2.migrations import MigrationRecord, read_record
-from services.errors import Conflict, NotFound, Unavailable, Untrusted
+from services.errors import Conflict, NotFound, Unavailable, Untrusted, described
 from workflows import placement_chain
 
 KEYS_ATTEMPTS = 3
@@ -45,7 +45,7 @@ async def _keys(kv: KeyValue) -> list[str]:
                 return []
         except (NatsError, TimeoutError) as exc:
             if attempt == KEYS_ATTEMPTS:
-                raise Unavailable(f"cannot list the keys of a bucket: {exc!r}") from exc
+                raise Unavailable(f"cannot list the keys of a bucket: {described(exc)}") from exc
         await asyncio.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
 
@@ -58,7 +58,7 @@ async def _entry(kv: KeyValue, key: str) -> KeyValue.Entry | None:
     except KeyNotFoundError:
         return None
     except (NatsError, TimeoutError) as exc:
-        raise Unavailable(f"cannot read {key!r} from the bus: {exc!r}") from exc
+        raise Unavailable(f"cannot read {key!r} from the bus: {described(exc)}") from exc
 
 
 EXPECTED_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
@@ -170,9 +170,9 @@ class KvPlacementStore:
         except APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise Conflict(f"placement of {name!r} changed concurrently") from exc
-            raise Unavailable(f"cannot write the placement of {name!r}: {exc!r}") from exc
+            raise Unavailable(f"cannot write the placement of {name!r}: {described(exc)}") from exc
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot write the placement of {name!r}: {exc!r}") from exc
+            raise Unavailable(f"cannot write the placement of {name!r}: {described(exc)}") from exc
         return int(ack.seq)
 
     async def _latest(self, name: str) -> RawStreamMsg | None:
@@ -193,7 +193,7 @@ class KvPlacementStore:
                 return None
             raise Unavailable(f"cannot read the placement of {what}: {exc.description}") from exc
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot read the placement of {what}: {exc!r}") from exc
+            raise Unavailable(f"cannot read the placement of {what}: {described(exc)}") from exc
 
 
 def _entry_of(msg: RawStreamMsg) -> placement_chain.Entry:
@@ -263,7 +263,7 @@ class ObjectStoreLayers:
         except ObjectNotFoundError as exc:
             raise NotFound(f"layer {digest[:12]} is not in the layer store", field="layer") from exc
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"fetching layer {digest[:12]} failed: {exc!r}") from exc
+            raise Unavailable(f"fetching layer {digest[:12]} failed: {described(exc)}") from exc
 
 
 class KvImageStore:
@@ -399,6 +399,8 @@ class KvHostDirectory:
             except KeyWrongLastSequenceError:
                 continue
             except (NatsError, TimeoutError) as exc:
-                raise Unavailable(f"cannot write {host!r}'s registration: {exc!r}") from exc
+                raise Unavailable(
+                    f"cannot write {host!r}'s registration: {described(exc)}"
+                ) from exc
             return declared
         raise Conflict(f"the registration of {host!r} kept changing; try again", field="host")

@@ -32,7 +32,7 @@ from nats.js.errors import NotFoundError as JsNotFound
 from pydantic import BaseModel, ValidationError
 
 from schemas import subjects
-from services.errors import Conflict, TopologyMissing, Unavailable
+from services.errors import Conflict, TopologyMissing, Unavailable, described
 
 log = logging.getLogger("ferry.leases")
 
@@ -120,7 +120,7 @@ class Leases(Generic[P]):
                 f"no bucket {bucket} (bootstrap creates it)", missing=(bucket,)
             ) from exc
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot read bucket {bucket}: {exc!r}") from exc
+            raise Unavailable(f"cannot read bucket {bucket}: {described(exc)}") from exc
         return cls(js, model, bucket=bucket, ttl_s=info.config.max_age or LEASE_TTL_S)
 
     def _subject(self, key: str) -> str:
@@ -136,7 +136,7 @@ class Leases(Generic[P]):
                 return LeaseRead("unavailable", reason=f"no bucket {self.bucket}")
             return LeaseRead("never_held")
         except (NatsError, TimeoutError) as exc:
-            return LeaseRead("unavailable", reason=f"cannot read lease {key}: {exc!r}")
+            return LeaseRead("unavailable", reason=f"cannot read lease {key}: {described(exc)}")
         headers = msg.headers or {}
         revision = int(msg.seq or 0)
         marker = headers.get(MARKER_REASON)
@@ -165,7 +165,7 @@ class Leases(Generic[P]):
                 f"no bucket {self.bucket} (bootstrap creates it)", missing=(self.bucket,)
             ) from exc
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"cannot write lease {key}: {exc!r}") from exc
+            raise Unavailable(f"cannot write lease {key}: {described(exc)}") from exc
         return int(ack.seq)
 
     async def acquire(

@@ -31,7 +31,7 @@ from opentelemetry.sdk.resources import Resource
 
 from schemas.v1.migrations import StepRecord
 from schemas.v2.migrations import MigrationRecord
-from services.errors import InvalidInput
+from services.errors import InvalidInput, described
 from services.metrics_file import JsonLinesMetricExporter
 from workflows.saga import Decision
 
@@ -110,7 +110,7 @@ class _Queue:
             info = future.result(timeout_s)
         except Exception as exc:  # no answer from the bus: no observation
             future.cancel()
-            log.debug("consumer info not read: %r", exc)
+            log.debug("consumer info not read: %s", described(exc))
             return None
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 

@@ -27,7 +27,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from schemas import subjects
 from schemas.v1.hosts import WORKER_ROLES
-from services.errors import TopologyMissing, Unavailable
+from services.errors import TopologyMissing, Unavailable, described
 from services.leases import LEASES_BUCKET_CONFIG
 
 # Buckets: name -> (history, ttl seconds or 0 for none).
@@ -119,7 +119,9 @@ async def missing_parts(
         except NotFoundError:
             missing.append(part)
         except (NatsError, TimeoutError) as exc:
-            raise Unavailable(f"JetStream did not say whether {part} exists: {exc!r}") from exc
+            raise Unavailable(
+                f"JetStream did not say whether {part} exists: {described(exc)}"
+            ) from exc
     return missing
 
 
@@ -233,8 +235,10 @@ async def create_topology_when_ready(
             if isinstance(exc, APIError) and exc.err_code not in NOT_READY_CODES:
                 raise
             if asyncio.get_running_loop().time() > deadline:
-                raise Unavailable(f"JetStream not ready after {wait_s:.0f}s: {exc!r}") from exc
-            why = f"waiting for JetStream to be ready: {exc!r}"
+                raise Unavailable(
+                    f"JetStream not ready after {wait_s:.0f}s: {described(exc)}"
+                ) from exc
+            why = f"waiting for JetStream to be ready: {described(exc)}"
             if why != said:
                 say(why)
                 said = why

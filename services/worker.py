@@ -19,7 +19,7 @@ from schemas import subjects
 from schemas.v1.hosts import WorkerHeartbeat, WorkerRole
 from services import bus, metrics, topology, tracing
 from services.config import HostConfig
-from services.errors import FerryError, TopologyMissing
+from services.errors import FerryError, TopologyMissing, described
 from services.faults import FaultPlan
 from services.kvstores import KvAddressPool, KvHostDirectory, KvPlacementStore, ObjectStoreLayers
 from services.runtime import ledger
@@ -130,7 +130,7 @@ async def _watch_topology(
             seen_missing += 1
             log.error("consumer %s is gone (seen %d time(s))", durable, seen_missing)
         except Exception as exc:  # no answer: proves nothing either way
-            log.warning("could not check the bus's topology: %r", exc)
+            log.warning("could not check the bus's topology: %s", described(exc))
         if seen_missing >= 2:
             raise TopologyMissing(f"the topology this {role} worker relies on is gone")
 

@@ -11,6 +11,7 @@ from services import bus, watchdog
 from services.cleanup import collector
 from services.cleanup.evidence import BusEvidence
 from services.cleanup.handlers import Cleanup
+from services.errors import described
 from services.kvstores import KvAddressPool, KvMigrationStore
 from services.runtime.runc import Runc
 from services.runtime.source_cleanup import SourceCleanup
@@ -78,8 +79,8 @@ async def register(ctx: WorkerContext) -> None:
                     f"; {done.mass_orphaning}" if done.mass_orphaning else "",
                 )  # fmt: skip
             except Exception as exc:  # never let a sweep take the worker down
-                log.error("leftover collection failed: %r", exc)
-                ctx.health[:] = [f"collector: sweep failed: {exc!r}"[:200]]
+                log.error("leftover collection failed: %s", described(exc))
+                ctx.health[:] = [f"collector: sweep failed: {described(exc)}"[:200]]
             try:
                 hosts = await ctx.directory.known_hosts()
                 released, suspects = await collector.collect_addresses(
@@ -88,7 +89,7 @@ async def register(ctx: WorkerContext) -> None:
                 if released:
                     log.info("released orphan addresses %s", released)
             except Exception as exc:  # the same: an unknown answer releases nothing
-                log.warning("address collection failed: %r", exc)
+                log.warning("address collection failed: %s", described(exc))
             await asyncio.sleep(config.collector_interval_s)
 
     ctx.spawn(collect_forever())

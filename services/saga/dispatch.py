@@ -25,7 +25,7 @@ from schemas import subjects
 from schemas.v1.containers import Placement
 from schemas.v2.migrations import MigrationRecord, read_record
 from services import bus
-from services.errors import Conflict, FerryError, NotFound
+from services.errors import Conflict, FerryError, NotFound, described
 from services.saga.transitions import compare_and_set
 from services.stores import PlacementStore
 from services.tracecontext import headers_for
@@ -95,7 +95,7 @@ class Dispatcher:
             try:
                 await self._watch_until_stale()
             except Exception as exc:  # the bus may be restarting: watch again
-                log.warning("record watch broke (%r); watching again", exc)
+                log.warning("record watch broke (%s); watching again", described(exc))
                 await asyncio.sleep(WATCH_RESTART_S)
 
     async def _watch_until_stale(self) -> None:

@@ -26,7 +26,7 @@ from schemas.v1.leases import LeaseHolder, StepLease, step_lease_key
 from schemas.v1.leases import StepProgress as LeaseProgress
 from schemas.v1.migrations import StepProgress
 from services import bus, tracing
-from services.errors import FerryError
+from services.errors import FerryError, described
 from services.faults import FaultPlan
 from services.leases import Held, LeaseLost, Leases
 from services.saga.steps import Progress, StepHandler, StepOutcome, StepRun
@@ -226,8 +226,10 @@ async def guarded(
         return StepError(f"{command.step} timed out", retryable=True)
     except ConnectionError as exc:
         # A peer reset or refused the connection (its worker restarting): asking again helps.
-        log.warning("%s: connection to a peer failed: %r", command.step, exc)
-        return StepError(f"{command.step}: a peer's connection failed: {exc!r}", retryable=True)
+        log.warning("%s: connection to a peer failed: %s", command.step, described(exc))
+        return StepError(
+            f"{command.step}: a peer's connection failed: {described(exc)}", retryable=True
+        )
     except Exception as exc:
         log.exception("%s crashed", command.step)
         return StepError(f"internal error in {command.step}: {type(exc).__name__}: {exc}", False)
