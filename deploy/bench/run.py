@@ -996,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(run_cell(bench, hosts, rootfs, strategy, size, args))
         bench.discard_idle()
         for server in () if args.no_web else WEB_SERVERS:
-            web_rootfs = server.build_rootfs(tmp / f"web-{len(web)}")
+            web_rootfs = server.build_rootfs(tmp / f"web-{server.key}")
             for strategy in strategies:
                 if not any(c.strategy == strategy and c.ferry and c.ferry[0].status
                            != "unavailable" for c in cells):  # fmt: skip

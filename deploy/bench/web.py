@@ -58,8 +58,8 @@ http {{
     server {{ listen {WEB_PORT}; root /www; }}
 }}
 """
-NGINX_ARGS = [str(NGINX), "-c", "/etc/nginx/bench.conf"]
-HTTPD_ARGS = ["/bin/busybox", "httpd", "-f", "-p", str(WEB_PORT), "-h", "/www"]
+NGINX_ARGS = (str(NGINX), "-c", "/etc/nginx/bench.conf")
+HTTPD_ARGS = ("/bin/busybox", "httpd", "-f", "-p", str(WEB_PORT), "-h", "/www")
 
 
 def build_web_rootfs(target: Path) -> Path:
@@ -83,20 +83,22 @@ def build_httpd_rootfs(target: Path) -> Path:
 
 @dataclass(frozen=True)
 class WebServer:
-    """What runs in the container: a label for the tables, its command and rootfs."""
+    """What runs in the container: a label for the tables, a key for names (its container,
+    its rootfs directory), its command and rootfs."""
 
     label: str
+    key: str
     args: tuple[str, ...]
     build_rootfs: Callable[[Path], Path]
     memory_mib: int = MEMORY_MIB
     pace_ms: float | None = None  # None: the bench's --web-pace-ms
 
 
-NGINX_SERVER = WebServer("nginx", tuple(NGINX_ARGS), build_web_rootfs)
+NGINX_SERVER = WebServer("nginx", "nginx", NGINX_ARGS, build_web_rootfs)
 # busybox's httpd forks a process per request and closes the connection: paced slower
 # (16 connections, 800 forks a second), or the forks, not the move, would fill the 2 cores.
 HTTPD_SERVER = WebServer(
-    "busybox httpd", tuple(HTTPD_ARGS), build_httpd_rootfs, memory_mib=64, pace_ms=20.0
+    "busybox httpd", "httpd", HTTPD_ARGS, build_httpd_rootfs, memory_mib=64, pace_ms=20.0
 )
 WEB_SERVERS = (NGINX_SERVER, HTTPD_SERVER)
 
@@ -198,7 +200,7 @@ def web_moves(
     The callables are the bench's Ferry commands (container run -> IP, migrate -> WebMove,
     container rm)."""
     run = WebRun(strategy, server=server.label)
-    name = f"web-{server.label.split()[-1]}-{strategy}"
+    name = f"web-{server.key}-{strategy}"
     ip = run_container(name, rootfs, server.memory_mib, list(server.args))
     wrk: subprocess.Popen[str] | None = None
     try:
