@@ -44,10 +44,41 @@ async def _keys(kv: KeyValue) -> list[str]:
             if attempt == KEYS_ATTEMPTS or (await kv.status()).values == 0:
                 return []
         except (NatsError, TimeoutError) as exc:
-            if attempt == KEYS_ATTEMPTS:
-                raise Unavailable(f"cannot list the keys of a bucket: {described(exc)}") from exc
+            # After NATS restarts, consumer creation can fail for minutes while the rest of
+            # the API answers (make chaos saw 3 minutes of BadRequestError): a placement
+            # waited that long to be unlocked. The stream can still say its subjects.
+            try:
+                return await _keys_without_consumer(kv)
+            except (NatsError, TimeoutError, Unavailable) as fallback:
+                if attempt == KEYS_ATTEMPTS:
+                    raise Unavailable(
+                        f"cannot list the keys of a bucket: {described(exc)}; "
+                        f"without a consumer: {described(fallback)}"
+                    ) from exc
         await asyncio.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+# nats-server lists at most this many subjects in one stream info answer (JSMaxSubjectDetails).
+STREAM_INFO_SUBJECTS_MAX = 100_000
+
+
+async def _keys_without_consumer(kv: KeyValue) -> list[str]:
+    """A bucket's live keys from its stream's subject counts, each read back by a direct get:
+    a subject whose latest message is a delete or purge marker is not a key. nats-py keeps
+    the bucket's stream and subject prefix private; they are its stable layout."""
+    stream: str = kv._stream
+    prefix: str = kv._pre
+    info = await kv._js.stream_info(stream, subjects_filter=f"{prefix}>")
+    counts = info.state.subjects or {}
+    if len(counts) >= STREAM_INFO_SUBJECTS_MAX:
+        raise Unavailable(f"{stream} has too many keys to list without a consumer")
+    keys = []
+    for subject in sorted(counts):
+        key = subject.removeprefix(prefix)
+        if await _entry(kv, key) is not None:
+            keys.append(key)
+    return keys
 
 
 async def _entry(kv: KeyValue, key: str) -> KeyValue.Entry | None:

@@ -7,11 +7,18 @@ import time
 
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError
 
 from schemas import subjects
 from schemas.v2.migrations import StepCommand
 from services.errors import Conflict, NotFound, Unavailable
-from services.kvstores import KvAddressPool, KvHostDirectory, KvMigrationStore, KvPlacementStore
+from services.kvstores import (
+    KvAddressPool,
+    KvHostDirectory,
+    KvMigrationStore,
+    KvPlacementStore,
+    _keys_without_consumer,
+)
 from services.saga.steps import StepRun, placement_of
 from tests.support import records
 from tests.support.natsserver import Bus
@@ -202,6 +209,30 @@ async def test_listing_a_bucket_that_has_keys_never_answers_empty(
     await placements.claim(records.placement("db", "h2", ip="10.77.0.11"))
     answers = [len(await placements.all()) for _ in range(150)]
     assert answers.count(0) == 0, f"{answers.count(0)} of {len(answers)} listings were empty"
+
+
+async def test_keys_read_without_a_consumer_are_the_live_keys(bus: Bus) -> None:
+    kv = await bus.js.key_value(subjects.MIGRATIONS_BUCKET)
+    for key in ("a", "b", "c", "d"):
+        await kv.put(key, b"x")
+    await kv.put("b", b"y")  # two messages on one subject: one key
+    await kv.delete("c")
+    await kv.purge("d")
+    assert await _keys_without_consumer(kv) == ["a", "b"]
+    assert sorted(await kv.keys()) == ["a", "b"]
+
+
+async def test_listing_goes_on_while_the_bus_refuses_consumers(
+    migrations: KvMigrationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = records.migration_record("aaaa0000bbbb1111")
+    await migrations.create(first)
+
+    async def refused(*_: object, **__: object) -> list[str]:
+        raise BadRequestError(description="consumer create failed")  # as make chaos saw
+
+    monkeypatch.setattr(migrations.kv, "keys", refused)
+    assert [r.id for r in await migrations.all()] == ["aaaa0000bbbb1111"]
 
 
 async def test_reading_a_key_while_the_bus_is_down_is_unavailable_not_absent(bus: Bus) -> None:
