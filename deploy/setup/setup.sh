@@ -61,6 +61,8 @@ APT_PACKAGES=(
     libnetfilter-queue-dev
     # make bench: a keep-alive web server moved under load (nginx in a container, wrk outside)
     nginx-light wrk
+    # tests: OCI images made by the real tools (umoci builds, skopeo copies into archives)
+    umoci skopeo
 )
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, StringConstraints, computed_field, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 
 from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message, Part
 from schemas.v1.types import IPv4Str, MacStr, MigrationId
@@ -213,13 +221,78 @@ class ContainerRuns(Message):
     state: RuncStatus = Field(description="absent: runc knows no such container here")
 
 
+USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$"
+UserStr = Annotated[
+    str,
+    StringConstraints(pattern=USER_PATTERN),
+    Field(description="UID[:GID] or NAME[:GROUP], names resolved in the image's /etc/passwd"),
+]
+WorkdirStr = Annotated[
+    str,
+    StringConstraints(pattern=r"^/[^\x00]{0,4095}$"),
+    Field(description="an absolute path inside the container"),
+]
+PortStr = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,5}(/(tcp|udp|sctp))?$")]
+
+
+def _listed(value: Any) -> Any:
+    """OCI writes `null` for an absent list or map."""
+    return () if value is None else value
+
+
+class ImageConfig(Part):
+    """How an OCI image says it runs (its config's `config` object), read with OCI's own
+    field names; what Docker would do with it, Ferry does (workflows/container_process.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    entrypoint: tuple[Arg, ...] = Field(default=(), alias="Entrypoint")
+    cmd: tuple[Arg, ...] = Field(default=(), alias="Cmd")
+    env: tuple[EnvVar, ...] = Field(default=(), alias="Env")
+    user: UserStr | None = Field(default=None, alias="User")
+    working_dir: WorkdirStr | None = Field(default=None, alias="WorkingDir")
+    exposed_ports: tuple[PortStr, ...] = Field(default=(), alias="ExposedPorts")
+    labels: dict[str, str] = Field(default_factory=dict, alias="Labels")
+    stop_signal: str | None = Field(default=None, alias="StopSignal", max_length=16)
+
+    @field_validator("entrypoint", "cmd", "env", mode="before")
+    @classmethod
+    def _null_list(cls, value: Any) -> Any:
+        return _listed(value)
+
+    @field_validator("user", "working_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("exposed_ports", mode="before")
+    @classmethod
+    def _port_keys(cls, value: Any) -> Any:
+        """OCI writes ports as the keys of a map (`{"80/tcp": {}}`)."""
+        return tuple(sorted(value)) if isinstance(value, dict) else _listed(value)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _null_map(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+
 class Image(Message):
-    """A named stack of read-only layers (KV ferry-images, key = name); rebuilding moves it."""
+    """A named stack of read-only layers (KV ferry-images, key = name); rebuilding moves it.
+    An imported OCI or Docker image also keeps how it runs and the manifest it came from."""
 
     name: ImageNameStr
     layers: LayerStack
     base: ImageNameStr | None = Field(default=None, description="the image it was built on")
     created_at: float
+    config: ImageConfig | None = Field(
+        default=None, description="an imported image's run config (None: built by Ferry)"
+    )
+    source: str | None = Field(
+        default=None,
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="the manifest it was imported from (a Docker archive's: its config)",
+    )
 
 
 class ListLayers(Message):

@@ -1,4 +1,4 @@
-"""`ferry image build|ls|pull`: named stacks of read-only layers, present on hosts ahead of use.
+"""`ferry image build|import|ls|pull`: named stacks of read-only layers, on hosts ahead of use.
 
 A layer is a directory packed into a deterministic tar, stored once in the `ferry-layers`
 object store under its sha256; an image is a name for a stack of them (KV `ferry-images`).
@@ -34,6 +34,7 @@ from services import bus, topology
 from services.cli.context import connected, context_or_none, current_context, say
 from services.cli.host_commands import check_host
 from services.errors import FerryError, InvalidInput, NotFound, RuntimeFailure, Unavailable
+from services.images import oci_import
 from services.kvstores import KvHostDirectory, KvImageStore
 from services.runtime import layers
 
@@ -88,19 +89,26 @@ async def upload_layer(nc: NATS, rootfs: Path, field: str) -> tuple[str, int]:
     """Pack `rootfs` and put it in the layer store unless it is there; (digest, tar size)."""
     if not rootfs.is_dir():
         raise InvalidInput(f"{rootfs} is not a directory", field=field)
-    store = await bus.layers(nc.jetstream())
     with tempfile.TemporaryDirectory(prefix="ferry-layer-") as tmp:
         tar_path = Path(tmp) / "layer.tar"
         digest = await asyncio.to_thread(layers.pack_rootfs, rootfs, tar_path)
-        size = tar_path.stat().st_size
-        try:
-            await store.get_info(digest)
-            say(f"layer {digest[:SHORT]} already in the layer store")
-        except ObjectNotFoundError:
-            say(f"uploading layer {digest[:SHORT]} ({_mib(size)}) from {rootfs}")
-            with tar_path.open("rb") as f:
-                await store.put(digest, f)
+        size = await put_layer(nc, tar_path, digest, f"from {rootfs}")
     return digest, size
+
+
+async def put_layer(nc: NATS, tar_path: Path, digest: str, origin: str) -> int:
+    """Put a checked layer tar in the layer store under its digest unless it is there;
+    its size."""
+    store = await bus.layers(nc.jetstream())
+    size = tar_path.stat().st_size
+    try:
+        await store.get_info(digest)
+        say(f"layer {digest[:SHORT]} already in the layer store")
+    except ObjectNotFoundError:
+        say(f"uploading layer {digest[:SHORT]} ({_mib(size)}) {origin}")
+        with tar_path.open("rb") as f:
+            await store.put(digest, f)
+    return size
 
 
 def _image_json(image: Image, sizes: dict[str, int]) -> dict[str, Any]:
@@ -108,6 +116,7 @@ def _image_json(image: Image, sizes: dict[str, int]) -> dict[str, Any]:
         "name": image.name,
         "base": image.base,
         "created_at": image.created_at,
+        "source": image.source,
         "layers": [{"digest": d, "size_bytes": sizes[d]} for d in image.layers],
         "size_bytes": sum(sizes[d] for d in image.layers),
     }
@@ -154,6 +163,62 @@ def image_build(args: argparse.Namespace) -> int:
     on = f" on {built['base']}" if built["base"] else ""
     say(f"image {built['name']}{on}: {len(built['layers'])} layer(s), {_mib(built['size_bytes'])}")
     for layer in built["layers"]:  # lowest first
+        print(layer["digest"])
+    return 0
+
+
+# ---- import -------------------------------------------------------------------------------
+
+
+async def _import(args: argparse.Namespace) -> dict[str, Any]:
+    name = check_image_name(args.name, "--name")
+    source = Path(args.path)
+    if not source.exists():
+        raise InvalidInput(f"{source} does not exist", field="PATH")
+    context = current_context(args)
+    with tempfile.TemporaryDirectory(prefix="ferry-import-") as tmp:
+        # Everything is checked and converted before the bus is touched: a bad image
+        # changes nothing.
+        imported = await asyncio.to_thread(
+            oci_import.convert_image, source, args.ref, Path(tmp), say
+        )
+        async with connected(context) as nc:
+            images = await image_store(nc)
+            for layer in imported.layers:
+                await put_layer(
+                    nc, layer.path, layer.digest, f"(image layer {layer.diff_id[:SHORT]})"
+                )
+            image = Image(
+                name=name,
+                layers=tuple(layer.digest for layer in imported.layers),
+                created_at=time.time(),
+                config=imported.config,
+                source=imported.digest,
+            )
+            replaced = await images.get(name)
+            await images.put(image)
+            sizes = await layer_sizes(nc, image.layers)
+    if replaced is not None:
+        say(f"image {name} replaced (its containers keep the layers they run on)")
+    row = _image_json(image, sizes)
+    row["config"] = imported.config.model_dump(mode="json")
+    row["ref"] = imported.ref
+    row["whiteouts"] = sum(layer.whiteouts for layer in imported.layers)
+    row["opaque_dirs"] = sum(layer.opaque_dirs for layer in imported.layers)
+    return row
+
+
+def image_import(args: argparse.Namespace) -> int:
+    imported = asyncio.run(_import(args))
+    if args.json:
+        print(json.dumps(imported))
+        return 0
+    say(
+        f"image {imported['name']} ({imported['source'][:19]}, {imported['ref'] or 'untagged'}):"
+        f" {len(imported['layers'])} layer(s), {_mib(imported['size_bytes'])},"
+        f" {imported['whiteouts']} whiteout(s), {imported['opaque_dirs']} opaque dir(s)"
+    )
+    for layer in imported["layers"]:
         print(layer["digest"])
     return 0
 

@@ -77,6 +77,18 @@ def build_parser() -> Parser:
     build.add_argument("--base", metavar="IMAGE", help="put the layer on top of this image's")
     build.add_argument("--json", action="store_true")
     build.set_defaults(run=image_commands.image_build)
+    imp = i_sub.add_parser(
+        "import",
+        help="bring in an OCI image layout or an OCI/Docker archive (skopeo, podman save,"
+        " buildah push, docker save): layers checked and converted, its run config kept",
+    )
+    imp.add_argument("path", metavar="PATH", help="an image layout directory or an archive")
+    imp.add_argument("--name", required=True, help="the image's name in Ferry")
+    imp.add_argument(
+        "--ref", help="which image of several: its tag (a layout's ref.name, an archive's tag)"
+    )
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(run=image_commands.image_import)
     ls = i_sub.add_parser("ls", help="images, their layers and which hosts hold them")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=image_commands.image_ls)

@@ -126,7 +126,7 @@ class Checked:
     assumed: frozenset[str]  # directories it writes into without holding them
 
 
-class _HeaderInfo(tarfile.TarInfo):
+class BoundedHeaderInfo(tarfile.TarInfo):
     """Refuses an oversized pax or long-name header before `tarfile` reads it whole."""
 
     @classmethod
@@ -368,7 +368,7 @@ def check(tar_path: Path, policy: Policy) -> Checked:
     walk = _Walk(policy)
     try:
         with _listing(tar_path) as gnu, tar_path.open("rb") as f:
-            with tarfile.open(fileobj=f, mode="r:", tarinfo=_HeaderInfo) as tar:
+            with tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedHeaderInfo) as tar:
                 while (member := tar.next()) is not None:
                     cast(Any, tar).members.clear()  # stream: keep no list of members
                     walk.member(member)

@@ -1,0 +1,1 @@
+"""OCI and Docker images brought into Ferry: found in a layout or archive, checked, converted."""
