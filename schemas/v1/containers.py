@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -66,15 +66,85 @@ EnvVar = Annotated[
 Arg = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]  # a NUL would cut it short
 
 
+USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$"
+UserStr = Annotated[
+    str,
+    StringConstraints(pattern=USER_PATTERN),
+    Field(description="UID[:GID] or NAME[:GROUP], names resolved in the image's /etc/passwd"),
+]
+WorkdirStr = Annotated[
+    str,
+    StringConstraints(pattern=r"^/[^\x00]{0,4095}$"),
+    Field(description="an absolute path inside the container"),
+]
+# Every capability this kernel generation names (capabilities(7)), for validation.
+ALL_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)  # fmt: skip
+# What Docker grants by default; a spec of version 2 starts from it (--cap-add, --cap-drop).
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)  # fmt: skip
+# What a spec of version 1 ran with, and keeps running with wherever it moves.
+VERSION_1_CAPABILITIES = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
+MAX_LABELS = 64
+
+
+def _known_capability(name: str) -> str:
+    if name not in ALL_CAPABILITIES:
+        raise ValueError(f"{name!r} is not a Linux capability (CAP_CHOWN, CAP_NET_RAW, ...)")
+    return name
+
+
+Capability = Annotated[str, AfterValidator(_known_capability)]
+HostnameStr = Annotated[
+    str,
+    StringConstraints(
+        max_length=253,
+        pattern=r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+        r"(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$",
+    ),
+    Field(description="an RFC 1123 host name"),
+]
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")]
+LabelValue = Annotated[str, StringConstraints(pattern=r"^[^\x00]{0,4096}$")]
+Id = Annotated[int, Field(ge=0, le=2**32 - 2)]
+
+
+class ProcessUser(Part):
+    """Who the container's process runs as, resolved once, where it was created: a move
+    never looks the name up again (the container may have changed its /etc/passwd)."""
+
+    uid: Id
+    gid: Id
+    additional_gids: tuple[Id, ...] = ()
+    asked: UserStr | None = Field(default=None, description="what --user or the image said")
+
+
+_VERSION_2 = ("user", "workdir", "hostname", "cpus", "capabilities", "shm_mib", "labels")
+
+
 class ContainerSpec(Part):
     """What a container is, wherever it runs: the host running it makes its config.json
     from this (services/runtime/bundle.py), never from bytes another host sent.
 
     A field that changes what runs (user, capabilities, ...) comes with a new
     `spec_version`, so a host that does not know it refuses the spec instead of ignoring it.
+    Version 2: the process's user, working directory, host name, CPU and /dev/shm sizes,
+    labels and capabilities (version 1 ran every container as root with three of them).
     """
 
-    spec_version: Literal[1] = 1
+    spec_version: Literal[1, 2] = 1
     layers: LayerStack
     image: ImageNameStr | None = Field(
         default=None, description="the image the layers came from, if any (informational)"
@@ -82,10 +152,38 @@ class ContainerSpec(Part):
     args: tuple[Arg, ...] = Field(min_length=1, description="the command and its arguments")
     env: tuple[EnvVar, ...] = ()
     memory_mib: int | None = Field(default=None, ge=4, le=65536)
+    user: ProcessUser | None = Field(default=None, description="None: root (0:0)")
+    workdir: WorkdirStr = "/"
+    hostname: HostnameStr | None = Field(default=None, description="None: the container's name")
+    cpus: float | None = Field(default=None, gt=0, le=1024, description="a CFS quota, in CPUs")
+    capabilities: tuple[Capability, ...] | None = Field(
+        default=None, description="None: version 1's (AUDIT_WRITE, KILL, NET_BIND_SERVICE)"
+    )
+    shm_mib: int = Field(default=64, ge=1, le=65536, description="the size of /dev/shm")
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+
+    @model_validator(mode="after")
+    def _version_holds_its_fields(self) -> Self:
+        if self.spec_version == 1:
+            defaults = {
+                name: ContainerSpec.model_fields[name].get_default(call_default_factory=True)
+                for name in _VERSION_2
+            }
+            used = [name for name in _VERSION_2 if getattr(self, name) != defaults[name]]
+            if used:
+                verb = "needs" if len(used) == 1 else "need"
+                raise ValueError(f"{', '.join(used)} {verb} spec_version 2")
+        return self
+
+    @property
+    def granted_capabilities(self) -> tuple[str, ...]:
+        return VERSION_1_CAPABILITIES if self.capabilities is None else self.capabilities
 
 
 class CreateContainer(_Layered):
-    """Start a new container on the host that receives this request."""
+    """Start a new container on the host that receives this request. The CLI has already
+    merged the image's run config with the options (workflows/container_process.py); the
+    host resolves a user name in the image's own /etc/passwd."""
 
     name: ContainerNameStr
     layers: LayerStack
@@ -95,16 +193,30 @@ class CreateContainer(_Layered):
     args: tuple[Arg, ...] = Field(min_length=1, description="the command and its arguments")
     memory_mib: int | None = Field(default=None, ge=4, le=65536)
     env: tuple[EnvVar, ...] = ()
+    user: UserStr | None = Field(default=None, description="UID[:GID] or NAME[:GROUP]; None: root")
+    workdir: WorkdirStr = "/"
+    hostname: HostnameStr | None = None
+    cpus: float | None = Field(default=None, gt=0, le=1024)
+    capabilities: tuple[Capability, ...] = DEFAULT_CAPABILITIES
+    shm_mib: int = Field(default=64, ge=1, le=65536)
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
 
-    @property
-    def spec(self) -> ContainerSpec:
-        """The container this request asks for."""
+    def spec(self, user: ProcessUser | None) -> ContainerSpec:
+        """The container this request asks for, with its user as the host resolved it."""
         return ContainerSpec(
+            spec_version=2,
             layers=self.layers,
             image=self.image,
             args=self.args,
             env=self.env,
             memory_mib=self.memory_mib,
+            user=user,
+            workdir=self.workdir,
+            hostname=self.hostname,
+            cpus=self.cpus,
+            capabilities=self.capabilities,
+            shm_mib=self.shm_mib,
+            labels=self.labels,
         )
 
 
@@ -221,17 +333,6 @@ class ContainerRuns(Message):
     state: RuncStatus = Field(description="absent: runc knows no such container here")
 
 
-USER_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$"
-UserStr = Annotated[
-    str,
-    StringConstraints(pattern=USER_PATTERN),
-    Field(description="UID[:GID] or NAME[:GROUP], names resolved in the image's /etc/passwd"),
-]
-WorkdirStr = Annotated[
-    str,
-    StringConstraints(pattern=r"^/[^\x00]{0,4095}$"),
-    Field(description="an absolute path inside the container"),
-]
 PortStr = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,5}(/(tcp|udp|sctp))?$")]
 
 

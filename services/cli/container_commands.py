@@ -1,21 +1,27 @@
-"""`ferry container run|rm` and `ferry containers`."""
+"""`ferry container run|rm|inspect` and `ferry containers`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from schemas import subjects
 from schemas.v1.base import NAME_PATTERN
 from schemas.v1.containers import (
+    USER_PATTERN,
     ContainerCreated,
     ContainerList,
     ContainerRemoved,
     CreateContainer,
+    ImageConfig,
     ListContainers,
     RemoveContainer,
 )
@@ -37,6 +43,14 @@ from services.cli.image_commands import (
 )
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
 from services.kvstores import KvPlacementStore
+from workflows.container_process import (
+    OptionError,
+    RunOptions,
+    capabilities,
+    merged_env,
+    parse_env_file,
+    process_for,
+)
 from workflows.placement_chain import OPERATOR_AUTHOR
 
 CREATE_TIMEOUT_S = 180.0
@@ -44,8 +58,38 @@ REMOVE_TIMEOUT_S = 60.0
 LIST_TIMEOUT_S = 5.0
 
 
-def _validate_run(args: argparse.Namespace) -> list[str]:
-    """Everything about the request that needs no bus (--host is checked against it)."""
+# CreateContainer's fields, as the options that set them (for errors pydantic finds).
+_FLAGS = {
+    "args": "CMD", "env": "--env", "user": "--user", "workdir": "--workdir",
+    "hostname": "--hostname", "cpus": "--cpus", "capabilities": "--cap-add",
+    "shm_mib": "--shm-size", "labels": "--label", "memory_mib": "--memory", "name": "--name",
+}  # fmt: skip
+
+
+def _pairs(entries: list[str], field: str) -> dict[str, str]:
+    found = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise InvalidInput(f"{entry!r} is not KEY=VALUE", field=field)
+        found[key] = value
+    return found
+
+
+def _env_files(paths: list[str]) -> tuple[str, ...]:
+    found: list[str] = []
+    for name in paths:
+        try:
+            text = Path(name).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"{name} cannot be read: {exc}", field="--env-file") from None
+        found += parse_env_file(text, os.environ, name)
+    return tuple(found)
+
+
+def _validate_run(args: argparse.Namespace) -> RunOptions:
+    """Everything about the request that needs no bus (--host is checked against it; the
+    image's config is merged once it is read, and the result validated again as a whole)."""
     if not re.match(NAME_PATTERN, args.name):
         raise InvalidInput(
             f"{args.name!r} is not a valid name (lowercase letters, digits, '.', '_', '-';"
@@ -58,15 +102,85 @@ def _validate_run(args: argparse.Namespace) -> list[str]:
         check_image_name(args.image, "--image")
     if args.memory is not None and not 4 <= args.memory <= 65536:
         raise InvalidInput(f"must be between 4 and 65536 MiB, not {args.memory}", field="--memory")
+    if args.cpus is not None and not 0 < args.cpus <= 1024:
+        raise InvalidInput(f"must be above 0 and at most 1024, not {args.cpus}", field="--cpus")
+    if args.user is not None and not re.match(USER_PATTERN, args.user):
+        raise InvalidInput(
+            f"{args.user!r} is not UID[:GID] or NAME[:GROUP] (letters, digits, '_', '.', '-')",
+            field="--user",
+        )
+    if args.workdir is not None and not args.workdir.startswith("/"):
+        raise InvalidInput(f"{args.workdir!r} is not an absolute path", field="--workdir")
+    if not 1 <= args.shm_size <= 65536:
+        raise InvalidInput(
+            f"must be between 1 and 65536 MiB, not {args.shm_size}", field="--shm-size"
+        )
     command: list[str] = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
+    entrypoint = None if args.entrypoint is None else tuple(filter(None, [args.entrypoint]))
+    try:
+        env = merged_env(_env_files(args.env_file), args.env)
+        options = RunOptions(
+            command=tuple(command),
+            entrypoint=entrypoint,
+            env=env,
+            user=args.user,
+            workdir=args.workdir,
+            labels=_pairs(args.label, "--label"),
+            cap_add=tuple(args.cap_add),
+            cap_drop=tuple(args.cap_drop),
+        )
+        capabilities(options.cap_add, options.cap_drop)  # refused now, not after the bus
+    except OptionError as exc:
+        raise InvalidInput(exc.reason, field=exc.field) from None
+    if args.image is None and not command:
         raise InvalidInput("no command given (put it after `--`)", field="CMD")
-    return command
+    # Every option's shape, checked now as the request will be (a command stands in for
+    # the image's, which only the bus knows): bad input fails before anything is asked.
+    _request(args, replace(options, command=options.command or ("cmd",)), None, ("0" * 64,), None)
+    return options
+
+
+def _request(
+    args: argparse.Namespace, options: RunOptions, config: ImageConfig | None,
+    stack: tuple[str, ...], from_image: str | None,
+) -> CreateContainer:  # fmt: skip
+    """The request: the image's run config merged with the options, validated whole."""
+    try:
+        process = process_for(config, options)
+    except OptionError as exc:
+        raise InvalidInput(exc.reason, field=exc.field) from None
+    try:
+        return CreateContainer(
+            name=args.name,
+            layers=stack,
+            image=from_image,
+            args=process.args,
+            env=process.env,
+            memory_mib=args.memory,
+            user=process.user,
+            workdir=process.workdir,
+            hostname=args.hostname,
+            cpus=args.cpus,
+            capabilities=process.capabilities,
+            shm_mib=args.shm_size,
+            labels=process.labels,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = str(first["loc"][0]) if first["loc"] else ""
+        origin = (
+            " (from the image)"
+            if config is not None and where in ("env", "user", "workdir", "labels")
+            else ""
+        )
+        raise InvalidInput(
+            f"{first['msg']}: {first.get('input')!r}{origin}", field=_FLAGS.get(where, where)
+        ) from None
 
 
 async def _run(args: argparse.Namespace) -> ContainerCreated:
+    options = _validate_run(args)
     context = current_context(args)
-    command = _validate_run(args)
     async with connected(context) as nc:
         await check_host(nc, args.host)
         placements = KvPlacementStore(
@@ -78,20 +192,16 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
                 f"a container named {args.name!r} already exists on {existing[0].host}",
                 field="--name",
             )
+        config = None
         if args.image is not None:
             image = await find_image(await image_store(nc), args.image, "--image")
             await layer_sizes(nc, image.layers)  # a broken image fails here, not on the host
-            stack, from_image = image.layers, image.name
+            stack, from_image, config = image.layers, image.name, image.config
+            request = _request(args, options, config, stack, from_image)
         else:  # a one-layer image without a name
-            stack, from_image = ((await upload_layer(nc, Path(args.rootfs), "--rootfs"))[0],), None
-        request = CreateContainer(
-            name=args.name,
-            layers=stack,
-            image=from_image,
-            args=tuple(command),
-            memory_mib=args.memory,
-        )
-        what = f"image {from_image}" if from_image else f"layer {stack[0][:12]}"
+            digest = (await upload_layer(nc, Path(args.rootfs), "--rootfs"))[0]
+            request = _request(args, options, None, (digest,), None)
+        what = f"image {request.image}" if request.image else f"layer {request.layers[0][:12]}"
         say(f"starting {args.name} on {args.host} from {what}")
         return await bus.request(
             nc,
@@ -139,6 +249,28 @@ def container_rm(args: argparse.Namespace) -> int:
         print(removed.model_dump_json())
     else:
         say(f"{removed.name} removed from {removed.host}")
+    return 0
+
+
+async def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+    async with connected(current_context(args)) as nc:
+        placements = KvPlacementStore(
+            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+        )
+        found = await placements.get(args.name)
+    if found is None:
+        raise NotFound(f"no container named {args.name!r}", field="NAME")
+    placement, revision = found
+    shown = placement.model_dump(
+        mode="json", exclude={"schema_version", "layers", "image", "args", "memory_mib"}
+    )
+    shown["revision"] = revision
+    shown["spec"]["capabilities"] = list(placement.spec.granted_capabilities)
+    return shown
+
+
+def container_inspect(args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(_inspect(args)), indent=2))
     return 0
 
 

@@ -175,14 +175,13 @@ async def _import(args: argparse.Namespace) -> dict[str, Any]:
     source = Path(args.path)
     if not source.exists():
         raise InvalidInput(f"{source} does not exist", field="PATH")
-    context = current_context(args)
     with tempfile.TemporaryDirectory(prefix="ferry-import-") as tmp:
         # Everything is checked and converted before the bus is touched: a bad image
         # changes nothing.
         imported = await asyncio.to_thread(
             oci_import.convert_image, source, args.ref, Path(tmp), say
         )
-        async with connected(context) as nc:
+        async with connected(current_context(args)) as nc:
             images = await image_store(nc)
             for layer in imported.layers:
                 await put_layer(

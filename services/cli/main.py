@@ -59,8 +59,22 @@ def build_parser() -> Parser:
     run.add_argument("--name", required=True)
     root = run.add_mutually_exclusive_group(required=True)
     root.add_argument("--rootfs", help="directory holding the root filesystem (one layer)")
-    root.add_argument("--image", help="an image built with `ferry image build`")
+    root.add_argument(
+        "--image", help="an image from `ferry image build` or `ferry image import`; its run"
+        " config (Entrypoint, Cmd, Env, User, WorkingDir, Labels) applies as in Docker",
+    )  # fmt: skip
     run.add_argument("--memory", type=positive_int, help="memory limit in MiB")
+    run.add_argument("--cpus", type=float, help="CPU quota, in CPUs (0.5: half of one)")
+    run.add_argument("--user", help="UID[:GID] or NAME[:GROUP] (names from the image's /etc)")
+    run.add_argument("--env", "-e", action="append", default=[], metavar="NAME=VALUE")
+    run.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    run.add_argument("--workdir", "-w", help="the process's working directory (absolute)")
+    run.add_argument("--hostname", help="the container's host name (default: its name)")
+    run.add_argument("--label", "-l", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--cap-add", action="append", default=[], metavar="CAP")
+    run.add_argument("--cap-drop", action="append", default=[], metavar="CAP")
+    run.add_argument("--shm-size", type=int, default=64, metavar="MIB", help="/dev/shm's size")
+    run.add_argument("--entrypoint", help="replace the image's Entrypoint ('' clears it)")
     run.add_argument("--json", action="store_true")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(run=container_commands.container_run)
@@ -68,6 +82,9 @@ def build_parser() -> Parser:
     rm.add_argument("name", metavar="NAME")
     rm.add_argument("--json", action="store_true")
     rm.set_defaults(run=container_commands.container_rm)
+    inspect = c_sub.add_parser("inspect", help="a container's placement and spec, as JSON")
+    inspect.add_argument("name", metavar="NAME")
+    inspect.set_defaults(run=container_commands.container_inspect)
 
     image = sub.add_parser("image", help="images: named stacks of read-only layers")
     i_sub = image.add_subparsers(dest="image_command", required=True, parser_class=Parser)

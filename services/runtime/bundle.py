@@ -11,7 +11,7 @@ from services.errors import RuntimeFailure
 from services.tls import TlsFiles
 
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-CAPABILITIES = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+CFS_PERIOD_US = 100_000
 MASKED_PATHS = [
     "/proc/acpi",
     "/proc/asound",
@@ -49,27 +49,36 @@ def oci_config(
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if spec.memory_mib is not None:
         resources["memory"] = {"limit": spec.memory_mib * 1024 * 1024}
+    if spec.cpus is not None:
+        resources["cpu"] = {"quota": round(spec.cpus * CFS_PERIOD_US), "period": CFS_PERIOD_US}
     annotations = {"org.criu.config": str(criu_config)} if criu_config else {}
+    user = spec.user
+    process_user: dict[str, Any] = {"uid": user.uid if user else 0, "gid": user.gid if user else 0}
+    if user is not None and user.additional_gids:
+        process_user["additionalGids"] = list(user.additional_gids)
+    capabilities = list(spec.granted_capabilities)
+    # glibc's getenv takes a name's first value: the default PATH only when the spec has none
+    has_path = any(entry.startswith("PATH=") for entry in spec.env)
     return {
         "ociVersion": "1.0.2",
         "annotations": annotations,
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": process_user,
             "args": list(spec.args),
-            "env": [DEFAULT_PATH, *spec.env],
-            "cwd": "/",
+            "env": [*([] if has_path else [DEFAULT_PATH]), *spec.env],
+            "cwd": spec.workdir,
             "capabilities": {
-                "bounding": CAPABILITIES,
-                "effective": CAPABILITIES,
-                "permitted": CAPABILITIES,
+                "bounding": capabilities,
+                "effective": capabilities,
+                "permitted": capabilities,
             },
             # No rlimits: raising one above the host's needs CAP_SYS_RESOURCE, which root
             # may lack (it does on our CI VMs); the container inherits the host's limits.
             "noNewPrivileges": True,
         },
         "root": {"path": "rootfs", "readonly": False},
-        "hostname": hostname,
+        "hostname": spec.hostname or hostname,
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {
@@ -88,7 +97,13 @@ def oci_config(
                 "destination": "/dev/shm",
                 "type": "tmpfs",
                 "source": "shm",
-                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+                "options": [
+                    "nosuid",
+                    "noexec",
+                    "nodev",
+                    "mode=1777",
+                    f"size={spec.shm_mib * 1024}k",
+                ],
             },
             {
                 "destination": "/sys",

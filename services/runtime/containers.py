@@ -27,7 +27,7 @@ from schemas.v1.containers import (
 from services.config import HostConfig
 from services.errors import Conflict, NotFound, RuntimeFailure
 from services.retrying import transient
-from services.runtime import bundle, layers, ledger, netns
+from services.runtime import bundle, layers, ledger, netns, users
 from services.runtime.runc import Runc
 from services.stores import AddressPool, LayerSource, PlacementStore
 
@@ -128,12 +128,17 @@ class HostContainers:
                 host=self.config.host,
                 ip=ip,
                 mac=netns.mac_for(ip),
-                spec=cmd.spec,
+                spec=cmd.spec(user=None),  # "creating": the user is resolved below
             )
             revision = await self.placements.claim(placement)
             undo.append(lambda: self.placements.remove(cmd.name))
             undo.append(lambda: self.discard_local(cmd.name))
             ready = await self.ensure_layers(cmd.layers)
+            paths = self.paths(cmd.name)
+            await layers.mount_overlay(ready.paths, paths.upper, paths.work, paths.rootfs)
+            if cmd.user is not None:
+                user = await asyncio.to_thread(users.resolve, paths.rootfs, cmd.user)
+                placement = placement.model_copy(update={"spec": cmd.spec(user=user)})
             pid = await self._build_and_start(placement, ready.paths)
             await self.placements.update(
                 placement.model_copy(update={"state": "running"}), revision

@@ -99,6 +99,9 @@ def test_error_classes_map_to_exit_codes() -> None:
         (["image", "build", "/", "--name", "app", "--base", "Base"], "--base"),
         (["image", "build", "/nonexistent-dir", "--name", "app"], "DIR"),
         (["image", "pull", "Nope!"], "NAME"),
+        (["image", "import", "/nonexistent", "--name", "app"], "PATH"),
+        (["image", "import", "/", "--name", "Bad Name"], "--name"),
+        (["image", "import", "/proc/self", "--name", "app"], "PATH"),
     ],
 )
 def test_bad_image_input_exits_2_before_any_lab_is_touched(
@@ -111,3 +114,38 @@ def test_bad_image_input_exits_2_before_any_lab_is_touched(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and mentions in err[0]
+
+
+RUN = ["container", "run", "--host", "h1", "--name", "web", "--rootfs", "/"]
+
+
+@pytest.mark.parametrize(
+    ("options", "mentions"),
+    [
+        (["--user", "bad user"], "--user"),
+        (["--user", "a:b:c"], "--user"),
+        (["--workdir", "relative/dir"], "--workdir"),
+        (["--env", "NOEQUALS"], "--env"),
+        (["--env", "1BAD=x"], "--env"),
+        (["--env-file", "/nonexistent"], "--env-file"),
+        (["--label", "novalue"], "--label"),
+        (["--label=-bad=x"], "--label"),
+        (["--cap-add", "CAP_MAKE_COFFEE"], "--cap-add"),
+        (["--cap-drop", "nope"], "--cap-drop"),
+        (["--cap-add", "NET_ADMIN", "--cap-drop", "net_admin"], "--cap-add"),
+        (["--cpus", "0"], "--cpus"),
+        (["--cpus", "2000"], "--cpus"),
+        (["--hostname", "not_a_host"], "--hostname"),
+        (["--shm-size", "0"], "--shm-size"),
+    ],
+)
+def test_bad_run_options_exit_2_naming_the_option_before_any_lab_is_touched(
+    options: list[str],
+    mentions: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FERRY_LAB", "nolabzz")
+    assert main([*RUN, *options, "--", "/bin/true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and mentions in err[0], err

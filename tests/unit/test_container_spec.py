@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.v1.containers import ContainerSpec, CreateContainer, Placement
+from schemas.v1.containers import DEFAULT_CAPABILITIES, ContainerSpec, CreateContainer, Placement
 from services.errors import RuntimeFailure
 from services.runtime import bundle, restore
 from services.runtime.containers import ContainerPaths
@@ -82,7 +82,7 @@ def test_the_spec_wins_over_flat_fields_beside_it() -> None:
 
 
 def test_a_spec_of_an_unknown_version_is_refused() -> None:
-    data = {**FLAT, "spec": {"spec_version": 2, "layers": [DIGEST], "args": ["/bin/app"]}}
+    data = {**FLAT, "spec": {"spec_version": 3, "layers": [DIGEST], "args": ["/bin/app"]}}
     with pytest.raises(ValidationError) as caught:
         Placement.model_validate(data)
     assert caught.value.errors()[0]["loc"] == ("spec", "spec_version")
@@ -110,8 +110,13 @@ def test_a_create_request_becomes_the_spec_with_its_env() -> None:
     cmd = CreateContainer(
         name="web", layers=(DIGEST,), args=("/bin/app",), env=("MODE=prod",), memory_mib=32
     )
-    assert cmd.spec == ContainerSpec(
-        layers=(DIGEST,), args=("/bin/app",), env=("MODE=prod",), memory_mib=32
+    assert cmd.spec(user=None) == ContainerSpec(
+        spec_version=2,
+        layers=(DIGEST,),
+        args=("/bin/app",),
+        env=("MODE=prod",),
+        memory_mib=32,
+        capabilities=DEFAULT_CAPABILITIES,
     )
 
 
