@@ -58,13 +58,17 @@ bench: workloads
 	$(PY) -m deploy.bench.run --json bench/results.json --table bench/results-table.txt $(BENCH_ARGS)
 
 ## workloads: the small static programs the tests run inside containers.
-workloads: build/memapp build/dirtyapp
+workloads: build/memapp build/dirtyapp build/holdapp
 
 build/memapp: tests/workloads/memapp.c
 	@mkdir -p build
 	gcc -O2 -static -Wall -Wextra -o $@ $<
 
 build/dirtyapp: tests/workloads/dirtyapp.c
+	@mkdir -p build
+	gcc -O2 -static -Wall -Wextra -o $@ $<
+
+build/holdapp: tests/workloads/holdapp.c
 	@mkdir -p build
 	gcc -O2 -static -Wall -Wextra -o $@ $<
 

@@ -12,12 +12,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MEMAPP = REPO / "build" / "memapp"
+HOLDAPP = REPO / "build" / "holdapp"  # holds an io_uring or a file lock (pre-flight's tests)
 PORT = 7000
 
 
 def build_rootfs(target: Path) -> Path:
-    """A tiny root filesystem: static busybox and the static memapp."""
-    if not MEMAPP.exists():
+    """A tiny root filesystem: static busybox, the static memapp and holdapp."""
+    if not MEMAPP.exists() or not HOLDAPP.exists():
         subprocess.run(["make", "-C", str(REPO), "workloads"], check=True, capture_output=True)
     for d in ("bin", "proc", "dev", "sys", "tmp", "etc"):
         (target / d).mkdir(parents=True, exist_ok=True)
@@ -27,6 +28,7 @@ def build_rootfs(target: Path) -> Path:
         if not link.is_symlink():
             link.symlink_to("busybox")
     shutil.copy2(MEMAPP, target / "bin" / "memapp")
+    shutil.copy2(HOLDAPP, target / "bin" / "holdapp")
     (target / "etc" / "hostname").write_text("ferry\n")
     return target
 

@@ -133,6 +133,9 @@ CRIU_RUNC_CONFIG = """\
 # A client's connection still in the listen queue must not fail the whole dump:
 # it is dropped, and the client connects again.
 skip-in-flight
+# Locks the application holds (a database's) are dumped and taken again on restore; without
+# this CRIU refuses to dump a task that holds one.
+file-locks
 """
 SKIP_NETWORK_LOCK = """\
 # Ferry locks the network itself: the source's link goes down before CRIU runs (nothing in

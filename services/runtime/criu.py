@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -168,6 +169,25 @@ def tail(log: Path, lines: int = 12) -> str:
     flagged = [line for line in text if "Error" in line or "Warn" in line][-lines:]
     last = [line for line in text[-3:] if line not in flagged]
     return "\n".join([f"{log.name}:", *flagged, *last])
+
+
+# CRIU errors that are no cause: CRIU cannot raise its own open-files limit where root
+# lacks CAP_SYS_RESOURCE (this VM), says so as an error on every run, and goes on.
+HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
+_LOG_PREFIX = re.compile(r"^\(\s*[0-9.]+\)\s*(pie: \d+: )?")
+
+
+def cause(log: Path) -> str | None:
+    """The first error in a CRIU log that is not HARMLESS_ERRORS, without its timestamp:
+    what failed, where runc only says "criu failed"."""
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in text:
+        if "Error (" in line and not any(h in line for h in HARMLESS_ERRORS):
+            return _LOG_PREFIX.sub("", line).strip()
+    return None
 
 
 def load_stats(path: Path) -> dict[str, int]:

@@ -61,8 +61,10 @@ async def _run_restore(
     code = await wait_owned(await spawn(argv))
     if code != 0:
         errors = log_errors(log_file)
+        why = criu.cause(paths.restore_log)
         raise RuntimeFailure(
-            f"restore of {name} failed: {errors[-1] if errors else f'exit {code}'}",
+            f"restore of {name} failed: {errors[-1] if errors else f'exit {code}'}"
+            + (f"; CRIU: {why}" if why else ""),
             log_tail=criu.tail(paths.restore_log),
         )
     if not check_running:

@@ -26,6 +26,7 @@ from services.runtime import (
     criu,
     firewall,
     layers,
+    movable,
     netlock,
     netns,
     precopy,
@@ -48,6 +49,7 @@ from services.runtime.restore import restore_container
 from services.runtime.runc import log_errors
 from services.runtime.spans import fail, tracer
 from services.runtime.transfer import Link
+from workflows import movability
 
 # The source is frozen and off the bridge: tell the destination to take the container's
 # link (returns whether it did). Runs beside the dump; a handover that fails costs the
@@ -84,6 +86,12 @@ class SourceSide:
             raise RuntimeFailure(
                 f"{name} is {status} on {self.config.host}; only a running container moves"
             )
+        found = movability.findings(await asyncio.to_thread(movable.container_facts, state.pid))
+        refused = movability.refusal(found, name)
+        if refused is not None:
+            raise RuntimeFailure(refused)  # before the freeze: the container runs on, here
+        for finding in found:
+            log.info("%s: %s", name, finding.detail)
         ports = tuple(sorted(netlock.listening_ports(state.pid)))
         return PreflightResult(listening_ports=ports, source_pid=state.pid)
 
@@ -100,6 +108,11 @@ class SourceSide:
             memory = resident_memory(state.pid)
             ports = sorted(netlock.listening_ports(state.pid))
             results.append(("listening ports", True, f"{ports}"))
+            facts = await asyncio.to_thread(movable.container_facts, state.pid)
+            found = movability.findings(facts)
+            results += [(f.what, not f.blocking, f.detail) for f in found]
+            if not any(f.blocking for f in found):
+                results.append(("CRIU can dump what it holds", True, f"{len(facts)} process(es)"))
         return results, memory
 
     async def _earlier_dump(self, name: str, paths: MigrationPaths) -> DumpResult | None:
@@ -423,8 +436,10 @@ def _dump_failed(
 ) -> RuntimeFailure:
     """A failed dump in runc's own words (else `otherwise`), with CRIU's log, its span ended."""
     errors = log_errors(paths.runc_log)
+    why = criu.cause(paths.dump_log)
     failure = RuntimeFailure(
-        f"{what} failed: {errors[-1] if errors else otherwise}", log_tail=criu.tail(paths.dump_log)
+        f"{what} failed: {errors[-1] if errors else otherwise}" + (f"; CRIU: {why}" if why else ""),
+        log_tail=criu.tail(paths.dump_log),
     )
     fail(span, failure)
     span.end()
