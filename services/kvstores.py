@@ -313,6 +313,9 @@ class KvImageStore:
     async def put(self, image: Image) -> None:
         await self.kv.put(image.name, image.to_bytes())
 
+    async def delete(self, name: str) -> None:
+        await self.kv.delete(name)
+
     async def all(self) -> list[Image]:
         found = []
         for key in await _keys(self.kv):

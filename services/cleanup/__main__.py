@@ -1,5 +1,6 @@
 """Wires the cleanup worker: container removal, source clean-up after a move, the watchdog,
-the leftover collector, and the answer to "do you run container X?" that collectors ask."""
+the leftover collector, unused layers' removal, and the answer to "do you run container X?"
+that collectors ask."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from services import bus, watchdog
 from services.cleanup import collector
 from services.cleanup.evidence import BusEvidence
 from services.cleanup.handlers import Cleanup
+from services.cleanup.layers import LayerCollector
 from services.errors import described
-from services.kvstores import KvAddressPool, KvMigrationStore
+from services.kvstores import KvAddressPool, KvImageStore, KvMigrationStore
 from services.runtime.runc import Runc
 from services.runtime.source_cleanup import SourceCleanup
 from services.saga.dispatch import Dispatcher
@@ -68,6 +70,13 @@ async def register(ctx: WorkerContext) -> None:
         ctx.containers, evidence, ctx.placements, rules, min_age_s=config.collector_min_age_s
     )
 
+    layer_sweeper = LayerCollector(
+        config.layers_dir,
+        KvImageStore(await bus.bucket(ctx.js, subjects.IMAGES_BUCKET)),
+        ctx.placements,
+        min_age_s=config.collector_min_age_s,
+    )
+
     async def collect_forever() -> None:
         suspects: set[str] = set()
         while True:
@@ -90,6 +99,10 @@ async def register(ctx: WorkerContext) -> None:
                     log.info("released orphan addresses %s", released)
             except Exception as exc:  # the same: an unknown answer releases nothing
                 log.warning("address collection failed: %s", described(exc))
+            try:
+                await layer_sweeper.sweep()
+            except Exception as exc:  # a layer kept is only disk space
+                log.warning("layer collection failed: %s", described(exc))
             await asyncio.sleep(config.collector_interval_s)
 
     ctx.spawn(collect_forever())

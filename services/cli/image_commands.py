@@ -1,4 +1,4 @@
-"""`ferry image build|import|ls|pull`: named stacks of read-only layers, on hosts ahead of use.
+"""`ferry image build|import|rm|ls|pull`: named stacks of read-only layers, on hosts ahead of use.
 
 A layer is a directory packed into a deterministic tar, stored once in the `ferry-layers`
 object store under its sha256; an image is a name for a stack of them (KV `ferry-images`).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import tempfile
@@ -33,10 +34,18 @@ from schemas.v1.containers import (
 from services import bus, topology
 from services.cli.context import connected, context_or_none, current_context, say
 from services.cli.host_commands import check_host
-from services.errors import FerryError, InvalidInput, NotFound, RuntimeFailure, Unavailable
+from services.errors import (
+    Conflict,
+    FerryError,
+    InvalidInput,
+    NotFound,
+    RuntimeFailure,
+    Unavailable,
+)
 from services.images import oci_import
-from services.kvstores import KvHostDirectory, KvImageStore
+from services.kvstores import KvHostDirectory, KvImageStore, KvPlacementStore
 from services.runtime import layers
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 PULL_TIMEOUT_S = 600.0
 LIST_TIMEOUT_S = 5.0
@@ -219,6 +228,54 @@ def image_import(args: argparse.Namespace) -> int:
     )
     for layer in imported["layers"]:
         print(layer["digest"])
+    return 0
+
+
+# ---- rm -----------------------------------------------------------------------------------
+
+
+async def _rm(args: argparse.Namespace) -> dict[str, Any]:
+    name = check_image_name(args.name, "NAME")
+    async with connected(current_context(args)) as nc:
+        js = nc.jetstream()
+        images = await image_store(nc)
+        image = await find_image(images, name, "NAME")
+        placements = await KvPlacementStore(
+            await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
+        ).all()
+        users = sorted(p.name for p in placements if p.spec.image == name)
+        if users:
+            raise Conflict(
+                f"image {name!r} is used by {', '.join(users)}: remove them first", field="NAME"
+            )
+        await images.delete(name)
+        # A layer leaves the store only when no other image and no container names it;
+        # hosts drop their unpacked copies on their own sweeps (services/cleanup/layers.py).
+        others = await images.all()
+        needed = {d for i in others for d in i.layers} | {
+            d for p in placements for d in p.spec.layers
+        }
+        store = await bus.layers(js)
+        removed, kept = [], []
+        for digest in image.layers:
+            if digest in needed:
+                kept.append(digest)
+                continue
+            with contextlib.suppress(ObjectNotFoundError):
+                await store.delete(digest)
+            removed.append(digest)
+    return {"name": name, "layers_removed": removed, "layers_kept": kept}
+
+
+def image_rm(args: argparse.Namespace) -> int:
+    done = asyncio.run(_rm(args))
+    if args.json:
+        print(json.dumps(done))
+        return 0
+    say(
+        f"image {done['name']} removed; {len(done['layers_removed'])} layer(s) left the store,"
+        f" {len(done['layers_kept'])} kept (other images or containers use them)"
+    )
     return 0
 
 

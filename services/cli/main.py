@@ -106,6 +106,12 @@ def build_parser() -> Parser:
     )
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(run=image_commands.image_import)
+    rm_image = i_sub.add_parser(
+        "rm", help="remove an image no container uses; layers nothing else names leave the store"
+    )
+    rm_image.add_argument("name", metavar="NAME")
+    rm_image.add_argument("--json", action="store_true")
+    rm_image.set_defaults(run=image_commands.image_rm)
     ls = i_sub.add_parser("ls", help="images, their layers and which hosts hold them")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(run=image_commands.image_ls)

@@ -208,3 +208,23 @@ def test_a_held_file_lock_moves_with_the_container(lab2: str, rootfs: Path) -> N
     fdinfo = [p.read_text() for p in Path(f"/proc/{pid}/fdinfo").iterdir()]
     assert any("FLOCK" in info and "WRITE" in info for info in fdinfo), fdinfo
     assert ferry(lab2, "container", "rm", "locker").code == 0
+
+
+def test_an_image_in_use_stays_and_a_free_one_leaves_the_store(lab2: str, layout: Path) -> None:
+    assert ferry(lab2, "image", "import", str(layout), "--name", "gcimg").code == 0
+    run = ferry(lab2, "container", "run", "--host", "h1", "--name", "gcuser", "--image", "gcimg")
+    assert run.code == 0, run.stderr
+    refused = ferry(lab2, "image", "rm", "gcimg")
+    assert refused.code == 2 and "used by gcuser" in refused.stderr
+    assert "gcimg" in {row["name"] for row in ferry(lab2, "image", "ls", "--json").json()}
+
+    assert ferry(lab2, "container", "rm", "gcuser").code == 0
+    removed = ferry(lab2, "image", "rm", "gcimg", "--json")
+    assert removed.code == 0, removed.stderr
+    done = removed.json()
+    listed = ferry(lab2, "image", "ls", "--json").json()
+    assert "gcimg" not in {row["name"] for row in listed}
+    still_named = {layer["digest"] for row in listed for layer in row["layers"]}
+    assert set(done["layers_kept"]) <= still_named  # kept only for another image
+    assert not set(done["layers_removed"]) & still_named
+    assert len(done["layers_removed"]) + len(done["layers_kept"]) == 2
