@@ -34,7 +34,7 @@ demo: workloads
 demo-minecraft:
 	$(PY) -m deploy.minecraft.play --bots 4 --json bench/minecraft.json
 
-## chaos: 463 cells (strategy x fault x step x when), directions alternating (~70 min); every
+## chaos: 433 cells (strategy x fault x step x when), directions alternating (~70 min); every
 ## cell gets a verdict, the run goes to the end and fails on any lost/two-copies/misplaced cell.
 ## First the tests marked `long` (minutes each), which `make test` leaves to it.
 chaos: workloads

@@ -72,6 +72,27 @@ def freeze_worker(
     return True, f"{role} on {host} (pid {pid}) frozen for {seconds:.0f} s, then continued"
 
 
+def wait_stopped(
+    pids: Callable[[], dict[tuple[str, str], int]], host: str, role: str, within: float
+) -> int | None:
+    """The pid of the worker once it is stopped (SIGSTOP, state T), or None."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        pid = pids().get((host, role))
+        if pid is not None and _state(pid) == "T":
+            return pid
+        time.sleep(0.02)
+    return None
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[0]
+
+
 def cli_has(command: str) -> bool:
     """Whether `ferry` offers a subcommand (other work adds some)."""
     out = subprocess.run([FERRY, "--help"], capture_output=True, text=True).stdout

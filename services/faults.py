@@ -92,10 +92,15 @@ class OneShot:
         return fired
 
 
-def go_silent() -> None:
+PAUSE_BEFORE_CAS_S = 2.0  # long enough for chaos to cut what NATS sends this host
+
+
+def go_silent(seconds: float | None = None) -> None:
     """SIGSTOP this process, as if the network cut it off: no lease renewed, no ack, no
-    report. A detached shell sends SIGCONT after FERRY_FAULT_SILENT_S — the cut healed."""
-    seconds = float(os.environ.get("FERRY_FAULT_SILENT_S", "120"))
+    report. A detached shell sends SIGCONT after `seconds` (FERRY_FAULT_SILENT_S by
+    default) — the cut healed."""
+    if seconds is None:
+        seconds = float(os.environ.get("FERRY_FAULT_SILENT_S", "120"))
     log.critical("chaos: going silent for %.0f s", seconds)
     for handler in logging.getLogger().handlers:
         handler.flush()

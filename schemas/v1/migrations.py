@@ -30,10 +30,12 @@ Fact = str | int | float | bool | None
 #                           FERRY_FAULT_SILENT_S on its host, default 120 s)
 #   slow:STEP               the worker running STEP takes FERRY_FAULT_SLOW_S on its host
 #                           (default 15 s) longer, alive and reporting progress meanwhile
+#   pause:commit:cas        the destination stops itself for 2 s just before its commit's
+#                           compare-and-set (make chaos cuts what NATS sends it meanwhile)
 #   several at once, joined with "+" (e.g. restore+kill:resume_source:before)
 _ONE_FAULT = (
     r"(restore|lazy-pages-dies|corrupt:transfer|duplicate:[a-z_]+|kill:[a-z_]+:(before|after)"
-    r"|silent:[a-z_]+:after|slow:[a-z_]+)"
+    r"|silent:[a-z_]+:after|slow:[a-z_]+|pause:commit:cas)"
 )
 FAULT_PATTERN = rf"^{_ONE_FAULT}(\+{_ONE_FAULT})*$"
 FAULT_EXAMPLES = (

@@ -19,6 +19,7 @@ from schemas.v1.containers import (
 )
 from schemas.v1.migrations import HostCheck, HostCheckReply, PageServerStarted, StartPageServer
 from schemas.v2.results import OpenNetworkResult
+from services import faults
 from services import preflight as dry_run
 from services.errors import RuntimeFailure
 from services.runtime import ledger
@@ -153,6 +154,9 @@ class Destination:
             raise RuntimeFailure(
                 f"{run.container} is placed on {placement.host}; refusing to commit"
             )
+        if self.side.faults.fires(run.migration_id, "pause:commit:cas"):
+            # make chaos's cas-cut: NATS's answer to the compare-and-set below is dropped.
+            faults.go_silent(faults.PAUSE_BEFORE_CAS_S)
         await self.placements.update(
             placement.model_copy(update={"host": run.destination}), revision
         )
