@@ -4,8 +4,6 @@ sysbench's oltp_read_write and a ledger client work on it over TCP from outside.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from deploy.mariadb import clients
 from deploy.mariadb.image import UID, build_image
 from tests.support.cli import ferry
+from tests.support.lab_checks import runc_pid
 
 pytestmark = pytest.mark.lab
 
@@ -26,11 +25,7 @@ def mariadb_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _server_uid(lab: str, host: str) -> str:
-    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
-    state = subprocess.run(
-        ["runc", "--root", root, "state", NAME], capture_output=True, text=True, check=True
-    )
-    status = Path(f"/proc/{json.loads(state.stdout)['pid']}/status").read_text()
+    status = Path(f"/proc/{runc_pid(lab, host, NAME)}/status").read_text()
     return next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
 
 

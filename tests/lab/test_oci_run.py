@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.cli import ferry
+from tests.support.lab_checks import runc_pid
 
 pytestmark = pytest.mark.lab
 
@@ -61,14 +62,6 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=top,
     )  # fmt: skip
     return top / "img"
-
-
-def _pid(lab: str, host: str) -> int:
-    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
-    state = subprocess.run(
-        ["runc", "--root", root, "state", NAME], capture_output=True, text=True, check=True
-    )
-    return int(json.loads(state.stdout)["pid"])
 
 
 def _seen(pid: int) -> dict[str, Any]:
@@ -132,7 +125,7 @@ def test_an_imported_image_runs_as_its_user_with_its_options_and_moves_so(
         "cfs_quota_us": "50000",
         "hostname": "box",
     }
-    assert _seen(_pid(lab2, "h1")) == expected
+    assert _seen(runc_pid(lab2, "h1", NAME)) == expected
 
     inspected = json.loads(ferry(lab2, "container", "inspect", NAME, check=True).stdout)
     spec = inspected["spec"]
@@ -148,7 +141,7 @@ def test_an_imported_image_runs_as_its_user_with_its_options_and_moves_so(
     )  # fmt: skip
     assert moved.code == 0, moved.stderr
     assert moved.json()["state"] == "completed"
-    assert _seen(_pid(lab2, "h2")) == expected
+    assert _seen(runc_pid(lab2, "h2", NAME)) == expected
     assert ferry(lab2, "container", "rm", NAME).code == 0
 
 
@@ -163,14 +156,6 @@ def test_a_user_the_image_does_not_know_is_refused_and_leaves_nothing(lab2: str)
     assert "nouser" not in [row["name"] for row in listed]
 
 
-def _in_lab(lab: str, host: str, name: str) -> int:
-    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
-    state = subprocess.run(
-        ["runc", "--root", root, "state", name], capture_output=True, text=True, check=True
-    )
-    return int(json.loads(state.stdout)["pid"])
-
-
 def test_an_io_uring_is_refused_before_the_freeze_naming_cause_and_fix(
     lab2: str, rootfs: Path
 ) -> None:
@@ -179,7 +164,7 @@ def test_an_io_uring_is_refused_before_the_freeze_naming_cause_and_fix(
         "--", "/bin/holdapp", "io_uring",
     )  # fmt: skip
     assert run.code == 0, run.stderr
-    pid = _in_lab(lab2, "h1", "uring")
+    pid = runc_pid(lab2, "h1", "uring")
     checked = ferry(lab2, "migrate", "uring", "--to", "h2", "--dry-run", "--json")
     assert checked.code != 0 and "io_uring" in checked.stdout + checked.stderr
     moved = ferry(lab2, "migrate", "uring", "--to", "h2", "--json", timeout=300)
@@ -189,7 +174,7 @@ def test_an_io_uring_is_refused_before_the_freeze_naming_cause_and_fix(
     assert "io_uring" in record["error"] and "CRIU 4.2.1 cannot dump" in record["error"]
     dumps = [step for step in record["steps"] if step["name"] == "dump"]
     assert all(step["attempts"] == 0 for step in dumps), "refused before the freeze"
-    assert _in_lab(lab2, "h1", "uring") == pid, "it never stopped running on h1"
+    assert runc_pid(lab2, "h1", "uring") == pid, "it never stopped running on h1"
     assert ferry(lab2, "container", "rm", "uring").code == 0
 
 
@@ -204,7 +189,7 @@ def test_a_held_file_lock_moves_with_the_container(lab2: str, rootfs: Path) -> N
         timeout=300,
     )  # fmt: skip
     assert moved.code == 0, moved.stderr
-    pid = _in_lab(lab2, "h2", "locker")
+    pid = runc_pid(lab2, "h2", "locker")
     fdinfo = [p.read_text() for p in Path(f"/proc/{pid}/fdinfo").iterdir()]
     assert any("FLOCK" in info and "WRITE" in info for info in fdinfo), fdinfo
     assert ferry(lab2, "container", "rm", "locker").code == 0

@@ -3,6 +3,7 @@ state directory, mounts and links, and the placements as the CLI reports them.""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,24 @@ from tests.support.cli import ferry
 from tests.support.inventory import host_links, host_mounts
 
 
+def _runc_root(lab: str, host: str) -> str:
+    return f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
+
+
 def runc_names(lab: str, host: str) -> list[str]:
-    root = f"/var/lib/ferry-lab/{lab}/hosts/{host}/runc"
-    out = subprocess.run(["runc", "--root", root, "list", "-q"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["runc", "--root", _runc_root(lab, host), "list", "-q"], capture_output=True, text=True
+    )
     return out.stdout.split()
+
+
+def runc_pid(lab: str, host: str, name: str) -> int:
+    """The container's init process as runc on `host` knows it (fails if runc does not)."""
+    state = subprocess.run(
+        ["runc", "--root", _runc_root(lab, host), "state", name],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(json.loads(state.stdout)["pid"])
 
 
 def assert_nothing_left_on(lab: str, host: str, name: str) -> None:
