@@ -31,6 +31,7 @@ from services.cli.context import (
     connected,
     context_or_none,
     current_context,
+    operator_placements,
     say,
 )
 from services.cli.host_commands import check_host
@@ -42,7 +43,6 @@ from services.cli.image_commands import (
     upload_layer,
 )
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
-from services.kvstores import KvPlacementStore
 from workflows.container_process import (
     OptionError,
     RunOptions,
@@ -51,7 +51,6 @@ from workflows.container_process import (
     parse_env_file,
     process_for,
 )
-from workflows.placement_chain import OPERATOR_AUTHOR
 
 CREATE_TIMEOUT_S = 180.0
 REMOVE_TIMEOUT_S = 60.0
@@ -183,9 +182,7 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
     context = current_context(args)
     async with connected(context) as nc:
         await check_host(nc, args.host)
-        placements = KvPlacementStore(
-            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        )
+        placements = await operator_placements(nc.jetstream())
         existing = await placements.get(args.name)
         if existing is not None:
             raise Conflict(
@@ -225,9 +222,7 @@ def container_run(args: argparse.Namespace) -> int:
 
 async def _rm(args: argparse.Namespace) -> ContainerRemoved:
     async with connected(current_context(args)) as nc:
-        placements = KvPlacementStore(
-            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        )
+        placements = await operator_placements(nc.jetstream())
         found = await placements.get(args.name)
         if found is None:
             raise NotFound(f"no container named {args.name!r}", field="NAME")
@@ -254,9 +249,7 @@ def container_rm(args: argparse.Namespace) -> int:
 
 async def _inspect(args: argparse.Namespace) -> dict[str, Any]:
     async with connected(current_context(args)) as nc:
-        placements = KvPlacementStore(
-            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        )
+        placements = await operator_placements(nc.jetstream())
         found = await placements.get(args.name)
     if found is None:
         raise NotFound(f"no container named {args.name!r}", field="NAME")
@@ -276,9 +269,7 @@ def container_inspect(args: argparse.Namespace) -> int:
 
 async def _list(context: BusContext) -> list[dict[str, Any]]:
     async with connected(context) as nc:
-        placements = await KvPlacementStore(
-            await bus.bucket(nc.jetstream(), subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        ).all()
+        placements = await (await operator_placements(nc.jetstream())).all()
 
         async def ask(host: str) -> ContainerList | None:
             try:

@@ -39,11 +39,15 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from schemas import subjects
 from services import bus
 from services.cli.errors import one_line
 from services.errors import InvalidInput, RuntimeFailure
+from services.kvstores import KvPlacementStore
+from workflows.placement_chain import OPERATOR_AUTHOR
 
 CONTEXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SCHEMES = ("nats", "tls", "ws", "wss")
@@ -229,3 +233,8 @@ async def connected(context: BusContext, *, connect_timeout: float = 5.0) -> Asy
         yield nc
     finally:
         await bus.close(nc)
+
+
+async def operator_placements(js: JetStreamContext) -> KvPlacementStore:
+    """The placements as an operator reads and writes them (under OPERATOR_AUTHOR)."""
+    return KvPlacementStore(await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR)

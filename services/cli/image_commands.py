@@ -32,7 +32,13 @@ from schemas.v1.containers import (
     PullLayers,
 )
 from services import bus, topology
-from services.cli.context import connected, context_or_none, current_context, say
+from services.cli.context import (
+    connected,
+    context_or_none,
+    current_context,
+    operator_placements,
+    say,
+)
 from services.cli.host_commands import check_host
 from services.errors import (
     Conflict,
@@ -43,9 +49,8 @@ from services.errors import (
     Unavailable,
 )
 from services.images import oci_import
-from services.kvstores import KvHostDirectory, KvImageStore, KvPlacementStore
+from services.kvstores import KvHostDirectory, KvImageStore
 from services.runtime import layers
-from workflows.placement_chain import OPERATOR_AUTHOR
 
 PULL_TIMEOUT_S = 600.0
 LIST_TIMEOUT_S = 5.0
@@ -240,9 +245,7 @@ async def _rm(args: argparse.Namespace) -> dict[str, Any]:
         js = nc.jetstream()
         images = await image_store(nc)
         image = await find_image(images, name, "NAME")
-        placements = await KvPlacementStore(
-            await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        ).all()
+        placements = await (await operator_placements(js)).all()
         users = sorted(p.name for p in placements if p.spec.image == name)
         if users:
             raise Conflict(

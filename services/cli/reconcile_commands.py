@@ -23,13 +23,12 @@ from nats.js.kv import KeyValue
 from schemas import subjects
 from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus, topology
-from services.cli.context import connected, current_context, say
+from services.cli.context import connected, current_context, operator_placements, say
 from services.cli.host_commands import natural
 from services.errors import Conflict, FerryError, Unavailable
-from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
+from services.kvstores import KvHostDirectory, KvMigrationStore
 from services.saga.publish import publish_decision
 from workflows import reconcile
-from workflows.placement_chain import OPERATOR_AUTHOR
 
 LEDGER_TIMEOUT_S = 10.0
 
@@ -64,9 +63,7 @@ async def gather_plan(nc: NATS) -> reconcile.Plan:
     answers = await asyncio.gather(*(_ledger_of(nc, h) for h in hosts))
     reports = [a for a in answers if isinstance(a, LedgerReport)]
     silent = {h: a.reason for h, a in zip(hosts, answers, strict=True) if isinstance(a, FerryError)}
-    placements = KvPlacementStore(
-        await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-    )
+    placements = await operator_placements(js)
     migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
     on_bus = {p.name: p for p in await placements.all()}
     records = {r.id: r for r in await migrations.all()}  # the truth, where a ledger's copy lags
@@ -93,9 +90,7 @@ async def apply_plan(nc: NATS, plan: reconcile.Plan) -> dict[str, list[str]]:
     if blocked:
         raise Unavailable(blocked)
     js = nc.jetstream()
-    placements = KvPlacementStore(
-        await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-    )
+    placements = await operator_placements(js)
     migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
     ipam = await bus.bucket(js, subjects.IPAM_BUCKET)
     written: list[str] = []

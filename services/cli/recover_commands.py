@@ -21,7 +21,7 @@ from schemas import subjects
 from schemas.v1.containers import Placement
 from schemas.v2.migrations import MigrationRecord
 from services import bus, topology
-from services.cli.context import connected, current_context, say
+from services.cli.context import connected, current_context, operator_placements, say
 from services.errors import Conflict, InvalidInput, NotFound, RuntimeFailure, Unavailable
 from services.kvstores import KvMigrationStore, KvPlacementStore
 from services.saga.dead_hosts import declared_dead
@@ -29,7 +29,6 @@ from services.saga.publish import publish_decision
 from services.saga.transitions import compare_and_set, transition
 from workflows.dead_hosts import NotRecoverable, Recovery, placement_back, recover
 from workflows.definitions import DEFINITIONS
-from workflows.placement_chain import OPERATOR_AUTHOR
 from workflows.saga import Decision
 
 if TYPE_CHECKING:
@@ -68,9 +67,7 @@ async def _recover(args: argparse.Namespace) -> tuple[Recovery, bool]:
         js = nc.jetstream()
         await topology.require_topology(js)
         migrations = KvMigrationStore(await bus.bucket(js, subjects.MIGRATIONS_BUCKET))
-        placements = KvPlacementStore(
-            await bus.bucket(js, subjects.PLACEMENT_BUCKET), author=OPERATOR_AUTHOR
-        )
+        placements = await operator_placements(js)
         found = await migrations.get(args.id)
         if found is None:
             raise NotFound(f"no migration {args.id!r}", field="ID")

@@ -18,6 +18,7 @@ from schemas.v2.results import (
     VerifyResult,
 )
 from services.errors import RuntimeFailure
+from services.faults import NO_FAULTS, FaultPlan
 from services.runtime.destination_side import Opened
 from services.runtime.transfer import Link, Sent
 
@@ -111,6 +112,7 @@ class FakeDestinationSide:
     journal: Journal
     fail_restore: bool = False
     config: Any = None
+    faults: FaultPlan = NO_FAULTS
 
     def __post_init__(self) -> None:
         self.config = FakeConfig(self.host)
