@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from services.runtime.proc import process_state
+
 FERRY = str(Path(sys.executable).parent / "ferry")
 ROOT = Path(__file__).resolve().parent.parent
 LIBFAKETIME = "/usr/lib/*/faketime/libfaketime.so.1"
@@ -79,18 +81,10 @@ def wait_stopped(
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         pid = pids().get((host, role))
-        if pid is not None and _state(pid) == "T":
+        if pid is not None and process_state(pid) == "T":
             return pid
         time.sleep(0.02)
     return None
-
-
-def _state(pid: int) -> str:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rpartition(")")[2].split()[0]
 
 
 def cli_has(command: str) -> bool:
