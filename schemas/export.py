@@ -24,10 +24,14 @@ from schemas.v1.containers import (
     LayersPulled,
     ListContainers,
     ListLayers,
+    ListVolumes,
     Placement,
     PullLayers,
     RemoveContainer,
+    RemoveVolume,
     RunsContainer,
+    VolumeList,
+    VolumeRemoved,
 )
 from schemas.v1.hosts import HostHeartbeat, HostRegistration, WorkerHeartbeat
 from schemas.v1.migrations import (
@@ -69,6 +73,10 @@ MODELS: dict[str, type[BaseModel]] = {
     "LayerList": LayerList,
     "PullLayers": PullLayers,
     "LayersPulled": LayersPulled,
+    "ListVolumes": ListVolumes,
+    "VolumeList": VolumeList,
+    "RemoveVolume": RemoveVolume,
+    "VolumeRemoved": VolumeRemoved,
     "HostHeartbeat": HostHeartbeat,
     "WorkerHeartbeat": WorkerHeartbeat,
     "HostRegistration": HostRegistration,
@@ -237,6 +245,24 @@ def asyncapi() -> dict[str, Any]:
                 "messages": {
                     "request": _message("PullLayers", "Get these layers ready here"),
                     "reply": _message("LayersPulled", "Every layer is here"),
+                },
+            },
+            "volumeList": {
+                "address": f"{p}.host.{{host}}.{subjects.LIST_VOLUMES}",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("ListVolumes", "Which volumes this host holds"),
+                    "reply": _message("VolumeList", "Each with its size and how it came"),
+                },
+            },
+            "volumeRemove": {
+                "address": f"{p}.host.{{host}}.{subjects.REMOVE_VOLUME}",
+                "description": "Refused while any placement names the volume or a local"
+                " container mounts it.",
+                "parameters": {"host": {"description": "host name"}},
+                "messages": {
+                    "request": _message("RemoveVolume", "Remove this volume and its data"),
+                    "reply": _message("VolumeRemoved", "It is gone from the host"),
                 },
             },
         },

@@ -26,6 +26,8 @@ LIST_CONTAINERS = "container.list"  # source worker
 CONTAINER_RUNS = "container.runs"  # cleanup worker: does this host run container X
 LIST_LAYERS = "layer.list"  # destination worker: the layers this host holds
 PULL_LAYERS = "layer.pull"  # destination worker: fetch, verify and unpack layers now
+LIST_VOLUMES = "volume.list"  # cleanup worker: the volumes this host holds
+REMOVE_VOLUME = "volume.remove"  # cleanup worker: remove one no container uses
 
 
 def worker_key(host: str, role: str) -> str:

@@ -243,6 +243,10 @@ class HostConfig(BaseSettings):
         return self.state_dir / "containers"
 
     @property
+    def volumes_dir(self) -> Path:
+        return self.state_dir / "volumes"
+
+    @property
     def netns_dir(self) -> Path:
         return self.state_dir / "netns"
 

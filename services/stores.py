@@ -23,6 +23,11 @@ class PlacementStore(Protocol):
 
     async def remove(self, name: str) -> None: ...
 
+    async def all(self) -> list[Placement]:
+        """Every container's placement; raises when the store cannot be read (unknown,
+        never "none")."""
+        ...
+
 
 class AddressPool(Protocol):
     """Datacenter addresses, each owned by at most one container."""

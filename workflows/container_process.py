@@ -124,3 +124,15 @@ def parse_env_file(text: str, environ: Mapping[str, str], name: str) -> tuple[st
         elif key in environ:
             found.append(f"{key}={environ[key]}")
     return tuple(found)
+
+
+def parse_volume(text: str) -> tuple[str, str, bool]:
+    """`--volume NAME:/path[:ro|:rw]` as (name, path, readonly); the name and path are
+    checked by VolumeMount."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise OptionError(f"{text!r} is not NAME:/PATH[:ro]", "--volume")
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise OptionError(f"{text!r}: the mode is ro or rw, not {mode!r}", "--volume")
+    return parts[0], parts[1], mode == "ro"

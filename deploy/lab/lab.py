@@ -190,7 +190,7 @@ def up(
             _ensure_host_mgmt(layout, spec, host)
             _give_host_creds(layout, host)
             _ensure_host_mounts(layout, host)
-            _ensure_agent(layout, spec, host, say)
+            ensure_agent(layout, spec, host, say)
     asyncio.run(wait_ready(spec, say))
     return spec
 
@@ -424,7 +424,8 @@ def _inherited_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in HOST_CONFIG_VARS}
 
 
-def _ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None:
+def ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None:
+    """Start the host's agent unless it runs (as a host's boot does: no wait for it)."""
     if agent_pid(layout, host) is not None:
         return
     log_dir = layout.state_dir(host) / "log"

@@ -132,6 +132,60 @@ class ProcessUser(Part):
 
 
 _VERSION_2 = ("user", "workdir", "hostname", "cpus", "capabilities", "shm_mib", "labels")
+_VERSION_3 = ("volumes", "restart")
+# What a host that comes back (a reboot) does with a container placed on it: start it again
+# from its files ("always"; "on-failure" too, as a reboot is not the container's own exit),
+# or leave it stopped ("no").
+RestartPolicy = Literal["no", "always", "on-failure"]
+VolumeNameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+# Where a volume may not go: the kernel's own filesystems, mounted by every container.
+RESERVED_PATHS = ("/proc", "/sys", "/dev")
+
+
+def _mount_path(path: str) -> str:
+    """An absolute, plain path inside the container: no `..`, no `.`, no empty part, not
+    `/` itself and not under the kernel's filesystems (runc would mount over them)."""
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    parts = path[1:].split("/")
+    if path == "/" or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{path!r} is not a plain path below / (no '..', '.', '//', trailing /)")
+    if any(path == r or path.startswith(r + "/") for r in RESERVED_PATHS):
+        raise ValueError(f"{path!r} is inside {', '.join(RESERVED_PATHS)}: refused")
+    return path
+
+
+MountPathStr = Annotated[
+    str,
+    StringConstraints(pattern=r"^/[^\x00:]{1,4095}$"),
+    AfterValidator(_mount_path),
+    Field(description="an absolute path inside the container, below /"),
+]
+
+
+class VolumeMount(Part):
+    """A named volume of the container's host, bind-mounted at `path`. It moves with its
+    container (services/runtime/volumes.py); a new one starts with what the image has there."""
+
+    name: VolumeNameStr
+    path: MountPathStr
+    readonly: bool = False
+
+
+def _distinct_volumes(volumes: tuple[VolumeMount, ...]) -> tuple[VolumeMount, ...]:
+    for what in ("name", "path"):
+        seen: set[str] = set()
+        for volume in volumes:
+            value = getattr(volume, what)
+            if value in seen:
+                raise ValueError(f"volume {what} {value!r} appears twice")
+            seen.add(value)
+    return volumes
+
+
+Volumes = Annotated[
+    tuple[VolumeMount, ...], Field(max_length=16), AfterValidator(_distinct_volumes)
+]
 
 
 class ContainerSpec(Part):
@@ -142,9 +196,10 @@ class ContainerSpec(Part):
     `spec_version`, so a host that does not know it refuses the spec instead of ignoring it.
     Version 2: the process's user, working directory, host name, CPU and /dev/shm sizes,
     labels and capabilities (version 1 ran every container as root with three of them).
+    Version 3: volumes and the restart policy.
     """
 
-    spec_version: Literal[1, 2] = 1
+    spec_version: Literal[1, 2, 3] = 1
     layers: LayerStack
     image: ImageNameStr | None = Field(
         default=None, description="the image the layers came from, if any (informational)"
@@ -161,18 +216,22 @@ class ContainerSpec(Part):
     )
     shm_mib: int = Field(default=64, ge=1, le=65536, description="the size of /dev/shm")
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    volumes: Volumes = ()
+    restart: RestartPolicy = "no"
 
     @model_validator(mode="after")
     def _version_holds_its_fields(self) -> Self:
-        if self.spec_version == 1:
+        for version, fields in ((2, _VERSION_2), (3, _VERSION_3)):
+            if self.spec_version >= version:
+                continue
             defaults = {
                 name: ContainerSpec.model_fields[name].get_default(call_default_factory=True)
-                for name in _VERSION_2
+                for name in fields
             }
-            used = [name for name in _VERSION_2 if getattr(self, name) != defaults[name]]
+            used = [name for name in fields if getattr(self, name) != defaults[name]]
             if used:
                 verb = "needs" if len(used) == 1 else "need"
-                raise ValueError(f"{', '.join(used)} {verb} spec_version 2")
+                raise ValueError(f"{', '.join(used)} {verb} spec_version {version}")
         return self
 
     @property
@@ -200,11 +259,14 @@ class CreateContainer(_Layered):
     capabilities: tuple[Capability, ...] = DEFAULT_CAPABILITIES
     shm_mib: int = Field(default=64, ge=1, le=65536)
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    volumes: Volumes = ()
+    restart: RestartPolicy = "no"
 
     def spec(self, user: ProcessUser | None) -> ContainerSpec:
-        """The container this request asks for, with its user as the host resolved it."""
+        """The container this request asks for, with its user as the host resolved it
+        (version 3 only when it needs it, so a host of the release before still reads it)."""
         return ContainerSpec(
-            spec_version=2,
+            spec_version=3 if self.volumes or self.restart != "no" else 2,
             layers=self.layers,
             image=self.image,
             args=self.args,
@@ -217,6 +279,8 @@ class CreateContainer(_Layered):
             capabilities=self.capabilities,
             shm_mib=self.shm_mib,
             labels=self.labels,
+            volumes=self.volumes,
+            restart=self.restart,
         )
 
 
@@ -429,3 +493,39 @@ class LayersPulled(Message):
     fetched: tuple[LayerDigest, ...] = Field(description="fetched from the store just now")
     present: tuple[LayerDigest, ...] = Field(description="already here")
     bytes_fetched: int = Field(ge=0)
+
+
+class ListVolumes(Message):
+    """Ask a host which volumes it holds."""
+
+
+class HostVolume(Part):
+    """One volume as a host holds it."""
+
+    name: str
+    size_bytes: int = Field(ge=0)
+    created_at: float
+    arrived_by: MigrationId | None = Field(
+        default=None, description="the move that brought it here; None: made here"
+    )
+
+
+class VolumeList(Message):
+    """Reply to ListVolumes."""
+
+    host: str
+    volumes: tuple[HostVolume, ...]
+
+
+class RemoveVolume(Message):
+    """Remove a volume no container uses, and its data."""
+
+    name: VolumeNameStr
+
+
+class VolumeRemoved(Message):
+    """Reply: the volume and its data are gone from the host."""
+
+    name: str
+    host: str
+    size_bytes: int = Field(ge=0)

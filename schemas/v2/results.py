@@ -80,6 +80,8 @@ class TransferResult(StepResult):
     transfer_ms: int = Field(ge=0)
     transfer_sha256: str
     delta_entries: int = Field(default=0, ge=0)
+    volume_bytes: int = Field(default=0, ge=0, description="the volumes' deltas (in the freeze)")
+    volume_ms: int = Field(default=0, ge=0, description="how long the volumes' part took")
 
 
 class RestoreResult(StepResult):

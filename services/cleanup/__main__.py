@@ -7,7 +7,15 @@ from __future__ import annotations
 import asyncio
 
 from schemas import subjects
-from schemas.v1.containers import ContainerRuns, RemoveContainer, RuncStatus, RunsContainer
+from schemas.v1.containers import (
+    ContainerRuns,
+    ListVolumes,
+    RemoveContainer,
+    RemoveVolume,
+    RuncStatus,
+    RunsContainer,
+    VolumeList,
+)
 from services import bus, watchdog
 from services.cleanup import collector
 from services.cleanup.evidence import BusEvidence
@@ -42,6 +50,18 @@ async def register(ctx: WorkerContext) -> None:
         role.remove_container,
         on_error=ctx.log_error,
     )
+
+    async def list_volumes(_: ListVolumes) -> VolumeList:
+        return await ctx.containers.list_volumes()
+
+    await bus.serve(
+        ctx.nc, ctx.host_subject(subjects.LIST_VOLUMES), ListVolumes, list_volumes,
+        on_error=ctx.log_error,
+    )  # fmt: skip
+    await bus.serve(
+        ctx.nc, ctx.host_subject(subjects.REMOVE_VOLUME), RemoveVolume,
+        ctx.containers.remove_volume, on_error=ctx.log_error,
+    )  # fmt: skip
 
     async def runs(cmd: RunsContainer) -> ContainerRuns:
         return await runs_container(ctx.containers.runc, config.host, cmd)

@@ -24,6 +24,7 @@ from schemas.v1.containers import (
     ImageConfig,
     ListContainers,
     RemoveContainer,
+    VolumeMount,
 )
 from services import bus
 from services.cli.context import (
@@ -42,6 +43,7 @@ from services.cli.image_commands import (
     layer_sizes,
     upload_layer,
 )
+from services.cli.volume_commands import check_volumes_for_run
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
 from workflows.container_process import (
     OptionError,
@@ -49,6 +51,7 @@ from workflows.container_process import (
     capabilities,
     merged_env,
     parse_env_file,
+    parse_volume,
     process_for,
 )
 
@@ -62,6 +65,7 @@ _FLAGS = {
     "args": "CMD", "env": "--env", "user": "--user", "workdir": "--workdir",
     "hostname": "--hostname", "cpus": "--cpus", "capabilities": "--cap-add",
     "shm_mib": "--shm-size", "labels": "--label", "memory_mib": "--memory", "name": "--name",
+    "volumes": "--volume",
 }  # fmt: skip
 
 
@@ -84,6 +88,22 @@ def _env_files(paths: list[str]) -> tuple[str, ...]:
             raise InvalidInput(f"{name} cannot be read: {exc}", field="--env-file") from None
         found += parse_env_file(text, os.environ, name)
     return tuple(found)
+
+
+def _volumes(entries: list[str]) -> tuple[VolumeMount, ...]:
+    mounts = []
+    for entry in entries:
+        try:
+            name, path, readonly = parse_volume(entry)
+            mounts.append(VolumeMount(name=name, path=path, readonly=readonly))
+        except OptionError as exc:
+            raise InvalidInput(exc.reason, field=exc.field) from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InvalidInput(
+                f"{entry!r}: {first['msg'].removeprefix('Value error, ')}", field="--volume"
+            ) from None
+    return tuple(mounts)
 
 
 def _validate_run(args: argparse.Namespace) -> RunOptions:
@@ -163,6 +183,8 @@ def _request(
             capabilities=process.capabilities,
             shm_mib=args.shm_size,
             labels=process.labels,
+            volumes=_volumes(args.volume),
+            restart=args.restart,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -189,6 +211,7 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
                 f"a container named {args.name!r} already exists on {existing[0].host}",
                 field="--name",
             )
+        await check_volumes_for_run(nc, args.name, args.host, _volumes(args.volume))
         config = None
         if args.image is not None:
             image = await find_image(await image_store(nc), args.image, "--image")

@@ -24,6 +24,7 @@ from services.cli import (
     reconcile_commands,
     recover_commands,
     trace_commands,
+    volume_commands,
 )
 from services.cli.errors import exit_code, one_line
 from services.cli.parsing import Parser, positive_int
@@ -75,6 +76,16 @@ def build_parser() -> Parser:
     run.add_argument("--cap-drop", action="append", default=[], metavar="CAP")
     run.add_argument("--shm-size", type=int, default=64, metavar="MIB", help="/dev/shm's size")
     run.add_argument("--entrypoint", help="replace the image's Entrypoint ('' clears it)")
+    run.add_argument(
+        "--restart", choices=["no", "always", "on-failure"], default="no",
+        help="after its host reboots: start it again from its files (always, on-failure)"
+        " or leave it stopped (no)",
+    )  # fmt: skip
+    run.add_argument(
+        "--volume", "-v", action="append", default=[], metavar="NAME:/PATH[:ro]",
+        help="a named volume of the host, made (from what the image has at PATH) if it is"
+        " new; it moves with the container",
+    )  # fmt: skip
     run.add_argument("--json", action="store_true")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     run.set_defaults(run=container_commands.container_run)
@@ -85,6 +96,16 @@ def build_parser() -> Parser:
     inspect = c_sub.add_parser("inspect", help="a container's placement and spec, as JSON")
     inspect.add_argument("name", metavar="NAME")
     inspect.set_defaults(run=container_commands.container_inspect)
+
+    volume = sub.add_parser("volume", help="named volumes: a container's data, moved with it")
+    v_sub = volume.add_subparsers(dest="volume_command", required=True, parser_class=Parser)
+    v_ls = v_sub.add_parser("ls", help="every host's volumes, their size and who uses them")
+    v_ls.add_argument("--json", action="store_true")
+    v_ls.set_defaults(run=volume_commands.volume_ls)
+    v_rm = v_sub.add_parser("rm", help="remove a volume and its data (refused while in use)")
+    v_rm.add_argument("name", metavar="NAME")
+    v_rm.add_argument("--json", action="store_true")
+    v_rm.set_defaults(run=volume_commands.volume_rm)
 
     image = sub.add_parser("image", help="images: named stacks of read-only layers")
     i_sub = image.add_subparsers(dest="image_command", required=True, parser_class=Parser)

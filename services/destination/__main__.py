@@ -6,6 +6,7 @@ from schemas import subjects
 from schemas.v1.containers import CreateContainer, ListLayers, PullLayers
 from schemas.v1.migrations import HostCheck, StartPageServer
 from services import bus
+from services.destination.boot import restart_after_boot
 from services.destination.handlers import Destination
 from services.kvstores import KvMigrationStore
 from services.link_handover import LinkTaker
@@ -54,6 +55,7 @@ async def register(ctx: WorkerContext) -> None:
         identities=ctx.config.nats_creds is not None,
     ).serve()
     ctx.spawn(SagaRunner.for_worker(ctx, role.steps()).run())
+    ctx.spawn(restart_after_boot(ctx.containers, ctx.config.watchdog_interval_s))
 
 
 if __name__ == "__main__":

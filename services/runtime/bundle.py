@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ READONLY_PATHS = [
 def oci_config(
     spec: ContainerSpec,
     *,
+    volume_sources: Mapping[str, Path] | None = None,
     hostname: str,
     netns_path: Path,
     cgroups_path: str,
@@ -45,7 +47,22 @@ def oci_config(
     placement) and where it runs (this host's paths): own PID, IPC, UTS and mount
     namespaces, and the network namespace Ferry made (an external netns: CRIU then
     restores `lo` and `eth0` up). The only place a config.json is made; it never has
-    `hooks` (runc runs them as root, outside the container)."""
+    `hooks` (runc runs them as root, outside the container). `volume_sources`: where each
+    of the spec's volumes lives on this host (bind mounts: runc tells CRIU they are
+    external, and maps them to this host's paths on a restore)."""
+    sources = volume_sources or {}
+    missing = [m.name for m in spec.volumes if m.name not in sources]
+    if missing:
+        raise RuntimeFailure(f"no host directory for volume(s) {', '.join(missing)}")
+    volume_mounts = [
+        {
+            "destination": m.path,
+            "type": "bind",
+            "source": str(sources[m.name]),
+            "options": ["rbind", "nosuid", "nodev", "ro" if m.readonly else "rw"],
+        }
+        for m in spec.volumes
+    ]
     resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
     if spec.memory_mib is not None:
         resources["memory"] = {"limit": spec.memory_mib * 1024 * 1024}
@@ -111,6 +128,7 @@ def oci_config(
                 "source": "sysfs",
                 "options": ["nosuid", "noexec", "nodev", "ro"],
             },
+            *volume_mounts,
         ],
         "linux": {
             "cgroupsPath": cgroups_path,
@@ -190,6 +208,21 @@ def ensure_criu_config(
         tmp.write_text(text)
         tmp.rename(path)
     return path
+
+
+def volume_names(bundle: Path, volumes_dir: Path) -> list[str]:
+    """The volumes a bundle's config.json mounts (bind mounts of `volumes_dir/<name>/data`);
+    none when it has no config (not made, or removed)."""
+    try:
+        config = json.loads((bundle / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    names = []
+    for mount in config.get("mounts", []) if isinstance(config, dict) else []:
+        source = Path(str(mount.get("source", "")))
+        if mount.get("type") == "bind" and source.parent.parent == volumes_dir:
+            names.append(source.parent.name)
+    return names
 
 
 def write_config(bundle: Path, config: dict[str, Any]) -> None:

@@ -22,13 +22,17 @@ from schemas.v1.containers import (
     Placement,
     PullLayers,
     RemoveContainer,
+    RemoveVolume,
     RuntimeContainer,
+    VolumeList,
+    VolumeRemoved,
 )
 from services.config import HostConfig
 from services.errors import Conflict, NotFound, RuntimeFailure
 from services.retrying import transient
 from services.runtime import bundle, layers, ledger, netns, users
 from services.runtime.runc import Runc
+from services.runtime.volumes import HostVolumes
 from services.stores import AddressPool, LayerSource, PlacementStore
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class HostContainers:
         self.placements = placements
         self.addresses = addresses
         self.layer_source = layer_source
+        self.volumes = HostVolumes(config.volumes_dir)
         self._layer_locks: dict[str, asyncio.Lock] = {}
 
     def paths(self, name: str) -> ContainerPaths:
@@ -139,6 +144,13 @@ class HostContainers:
             if cmd.user is not None:
                 user = await asyncio.to_thread(users.resolve, paths.rootfs, cmd.user)
                 placement = placement.model_copy(update={"spec": cmd.spec(user=user)})
+            if cmd.volumes:
+                await self._refuse_used_volumes(cmd)
+            for mount in cmd.volumes:
+                if await asyncio.to_thread(self.volumes.create, mount, paths.rootfs):
+                    # Undone last, once nothing of the container runs on it any more.
+                    undo.insert(0, self._volume_undo(mount.name))
+                    log.info("volume %s made for %s", mount.name, cmd.name)
             pid = await self._build_and_start(placement, ready.paths)
             await self.placements.update(
                 placement.model_copy(update={"state": "running"}), revision
@@ -155,6 +167,27 @@ class HostContainers:
         return ContainerCreated(
             name=cmd.name, host=self.config.host, ip=ip, mac=placement.mac, pid=pid
         )
+
+    async def _refuse_used_volumes(self, cmd: CreateContainer) -> None:
+        """A volume serves one container: it moves with it. (Read from the placements,
+        this one's own claim aside: a store that cannot be read refuses the create.)"""
+        wanted = {m.name for m in cmd.volumes}
+        for other in await self.placements.all():
+            if other.name == cmd.name:
+                continue
+            shared = wanted & {m.name for m in other.spec.volumes}
+            if shared:
+                raise Conflict(
+                    f"volume {sorted(shared)[0]!r} is in use by container {other.name}"
+                    f" on {other.host}",
+                    field="--volume",
+                )
+
+    def _volume_undo(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def remove() -> None:
+            await asyncio.to_thread(self.volumes.remove, name)
+
+        return remove
 
     async def ensure_layer(self, digest: str) -> int | None:
         """Make the layer present here, unpacked: fetched from the layer store and
@@ -225,6 +258,7 @@ class HostContainers:
         paths = self.paths(name)
         config = bundle.oci_config(
             spec,
+            volume_sources={m.name: self.volumes.data(m.name) for m in spec.volumes},
             hostname=name,
             netns_path=paths.netns,
             cgroups_path=f"{self.config.cgroup_parent}/{name}",
@@ -257,6 +291,34 @@ class HostContainers:
             status = state.status if state else "unknown to runc"
             raise RuntimeFailure(f"container {name} did not stay running (it is {status})")
         return state.pid
+
+    def on_disk(self) -> set[str]:
+        """Containers whose files (an upper dir) this host's disk holds."""
+        if not self.config.containers_dir.is_dir():
+            return set()
+        return {d.name for d in self.config.containers_dir.iterdir() if (d / "upper").is_dir()}
+
+    async def start_again(self, placement: Placement) -> int:
+        """Start a container placed here from its files on this disk (its upper dir and
+        volumes; its memory is gone) after a reboot wiped the runtime's state: what a
+        reboot leaves half there (an overlay, a netns file) is made again. A volume that is
+        missing is never made anew: the start is refused. Returns the new pid."""
+        name, paths = placement.name, self.paths(placement.name)
+        if await self.runc.state(name) is not None:
+            raise Conflict(f"runc already knows {name} on {self.config.host}")
+        if not paths.upper.is_dir():
+            raise RuntimeFailure(f"{name}: no files on this host to start it from")
+        missing = [m.name for m in placement.spec.volumes if not self.volumes.exists(m.name)]
+        if missing:
+            raise RuntimeFailure(f"{name}: volume(s) {', '.join(missing)} not on this host")
+        ready = await self.ensure_layers(placement.layers)
+        await layers.unmount(paths.rootfs)
+        await netns.destroy(paths.netns, netns.host_veth_name(name))
+        shutil.rmtree(paths.work, ignore_errors=True)
+        pid = await self._build_and_start(placement, ready.paths)
+        ledger.held(placement)
+        log.info("container %s started again from its files, pid %d", name, pid)
+        return pid
 
     async def discard_local(self, name: str) -> None:
         """Remove everything this host holds for `name`; harmless when parts are missing."""
@@ -297,3 +359,39 @@ class HostContainers:
                 RuntimeContainer(name=s.name, state=s.status, pid=s.pid) for s in states
             ),
         )
+
+    async def list_volumes(self) -> VolumeList:
+        held = await asyncio.to_thread(self.volumes.list)
+        return VolumeList(host=self.config.host, volumes=tuple(held))
+
+    def _local_users(self, volume: str) -> tuple[str, ...]:
+        """Containers of this host whose config.json mounts `volume`."""
+        if not self.config.containers_dir.is_dir():
+            return ()
+        return tuple(
+            d.name
+            for d in sorted(self.config.containers_dir.iterdir())
+            if volume in bundle.volume_names(self.paths(d.name).bundle, self.config.volumes_dir)
+        )
+
+    async def remove_volume(self, cmd: RemoveVolume) -> VolumeRemoved:
+        """Remove a volume no container uses: none placed anywhere names it (the placements
+        read whole, or nothing is removed), and none here mounts it."""
+        if not self.volumes.exists(cmd.name):
+            raise NotFound(f"no volume named {cmd.name!r} on {self.config.host}", field="NAME")
+        users = [
+            p for p in await self.placements.all() if cmd.name in {m.name for m in p.spec.volumes}
+        ]
+        if users:
+            raise Conflict(
+                f"volume {cmd.name!r} is in use by container {users[0].name} on {users[0].host}",
+                field="NAME",
+            )
+        local = self._local_users(cmd.name)
+        if local:
+            raise Conflict(
+                f"volume {cmd.name!r} is mounted by {local[0]} on {self.config.host}", field="NAME"
+            )
+        size = await asyncio.to_thread(self.volumes.remove, cmd.name)
+        log.info("volume %s removed (%d bytes)", cmd.name, size)
+        return VolumeRemoved(name=cmd.name, host=self.config.host, size_bytes=size)

@@ -115,6 +115,8 @@ class DestinationSide:
         if existing is not None:
             raise Conflict(f"{placement.name} already exists on {self.config.host}")
         paths = self.paths(migration_id)
+        volumes = [m.name for m in placement.spec.volumes]
+        self.containers.volumes.refuse_existing(volumes, migration_id)
         # Layers are not part of what moves: a host lacking one fetches it from the layer
         # store once, sha256-verified, and keeps it for every later container and move.
         with tracer.start_as_current_span("layers.ensure") as span:
@@ -223,6 +225,10 @@ class DestinationSide:
                 raise RuntimeFailure("the container's files from the source have not arrived")
             cpaths.root.mkdir(parents=True, exist_ok=True)
             shutil.move(str(synced), cpaths.upper)
+        for mount in placement.spec.volumes:  # marked as this move's until it is cleaned
+            self.containers.volumes.adopt(
+                mount.name, paths.incoming_volumes / mount.name, migration_id
+            )
         shutil.rmtree(cpaths.work, ignore_errors=True)
         ready = await self.containers.ensure_layers(placement.layers)  # here since prepare
         await layers.mount_overlay(ready.paths, cpaths.upper, cpaths.work, cpaths.rootfs)
@@ -385,4 +391,7 @@ class DestinationSide:
         kill_working_on(paths.root)
         firewall.forget_peers(migration_id)
         await self.containers.discard_local(name)
+        # Only volumes this very move brought here: never one this host held before.
+        for volume in self.containers.volumes.names():
+            self.containers.volumes.discard_arrived(volume, migration_id)
         shutil.rmtree(paths.root, ignore_errors=True)

@@ -152,3 +152,13 @@ class MigrationPaths:
     def incoming_presync(self) -> Path:
         """The pre-synced copy of the container's files (a delta is applied over it)."""
         return self.incoming / "presync"
+
+    @property
+    def incoming_volumes(self) -> Path:
+        """The pre-synced copies of the container's volumes, one dir each by name."""
+        return self.incoming / "volumes"
+
+    @property
+    def volumes_presync_manifest(self) -> Path:
+        """Source: each volume's manifest as its pre-sync found it (its delta's base)."""
+        return self.root / "volumes-presync.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 from services.config import HostConfig
-from services.runtime import criu, firewall
+from services.runtime import bundle, criu, firewall
 from services.runtime import paths as layout
 from services.runtime.containers import HostContainers
 from services.runtime.paths import MigrationPaths
@@ -29,9 +29,22 @@ class SourceCleanup:
         rc = await criu.background_result(images, layout.LAZY_DUMP, timeout)
         return (-1 if rc is None else rc), criu.pagemap_pages(images)
 
-    async def clean_source(self, name: str, migration_id: str) -> None:
-        """The stopped source copy's netns, veth, mounts and files go, and the firewall's
-        rule for its page server."""
+    def local_volumes(self, name: str) -> list[str]:
+        """The volumes this host's copy of `name` mounts, from its own config.json (gone
+        once it is cleaned: a volume is removed before it)."""
+        return bundle.volume_names(self.containers.paths(name).bundle, self.config.volumes_dir)
+
+    async def clean_source(self, name: str, migration_id: str, volumes: list[str]) -> list[str]:
+        """The stopped source copy's volumes (the destination has them since the commit;
+        the caller has seen the placement say so), then its netns, veth, mounts and files,
+        and the firewall's rule for its page server. Returns the volumes removed."""
         firewall.forget_peers(migration_id)
+        removed = []
+        for volume in volumes:
+            meta = self.containers.volumes.meta(volume)
+            if meta is not None and meta.arrived_by != migration_id:
+                self.containers.volumes.remove(volume)
+                removed.append(volume)
         await self.containers.discard_local(name)
         shutil.rmtree(self.paths(migration_id).root, ignore_errors=True)
+        return removed

@@ -62,15 +62,21 @@ class Transfer:
         options = _options(run, progress, f"sending images and file changes to {link.address}")
         damage = self.faults.once(run.migration_id, "corrupt:transfer")
         sent = await self.files.push_bundle(run.container, run.migration_id, link, options, damage)
-        total = sum(s.bytes for s in sent)
-        seconds = sum(s.seconds for s in sent)
-        changed = sum(s.entries for s in sent[1:])
-        await progress(f"sent {_rate(total, seconds)}; {changed} changed file(s)", total, total)
+        total = sum(s.bytes for s in sent.all)
+        seconds = sum(s.seconds for s in sent.all)
+        changed = sum(s.entries for s in sent.all[1:])
+        volume_bytes = sum(s.bytes for s in sent.volumes)
+        said = f"sent {_rate(total, seconds)}; {changed} changed file(s)"
+        if sent.volumes:
+            said += f", volumes {volume_bytes} bytes in {sent.volume_seconds * 1000:.0f} ms"
+        await progress(said, total, total)
         result = TransferResult(
             transfer_bytes=total,
             transfer_ms=round(seconds * 1000),
-            transfer_sha256=sent[0].sha256,
+            transfer_sha256=sent.images.sha256,
             delta_entries=changed,
+            volume_bytes=volume_bytes,
+            volume_ms=round(sent.volume_seconds * 1000),
         )
         return StepOutcome(result, bytes_moved=total)
 

@@ -10,7 +10,14 @@ of Ferry uses.
 """
 
 from services.runtime.transfer.auth import Link, TlsFiles, TransferGrant
-from services.runtime.transfer.client import Sent, pull, push, push_delta, push_presync
+from services.runtime.transfer.client import (
+    Sent,
+    pull,
+    push,
+    push_delta,
+    push_presync,
+    push_volumes,
+)
 from services.runtime.transfer.codec import GZIP, ZSTD
 from services.runtime.transfer.manifest import RACY_NS, Entry, Member, plan_delta
 from services.runtime.transfer.server import TransferServer
@@ -34,4 +41,5 @@ __all__ = [
     "push",
     "push_delta",
     "push_presync",
+    "push_volumes",
 ]

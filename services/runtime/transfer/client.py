@@ -33,6 +33,8 @@ from services.runtime.transfer.manifest import (
     unpack,
 )
 from services.runtime.transfer.wire import (
+    DELTA_OF,
+    LIVE,
     Progress,
     _check,
     _check_limit,
@@ -130,12 +132,12 @@ async def push(
     use; a "delta" goes with `push_delta`."""
     _check(migration_id, name)
     _check_limit(limit_bps)
-    if name == "delta":
+    if name in DELTA_OF:
         raise InvalidInput("a delta is sent with push_delta", field="name")
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         tar_path = Path(tmp) / f"{name}.tar"
-        digest = await pack(members, tar_path, live=name == "presync")
+        digest = await pack(members, tar_path, live=name in LIVE)
         return await _deliver(
             link,
             migration_id,
@@ -180,6 +182,35 @@ async def push_presync(
     return replace(sent, entries=len(since)), since
 
 
+async def push_volumes(
+    link: Link,
+    migration_id: str,
+    base: Path,
+    names: Sequence[str],
+    scratch: Path,
+    *,
+    limit_bps: int | None = None,
+    compress: bool = False,
+    on_progress: Progress | None = None,
+) -> tuple[Sent, dict[str, Manifest]]:
+    """Send the volume dirs base/<name> whole, in one transfer, while they may still
+    change; return each one's manifest for its `push_delta(..., into="volumes")`."""
+    for name in names:
+        _check_dirname(name)
+    since = {name: await asyncio.to_thread(manifest, base / name) for name in names}
+    sent = await push(
+        link,
+        migration_id,
+        "volumes",
+        [Member(base, name) for name in names],
+        scratch,
+        limit_bps=limit_bps,
+        compress=compress,
+        on_progress=on_progress,
+    )
+    return replace(sent, entries=sum(len(m) for m in since.values())), since
+
+
 @transient
 async def push_delta(
     link: Link,
@@ -193,14 +224,19 @@ async def push_delta(
     compress: bool = False,
     on_progress: Progress | None = None,
     damage: Callable[[], bool] | None = None,
+    into: str = "presync",
 ) -> Sent:
     """Send what changed in base/dirname since the presync `since` described; the peer
-    applies it over incoming/presync/<dirname>, which then equals base/dirname.
+    applies it over incoming/<into>/<dirname> ("presync" or "volumes"), which then equals
+    base/dirname.
 
     Meant for a frozen dir. The same delta may be delivered again with the same result;
     a later delta must again be computed against the presync's `since`, and paths that
     only lived between two deltas are not removed by the second one."""
-    _check(migration_id, "delta")
+    delta = next((d for d, whole in DELTA_OF.items() if whole == into), None)
+    if delta is None:
+        raise InvalidInput(f"no delta applies over {into!r}", field="into")
+    _check(migration_id, delta)
     _check_dirname(dirname)
     _check_limit(limit_bps)
     now = await asyncio.to_thread(manifest, base / dirname)
@@ -228,7 +264,7 @@ async def push_delta(
         sent = await _deliver(
             link,
             migration_id,
-            "delta",
+            delta,
             tar_path,
             digest,
             damage=damage,

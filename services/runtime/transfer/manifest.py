@@ -45,6 +45,8 @@ UPPER = Policy(
     max_bytes=MAX_TRANSFER_BYTES,
 )
 UPPER_DELTA = replace(UPPER, what="delta")
+# A volume holds the container's files like its upper dir, but never an overlay whiteout.
+VOLUMES = replace(UPPER, what="volumes", whiteouts=False)
 FILES = Policy(  # a bundle (CRIU's images, config.json) or page files: Ferry's own
     "bundle",
     container_links=False,

@@ -34,6 +34,7 @@ from services.runtime.transfer.manifest import (
     FILES,
     TAR_FLAGS,
     UPPER,
+    VOLUMES,
     DeltaIndex,
     Member,
     _prepare_delta,
@@ -42,6 +43,7 @@ from services.runtime.transfer.manifest import (
     unpack,
 )
 from services.runtime.transfer.wire import (
+    DELTA_OF,
     _check,
     _check_limit,
     _header,
@@ -55,6 +57,7 @@ log = logging.getLogger(__package__)
 # A peer that connects must say what it wants quickly; transfers at once are bounded, so a
 # flood of connections cannot exhaust the host (each one may hold a file being written).
 HEADER_TIMEOUT_S = 10.0
+POLICIES = {"bundle": FILES, "volumes": VOLUMES}  # the rest: a container's upper dir
 MAX_CONNECTIONS = 32
 
 
@@ -178,14 +181,15 @@ class TransferServer:
         with tempfile.TemporaryDirectory(dir=incoming) as tmp:
             tar_path = await _receive_payload(reader, header, Path(tmp))
             async with self._lock(migration_id):
-                if name == "delta":
-                    index = await self._apply_delta(tar_path, paths.incoming_presync, migration_id)
+                if name in DELTA_OF:
+                    over = incoming / DELTA_OF[name]
+                    index = await self._apply_delta(tar_path, over, migration_id)
                     what += f", {index.entries} entries, {index.deleted} deleted"
                 else:
                     final = incoming / name
                     partial = incoming / f".{name}.partial"
                     shutil.rmtree(partial, ignore_errors=True)
-                    await unpack(tar_path, partial, policy=FILES if name == "bundle" else UPPER)
+                    await unpack(tar_path, partial, policy=POLICIES.get(name, UPPER))
                     shutil.rmtree(final, ignore_errors=True)
                     partial.rename(final)
         writer.write(json.dumps({"ok": True}).encode() + b"\n")

@@ -31,7 +31,10 @@ from services.runtime.transfer.codec import (
     check_sizes,
 )
 
-NAMES = {"bundle", "pages", "presync", "delta"}
+NAMES = {"bundle", "pages", "presync", "delta", "volumes", "volume-delta"}
+# A delta's name, by the whole transfer it applies over (incoming/<that name>/<dirname>).
+DELTA_OF = {"delta": "presync", "volume-delta": "volumes"}
+LIVE = {"presync", "volumes"}  # sent while the container runs: files may change under tar
 CONNECT_TIMEOUT_S = 10.0
 
 # Pacing. The bucket holds at most BURST_S of bytes and a send takes half of that, so the
