@@ -16,6 +16,7 @@ from schemas.v1.base import ErrorReply
 from schemas.v1.containers import (
     ContainerCreated,
     ContainerList,
+    ContainerLogs,
     ContainerRemoved,
     ContainerRuns,
     CreateContainer,
@@ -27,6 +28,7 @@ from schemas.v1.containers import (
     ListVolumes,
     Placement,
     PullLayers,
+    ReadLogs,
     RemoveContainer,
     RemoveVolume,
     RunsContainer,
@@ -73,6 +75,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "LayerList": LayerList,
     "PullLayers": PullLayers,
     "LayersPulled": LayersPulled,
+    "ReadLogs": ReadLogs,
+    "ContainerLogs": ContainerLogs,
     "ListVolumes": ListVolumes,
     "VolumeList": VolumeList,
     "RemoveVolume": RemoveVolume,
@@ -245,6 +249,14 @@ def asyncapi() -> dict[str, Any]:
                 "messages": {
                     "request": _message("PullLayers", "Get these layers ready here"),
                     "reply": _message("LayersPulled", "Every layer is here"),
+                },
+            },
+            "containerLogs": {
+                "address": f"{p}.host.{{host}}.{subjects.CONTAINER_LOGS}",
+                "parameters": {"host": {"description": "the host the placement names"}},
+                "messages": {
+                    "request": _message("ReadLogs", "A container's stdout and stderr"),
+                    "reply": _message("ContainerLogs", "Lines in order, and a cursor"),
                 },
             },
             "volumeList": {

@@ -23,6 +23,7 @@ def host_request(host: str, action: str) -> str:
 CREATE_CONTAINER = "container.create"  # destination worker
 REMOVE_CONTAINER = "container.remove"  # cleanup worker
 LIST_CONTAINERS = "container.list"  # source worker
+CONTAINER_LOGS = "container.logs"  # source worker: a container's stdout and stderr
 CONTAINER_RUNS = "container.runs"  # cleanup worker: does this host run container X
 LIST_LAYERS = "layer.list"  # destination worker: the layers this host holds
 PULL_LAYERS = "layer.pull"  # destination worker: fetch, verify and unpack layers now

@@ -31,7 +31,8 @@ variables; a real host has /etc/ferry/agent.toml (deploy/systemd/agent.toml.exam
     bridge = "br0"               # FERRY_BRIDGE
 
 Tuning keys, top level, rarely changed: watchdog_interval_s, collector_interval_s,
-collector_min_age_s, collector_confirm_s, orphan_limit, owner_answer_timeout_s (each also
+collector_min_age_s, collector_confirm_s, orphan_limit, owner_answer_timeout_s, and a
+container log's cap: log_file_bytes per file, log_files files, current included (each also
 FERRY_<KEY upper-cased>). Paths must be absolute. Any error — a missing or unknown key, a
 wrong type, an unreadable file — is an `InvalidInput` naming the file (or variable), the
 key and why. Which key maps to which attribute: services/config_layout.py.
@@ -110,6 +111,9 @@ class HostConfig(BaseSettings):
     collector_confirm_s: float = Field(default=60.0, ge=0)
     orphan_limit: int = Field(default=3, ge=0)
     owner_answer_timeout_s: float = Field(default=2.0, gt=0)
+    # A container's stdout and stderr: multilog's limits (4096 to 16777215 bytes a file).
+    log_file_bytes: int = Field(default=1 << 20, ge=4096, le=16_777_215)
+    log_files: int = Field(default=4, ge=2, le=1000)
     config_file: Path | None = Field(
         default=None, description="the file this was read from; its workers read it too"
     )

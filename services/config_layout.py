@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("collector_confirm_s", "collector_confirm_s", "FERRY_COLLECTOR_CONFIRM_S"),
     Setting("orphan_limit", "orphan_limit", "FERRY_ORPHAN_LIMIT"),
     Setting("owner_answer_timeout_s", "owner_answer_timeout_s", "FERRY_OWNER_ANSWER_TIMEOUT_S"),
+    Setting("log_file_bytes", "log_file_bytes", "FERRY_LOG_FILE_BYTES"),
+    Setting("log_files", "log_files", "FERRY_LOG_FILES"),
     Setting("config_file", "", CONFIG_ENV),  # never in a file: it names the file
 )
 TABLES = frozenset(

@@ -66,6 +66,8 @@ APT_PACKAGES=(
     umoci skopeo
     # tests: MariaDB moved under sysbench (its rootfs from the mirror, clients on the host)
     mmdebstrap sysbench mariadb-client
+    # containers' stdout and stderr: multilog reads their pipe, size-capped and rotated
+    daemontools
 )
 
 # --------------------------------------------------------------------------------------------

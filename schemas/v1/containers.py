@@ -529,3 +529,33 @@ class VolumeRemoved(Message):
     name: str
     host: str
     size_bytes: int = Field(ge=0)
+
+
+MAX_LOG_LINES = 10_000
+
+
+class ReadLogs(Message):
+    """Ask the host running a container for its stdout and stderr (one stream, in order)."""
+
+    name: ContainerNameStr
+    tail: int | None = Field(default=None, ge=0, le=MAX_LOG_LINES, description="the last N")
+    after: str | None = Field(
+        default=None,
+        max_length=65536,
+        pattern=r"^[0-9]+(,@[0-9a-f]{24}\.[su])*$",
+        description="a cursor from an earlier reply: only what came since",
+    )
+
+
+class LogLine(Part):
+    at: float | None = Field(description="when the host's logger read it (UTC seconds)")
+    text: str
+
+
+class ContainerLogs(Message):
+    """Reply to ReadLogs: at most MAX_LOG_LINES lines, oldest first, and where to go on."""
+
+    host: str
+    name: str
+    lines: tuple[LogLine, ...]
+    cursor: str

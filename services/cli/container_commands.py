@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
+import sys
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +19,16 @@ from pydantic import ValidationError
 from schemas import subjects
 from schemas.v1.base import NAME_PATTERN
 from schemas.v1.containers import (
+    MAX_LOG_LINES,
     USER_PATTERN,
     ContainerCreated,
     ContainerList,
+    ContainerLogs,
     ContainerRemoved,
     CreateContainer,
     ImageConfig,
     ListContainers,
+    ReadLogs,
     RemoveContainer,
     VolumeMount,
 )
@@ -267,6 +273,53 @@ def container_rm(args: argparse.Namespace) -> int:
         print(removed.model_dump_json())
     else:
         say(f"{removed.name} removed from {removed.host}")
+    return 0
+
+
+FOLLOW_POLL_S = 0.5
+
+
+def _print_lines(logs: ContainerLogs, timestamps: bool) -> None:
+    for line in logs.lines:
+        if timestamps and line.at is not None:
+            stamp = datetime.fromtimestamp(line.at, UTC).isoformat(timespec="microseconds")
+            print(f"{stamp} {line.text}", flush=False)
+        else:
+            print(line.text, flush=False)
+    sys.stdout.flush()
+
+
+async def _logs(args: argparse.Namespace) -> None:
+    if args.tail is not None and not 0 <= args.tail <= MAX_LOG_LINES:
+        raise InvalidInput(
+            f"must be between 0 and {MAX_LOG_LINES}, not {args.tail}", field="--tail"
+        )
+    async with connected(current_context(args)) as nc:
+        placements = await operator_placements(nc.jetstream())
+        cursor: str | None = None
+        while True:
+            found = await placements.get(args.name)
+            if found is None:
+                raise NotFound(f"no container named {args.name!r}", field="NAME")
+            host = found[0].host  # asked again each time: the log moves with the container
+            logs = await bus.request(
+                nc,
+                subjects.host_request(host, subjects.CONTAINER_LOGS),
+                ReadLogs(name=args.name, tail=args.tail if cursor is None else None, after=cursor),
+                ContainerLogs,
+                timeout=LIST_TIMEOUT_S,
+                what=f"read the log of {args.name} on {host}",
+            )
+            _print_lines(logs, args.timestamps)
+            if not args.follow:
+                return
+            cursor = logs.cursor
+            await asyncio.sleep(FOLLOW_POLL_S)
+
+
+def container_logs(args: argparse.Namespace) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_logs(args))
     return 0
 
 

@@ -5,22 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.v1.containers import (
+    MAX_LOG_LINES,
     ContainerCreated,
     ContainerList,
+    ContainerLogs,
     ContainerRemoved,
     ContainerSpec,
     CreateContainer,
     HostLayer,
     LayerList,
     LayersPulled,
+    LogLine,
     Placement,
     PullLayers,
+    ReadLogs,
     RemoveContainer,
     RemoveVolume,
     RuntimeContainer,
@@ -30,7 +35,7 @@ from schemas.v1.containers import (
 from services.config import HostConfig
 from services.errors import Conflict, NotFound, RuntimeFailure
 from services.retrying import transient
-from services.runtime import bundle, layers, ledger, netns, users
+from services.runtime import bundle, container_logs, layers, ledger, netns, users
 from services.runtime.runc import Runc
 from services.runtime.volumes import HostVolumes
 from services.stores import AddressPool, LayerSource, PlacementStore
@@ -66,6 +71,11 @@ class ContainerPaths:
     @property
     def criu_config(self) -> Path:
         return self.root / "criu.conf"
+
+    @property
+    def log(self) -> Path:
+        """Its stdout and stderr, as multilog writes them (services/runtime/container_logs.py)."""
+        return self.root / container_logs.LOG_DIR
 
 
 @dataclass(frozen=True)
@@ -189,6 +199,14 @@ class HostContainers:
 
         return remove
 
+    async def logger_for(self, name: str) -> int:
+        """A new logger for `name`'s stdout and stderr: the pipe's write end, to give runc
+        (run or restore) and then close."""
+        logger = await container_logs.start_logger(
+            self.paths(name).log, self.config.log_file_bytes, self.config.log_files
+        )
+        return logger.fd
+
     async def ensure_layer(self, digest: str) -> int | None:
         """Make the layer present here, unpacked: fetched from the layer store and
         sha256-verified the first time this host needs it, then kept. Returns the bytes
@@ -283,9 +301,13 @@ class HostContainers:
         await netns.create(network, self.config.bridge)
         self.write_config(name, placement.spec)
         bundle.refuse_hooks(paths.bundle)
-        await self.runc.run_detached(
-            name, paths.bundle, paths.root / "runc.log", timeout=START_TIMEOUT_S
-        )
+        stdio = await self.logger_for(name)
+        try:
+            await self.runc.run_detached(
+                name, paths.bundle, paths.root / "runc.log", timeout=START_TIMEOUT_S, stdio=stdio
+            )
+        finally:
+            os.close(stdio)
         state = await self.runc.state(name)
         if state is None or state.status != "running" or state.pid is None:
             status = state.status if state else "unknown to runc"
@@ -395,3 +417,22 @@ class HostContainers:
         size = await asyncio.to_thread(self.volumes.remove, cmd.name)
         log.info("volume %s removed (%d bytes)", cmd.name, size)
         return VolumeRemoved(name=cmd.name, host=self.config.host, size_bytes=size)
+
+    async def read_logs(self, cmd: ReadLogs) -> ContainerLogs:
+        """`name`'s log as this host holds it; refused unless it runs here (by the record)."""
+        found = await self.placements.get(cmd.name)
+        if found is None:
+            raise NotFound(f"no container named {cmd.name!r}", field="NAME")
+        if found[0].host != self.config.host and not self.paths(cmd.name).log.is_dir():
+            raise Conflict(f"{cmd.name!r} runs on {found[0].host}, not {self.config.host}")
+        after = container_logs.Cursor.decode(cmd.after) if cmd.after else None
+        lines, cursor = await asyncio.to_thread(
+            container_logs.read, self.paths(cmd.name).log, tail=cmd.tail, after=after
+        )
+        lines = lines[-MAX_LOG_LINES:]
+        return ContainerLogs(
+            host=self.config.host,
+            name=cmd.name,
+            lines=tuple(LogLine(at=line.at, text=line.text) for line in lines),
+            cursor=cursor.encode(),
+        )

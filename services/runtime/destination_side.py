@@ -24,6 +24,7 @@ from services.errors import Conflict, RuntimeFailure
 from services.faults import NO_FAULTS, FaultPlan
 from services.runtime import (
     bundle,
+    container_logs,
     criu,
     firewall,
     layers,
@@ -225,6 +226,9 @@ class DestinationSide:
                 raise RuntimeFailure("the container's files from the source have not arrived")
             cpaths.root.mkdir(parents=True, exist_ok=True)
             shutil.move(str(synced), cpaths.upper)
+        arrived_log = incoming / container_logs.LOG_DIR
+        if arrived_log.is_dir() and not cpaths.log.exists():  # the same log goes on here
+            shutil.move(str(arrived_log), cpaths.log)
         for mount in placement.spec.volumes:  # marked as this move's until it is cleaned
             self.containers.volumes.adopt(
                 mount.name, paths.incoming_volumes / mount.name, migration_id
@@ -256,8 +260,9 @@ class DestinationSide:
             # after the lazy-pages daemon has connected to the source: CRIU's worst case).
             paths.inventory.write_bytes(b"ferry: injected fault\n")
         # Whether it stays running is verify's first check, the next step: not asked twice.
+        stdio = await self.containers.logger_for(name)
         await restore_container(
-            self.runc, name, paths, cpaths, lazy=bool(lazy_from), check_running=False
+            self.runc, name, paths, cpaths, stdio, lazy=bool(lazy_from), check_running=False
         )
         running_at = time.time()
         stats = criu.load_stats(paths.stats_restore)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from services.config import HostConfig
 from services.errors import RuntimeFailure
-from services.runtime import spans, transfer
+from services.runtime import container_logs, spans, transfer
 from services.runtime.containers import HostContainers
 from services.runtime.paths import MigrationPaths
 from services.runtime.proc import kill_working_on
@@ -128,9 +128,10 @@ class FileSync:
         and the volumes since the pre-sync (all of it if no pre-sync happened). `damage`
         (tests only) says when to corrupt the bytes on the way."""
         paths, cpaths = self.paths(migration_id), self.containers.paths(name)
-        members = [
-            transfer.Member(paths.root, "images"),
-        ]
+        members = [transfer.Member(paths.root, "images")]
+        if cpaths.log.is_dir():  # its stdout and stderr so far, once the old logger wrote all
+            await container_logs.drained(cpaths.log)
+            members.append(transfer.Member(cpaths.root, container_logs.LOG_DIR))
         scratch = self.config.state_dir / "tmp"
         with tracer.start_as_current_span("fs.sync", attributes=_peer(link)) as span:
             images = transfer.push(

@@ -22,16 +22,20 @@ async def restore_container(
     name: str,
     paths: MigrationPaths,
     cpaths: ContainerPaths,
+    stdio: int,
     *,
     lazy: bool = False,
     check_running: bool = True,
 ) -> None:
     """Restore `name` from this migration's images into its bundle; it must stay running
     (checked here unless the caller checks it next). With `lazy`, a lazy-pages daemon
-    serves its memory (already started)."""
+    serves its memory (already started). `stdio`: the write end of its new logger's pipe
+    (the process's stdout and stderr, where it had a pipe there); closed here."""
     with spans.tracer.start_as_current_span("criu.restore") as span:
         try:
-            await _run_restore(runc, name, paths, cpaths, lazy=lazy, check_running=check_running)
+            await _run_restore(
+                runc, name, paths, cpaths, stdio, lazy=lazy, check_running=check_running
+            )
         except RuntimeFailure as failure:
             spans.fail(span, failure)
             raise
@@ -49,16 +53,23 @@ async def _run_restore(
     name: str,
     paths: MigrationPaths,
     cpaths: ContainerPaths,
+    stdio: int,
     *,
     lazy: bool,
     check_running: bool,
 ) -> None:
     log_file = paths.runc_restore_log
-    bundle.refuse_hooks(cpaths.bundle)
-    argv = cmdlines.runc_restore(runc, name, paths.images, cpaths.bundle, log_file, lazy_pages=lazy)
+    try:
+        bundle.refuse_hooks(cpaths.bundle)
+        argv = cmdlines.runc_restore(
+            runc, name, paths.images, cpaths.bundle, log_file, lazy_pages=lazy
+        )
+        proc = await spawn(argv, stdout=stdio, stderr=stdio)
+    finally:
+        os.close(stdio)  # runc has its own copy: the logger ends when the container does
     # Cancelled (the step's deadline, a lost lease): runc and its CRIU are killed, a
     # half-restored container is left for the compensation (stop_destination) to remove.
-    code = await wait_owned(await spawn(argv))
+    code = await wait_owned(proc)
     if code != 0:
         errors = log_errors(log_file)
         why = criu.cause(paths.restore_log)

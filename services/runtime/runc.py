@@ -33,12 +33,18 @@ class Runc:
         return cmdlines.runc(self, *args)
 
     async def run_detached(
-        self, name: str, bundle: Path, log_file: Path, timeout: float = 60.0
+        self,
+        name: str,
+        bundle: Path,
+        log_file: Path,
+        timeout: float = 60.0,
+        stdio: int = subprocess.DEVNULL,
     ) -> None:
         """Start the container's process in the background.
 
-        Its stdio is /dev/null — runc's own stdio is inherited by the container, and a host
-        file, pipe or socket there would tie it to this host and make CRIU refuse the dump.
+        runc's own stdio is inherited by the container: stdin is /dev/null, stdout and
+        stderr `stdio` — a pipe to its logger (CRIU dumps a pipe and runc restores it
+        onto a new one; a host file or socket there would make CRIU refuse the dump).
         runc's words go to `log_file` instead.
         """
         self.root.mkdir(parents=True, exist_ok=True)
@@ -46,8 +52,8 @@ class Runc:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=stdio,
+            stderr=stdio,
             env=host_env(),  # the container never inherits a worker-only LD_PRELOAD
         )
         try:

@@ -353,7 +353,8 @@ class SourceSide:
         # socket not restored yet would be answered with a reset.
         await netlock.hold(cpaths.netns)
         await netns.set_link(name, up=True)
-        await restore_container(self.runc, name, paths, cpaths)
+        stdio = await self.containers.logger_for(name)
+        await restore_container(self.runc, name, paths, cpaths, stdio)
         await netlock.release(cpaths.netns)
         await netns.announce(cpaths.netns, placement.ip)
         shutil.rmtree(paths.root, ignore_errors=True)

@@ -9,7 +9,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel
 
 from schemas import subjects
-from schemas.v1.containers import ListContainers
+from schemas.v1.containers import ListContainers, ReadLogs
 from schemas.v1.migrations import ForwardedRequest, HostCheck, PageServerStarted, StartPageServer
 from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus
@@ -60,6 +60,10 @@ async def register(ctx: WorkerContext) -> None:
         role.list_containers,
         on_error=ctx.log_error,
     )
+    await bus.serve(
+        ctx.nc, ctx.host_subject(subjects.CONTAINER_LOGS), ReadLogs, ctx.containers.read_logs,
+        on_error=ctx.log_error,
+    )  # fmt: skip
     host_ledger = HostLedger(ctx.config.state_dir, ctx.config.host)
 
     async def read_ledger(cmd: ReadLedger) -> LedgerReport:

@@ -212,3 +212,78 @@ def test_criu_can_checkpoint_a_lab_container(lab2: str, rootfs: Path) -> None:
     assert after["token"] == before["token"] and after["buffer_ok"] is True
     subprocess.run([*on_h2, "rm", "-rf", images], check=True)
     assert ferry(lab2, "container", "rm", "dumpable").code == 0
+
+
+# Each turn writes one line to stdout and one to stderr: both reach the one log, in order.
+TICKER = 'i=0; while :; do echo "tick $i"; echo "err $i" >&2; i=$((i+1)); sleep 0.05; done'
+CHATTY = "while :; do echo 'chatter 0123456789012345678901234567890123456789'; done"
+LOG_SWEEPS = 100  # polls of the log, LOG_POLL_S apart, for lines to appear
+LOG_POLL_S = 0.1
+
+
+def _log(lab: str, name: str, *flags: str) -> list[str]:
+    done = ferry(lab, "container", "logs", name, *flags)
+    assert done.code == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def _ticks(lines: list[str]) -> int:
+    """How many whole turns the log holds, checking that they are all there, in order."""
+    expected = [f"{kind} {i}" for i in range(len(lines) // 2) for kind in ("tick", "err")]
+    assert lines[: len(expected)] == expected, lines[:10]
+    return len(expected) // 2
+
+
+def _wait_ticks(lab: str, name: str, at_least: int) -> int:
+    for _ in range(LOG_SWEEPS):
+        ticks = _ticks(_log(lab, name))
+        if ticks >= at_least:
+            return ticks
+        time.sleep(LOG_POLL_S)
+    raise AssertionError(f"{name}'s log never reached {at_least} turns")
+
+
+def test_the_log_holds_lines_from_before_and_after_a_move_in_order(lab2: str, rootfs: Path) -> None:
+    run = ferry(
+        lab2, "container", "run", "--host", "h1", "--name", "ticker", "--rootfs", str(rootfs),
+        "--", "/bin/sh", "-c", TICKER,
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    before = _wait_ticks(lab2, "ticker", 20)
+    moved = ferry(lab2, "migrate", "ticker", "--to", "h2", "--json", timeout=300)
+    assert moved.code == 0 and moved.json()["state"] == "completed", moved.stderr
+    after = _wait_ticks(lab2, "ticker", before + 20)  # read from h2 now: one log
+    assert after > before + 20
+    h2_log = Path(f"/var/lib/ferry-lab/{lab2}/hosts/h2/containers/ticker/log/current")
+    assert h2_log.is_file(), "the log lives where the container runs"
+    assert not Path(f"/var/lib/ferry-lab/{lab2}/hosts/h1/containers/ticker").exists()
+    tail = _log(lab2, "ticker", "--tail", "4")
+    assert len(tail) == 4 and tail[0].startswith("tick ") and tail[1].startswith("err ")
+    stamped = _log(lab2, "ticker", "--tail", "1", "--timestamps")[0]
+    stamp, _, text = stamped.partition(" ")
+    assert (
+        stamp.startswith("20") and stamp.endswith("+00:00") and text.split()[0] in ("tick", "err")
+    )
+    assert ferry(lab2, "container", "rm", "ticker").code == 0
+
+
+def test_a_chatty_container_s_log_stays_within_its_cap(lab2: str, rootfs: Path) -> None:
+    run = ferry(
+        lab2, "container", "run", "--host", "h1", "--name", "chatty", "--rootfs", str(rootfs),
+        "--", "/bin/sh", "-c", CHATTY,
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    log_dir = Path(f"/var/lib/ferry-lab/{lab2}/hosts/h1/containers/chatty/log")
+    cap_files, cap_bytes = 4, 1 << 20  # the hosts' defaults (log_files, log_file_bytes)
+    for _ in range(LOG_SWEEPS * 3):  # until it rotated past its cap: old files removed
+        rotated = sorted(p.name for p in log_dir.glob("@*"))
+        if len(rotated) >= cap_files - 1 and (log_dir / "current").stat().st_size > 0:
+            break
+        time.sleep(LOG_POLL_S)
+    time.sleep(1.0)  # one more second of chatter past the cap
+    files = [p for p in log_dir.iterdir() if p.name == "current" or p.name.startswith("@")]
+    assert len(files) <= cap_files
+    assert all(p.stat().st_size <= cap_bytes for p in files)
+    tail = _log(lab2, "chatty", "--tail", "3")
+    assert tail == ["chatter 0123456789012345678901234567890123456789"] * 3
+    assert ferry(lab2, "container", "rm", "chatty").code == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,7 @@ def test_restore_refuses_a_bundle_with_hooks_before_runc_runs(
 ) -> None:
     spawned: list[list[str]] = []
 
-    async def spawn(argv: list[str]) -> None:
+    async def spawn(argv: list[str], **_: int) -> None:
         spawned.append(argv)
         raise AssertionError("runc was started")
 
@@ -183,6 +184,11 @@ def test_restore_refuses_a_bundle_with_hooks_before_runc_runs(
     config = {**config_of(ContainerSpec(layers=(DIGEST,), args=("x",))), "hooks": HOOKS}
     write(cpaths.bundle, config)
     paths = MigrationPaths.of(tmp_path, "0123456789abcdef")
+    read_end, write_end = os.pipe()
     with pytest.raises(RuntimeFailure, match="OCI hooks"):
-        asyncio.run(restore.restore_container(Runc(tmp_path / "runc"), "web", paths, cpaths))
+        asyncio.run(
+            restore.restore_container(Runc(tmp_path / "runc"), "web", paths, cpaths, write_end)
+        )
     assert spawned == []
+    assert os.read(read_end, 1) == b"", "the logger's pipe is closed: it ends"
+    os.close(read_end)
