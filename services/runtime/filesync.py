@@ -84,6 +84,7 @@ class FileSync:
             )  # fmt: skip
             spans.transferred(span, sent)
         paths.presync_manifest.write_text(json.dumps(since))
+        paths.presync_signatures.write_text(json.dumps(sent.signatures))
         volumes = await self.volume_names(name)
         if not volumes:
             return sent
@@ -97,6 +98,7 @@ class FileSync:
             )  # fmt: skip
             spans.transferred(span, vsent)
         paths.volumes_presync_manifest.write_text(json.dumps(manifests))
+        paths.presync_signatures.write_text(json.dumps({**sent.signatures, **vsent.signatures}))
         return transfer.Sent(
             bytes=sent.bytes + vsent.bytes,
             sha256=sent.sha256,
@@ -105,6 +107,15 @@ class FileSync:
             encoding=sent.encoding,
             entries=sent.entries + vsent.entries,
         )
+
+    def signatures(self, migration_id: str) -> dict[str, list[str]]:
+        """What the destination said it holds of the pre-synced large files (none: whole)."""
+        path = self.paths(migration_id).presync_signatures
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
 
     def forget_presync(self, migration_id: str) -> bool:
         """Remove what a pre-sync left on the source, unless a dump happened here (then
@@ -145,7 +156,7 @@ class FileSync:
                 files = transfer.push_delta(
                     link, migration_id, cpaths.root, "upper", since, scratch,
                     limit_bps=options.limit_bps, compress=options.compress,
-                    on_progress=options.on_progress,
+                    on_progress=options.on_progress, signatures=self.signatures(migration_id),
                 )  # fmt: skip
             else:
                 files = _first(
@@ -185,10 +196,12 @@ class FileSync:
             started = time.monotonic()
             if since is not None:
                 sent = []
+                signatures = self.signatures(migration_id)
                 for volume in volumes:
                     delta = transfer.push_delta(
                         link, migration_id, base, volume, since[volume], scratch,
                         limit_bps=options.limit_bps, compress=options.compress, into="volumes",
+                        signatures=signatures,
                     )  # fmt: skip
                     sent.append(await delta)
             else:

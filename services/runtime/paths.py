@@ -154,6 +154,12 @@ class MigrationPaths:
         return self.incoming / "presync"
 
     @property
+    def presync_signatures(self) -> Path:
+        """Source: the destination's block hashes of the large files the pre-syncs sent
+        (upper dir and volumes), so that a delta sends their changed blocks only."""
+        return self.root / "presync-signatures.json"
+
+    @property
     def incoming_volumes(self) -> Path:
         """The pre-synced copies of the container's volumes, one dir each by name."""
         return self.incoming / "volumes"

@@ -28,6 +28,7 @@ def transferred(span: trace.Span, *sent: Sent) -> None:
     span.set_attribute("ferry.raw_bytes", sum(x.raw_bytes or x.bytes for x in sent))
     span.set_attribute("ferry.entries", sum(x.entries for x in sent))
     span.set_attribute("ferry.deleted", sum(x.deleted for x in sent))
+    span.set_attribute("ferry.patched", sum(x.patched for x in sent))
     span.set_attribute("ferry.seconds", round(seconds, 4))
     span.set_attribute("ferry.rate_bps", round(wire / max(seconds, 1e-6)))
     span.set_attribute("ferry.sha256", ",".join(x.sha256 for x in sent))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -81,9 +82,11 @@ def test_a_container_keeps_its_state_in_memory_and_answers_everywhere(
         assert Path(f"/proc/{pid}/ns/{ns}").stat().st_ino != ours, f"{ns} namespace is shared"
     # The host's end of the veth lives inside the host's namespace, not the root one.
     assert any(link.startswith("vf") for link in host_links(lab2, "h1"))
-    # stdio is not tied to the host: CRIU must be able to dump the container.
-    for fd in (0, 1, 2):
-        assert Path(f"/proc/{pid}/fd/{fd}").resolve() == Path("/dev/null")
+    # stdio is what CRIU can dump: stdin /dev/null, stdout and stderr one pipe, whose
+    # reader is the host's logger (no host file, no socket).
+    assert Path(f"/proc/{pid}/fd/0").resolve() == Path("/dev/null")
+    pipe = os.readlink(f"/proc/{pid}/fd/1")
+    assert pipe.startswith("pipe:[") and os.readlink(f"/proc/{pid}/fd/2") == pipe
 
     rm = ferry(lab2, "container", "rm", "mem")
     assert rm.code == 0, rm.stderr

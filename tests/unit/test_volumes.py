@@ -211,3 +211,61 @@ async def test_two_volumes_presync_and_delta_leave_equal_trees(
     assert (deltas[1].entries, deltas[1].deleted) == (0, 0)  # nothing changed: nothing sent
     with pytest.raises(InvalidInput, match="no delta applies over"):
         await push_delta(peer.link(mid), mid, base, "db", since_json["db"], scratch, into="bundle")
+
+
+async def test_a_large_file_changed_in_place_goes_as_its_changed_blocks(
+    tmp_path: Path,
+    peer: Peer,  # noqa: F811
+) -> None:
+    """A database's page writes: a 4 MiB file with two 64 KiB blocks rewritten, another
+    grown, another shrunk, one with an xattr (whole), a small one (whole)."""
+    base, scratch, mid = tmp_path / "volumes", tmp_path / "scratch", peer.prepared()
+    data = base / "db" / "data"
+    data.mkdir(parents=True)
+    files = {n: os.urandom(4 << 20) for n in ("ibdata1", "grows", "shrinks", "tagged")}
+    for name, content in files.items():
+        (data / name).write_bytes(content)
+    os.setxattr(data / "tagged", "user.ferry", b"1")
+    (data / "small").write_bytes(b"s" * 1000)
+    (data / "ibdata1").chmod(0o640)
+    await asyncio.sleep(RACY_NS / 1e9 + 0.1)
+    sent, since = await push_volumes(peer.link(mid), mid, base, ["db"], scratch)
+    assert set(sent.signatures) == {f"db/data/{n}" for n in files}  # the large files
+
+    with (data / "ibdata1").open("r+b") as f:
+        for offset in (0, 3 << 20):
+            f.seek(offset + 100)
+            f.write(os.urandom(10_000))
+    with (data / "grows").open("ab") as f:
+        f.write(os.urandom(200_000))
+    os.truncate(data / "shrinks", (1 << 20) + 5)
+    with (data / "tagged").open("r+b") as f:
+        f.write(b"changed")
+    (data / "small").write_bytes(b"t" * 1000)
+    os.chown(data / "ibdata1", 999, 999)
+    (data / "ibdata1").chmod(0o600)
+    delta = await push_delta(
+        peer.link(mid), mid, base, "db", json.loads(json.dumps(since["db"])), scratch,
+        into="volumes", signatures=sent.signatures,
+    )  # fmt: skip
+    there = peer.incoming(mid, "volumes") / "db"
+    assert snapshot(there) == snapshot(base / "db")
+    assert delta.patched == 3  # ibdata1, grows, shrinks; tagged and small whole
+    assert delta.bytes < (4 << 20) + (1 << 20), "the rewritten blocks, not 16 MiB of files"
+
+
+def test_a_patch_naming_blocks_past_its_size_or_a_link_is_refused(tmp_path: Path) -> None:
+    from io import BytesIO
+
+    from services.runtime.transfer.blocks import BLOCK, Patch, apply
+
+    target = tmp_path / "f"
+    target.write_bytes(b"x" * (2 * BLOCK))
+    beyond = Patch(path="f", size=BLOCK, blocks=(1,), mode=0o644, uid=0, gid=0, mtime_ns=0)
+    with pytest.raises(InvalidInput, match="names blocks it does not have"):
+        apply(target, beyond, BytesIO(b"y" * BLOCK), 1 << 30)
+    (tmp_path / "link").symlink_to(target)
+    fine = Patch(path="link", size=BLOCK, blocks=(0,), mode=0o644, uid=0, gid=0, mtime_ns=0)
+    with pytest.raises(OSError):
+        apply(tmp_path / "link", fine, BytesIO(b"y" * BLOCK), 1 << 30)
+    assert target.read_bytes() == b"x" * (2 * BLOCK), "nothing written through the link"

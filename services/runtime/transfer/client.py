@@ -11,19 +11,22 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.errors import FerryError, Forbidden, InvalidInput, RuntimeFailure
 from services.retrying import transient
 from services.runtime.proc import arun
+from services.runtime.transfer import blocks
 from services.runtime.transfer.auth import AUTH_FIELD, Link, sign, verify
+from services.runtime.transfer.blocks import PATCHES, Signatures
 from services.runtime.transfer.codec import IDENTITY, IO_TIMEOUT_S, _encode, _sha256, check_sizes
 from services.runtime.transfer.manifest import (
     DELTA_INDEX,
     PAGES,
     TAR_FLAGS,
     DeltaIndex,
+    Entry,
     Manifest,
     Member,
     _check_dirname,
@@ -57,6 +60,9 @@ class Sent:
     encoding: str = IDENTITY
     entries: int = 0  # paths a presync or delta carried; 0 when not counted
     deleted: int = 0  # paths a delta removed on the receiver
+    patched: int = 0  # files a delta sent as their changed blocks only
+    # A presync's receiver: its large files' block hashes, for the deltas (blocks.py).
+    signatures: Signatures = field(default_factory=dict)
 
 
 async def _deliver(
@@ -100,7 +106,19 @@ async def _deliver(
         seconds=loop.time() - started,
         raw_bytes=raw_size,
         encoding=encoding,
+        signatures=_signatures(reply.get("signatures")),
     )
+
+
+def _signatures(raw: object) -> dict[str, list[str]]:
+    """A receiver's signatures, kept only if well formed: without them files go whole."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        str(path): [str(h) for h in hashes]
+        for path, hashes in raw.items()
+        if isinstance(hashes, list) and all(isinstance(h, str) for h in hashes)
+    }
 
 
 def _refusal(reply: dict[str, object], what: str) -> FerryError:
@@ -225,6 +243,7 @@ async def push_delta(
     on_progress: Progress | None = None,
     damage: Callable[[], bool] | None = None,
     into: str = "presync",
+    signatures: Signatures | None = None,
 ) -> Sent:
     """Send what changed in base/dirname since the presync `since` described; the peer
     applies it over incoming/<into>/<dirname> ("presync" or "volumes"), which then equals
@@ -232,7 +251,8 @@ async def push_delta(
 
     Meant for a frozen dir. The same delta may be delivered again with the same result;
     a later delta must again be computed against the presync's `since`, and paths that
-    only lived between two deltas are not removed by the second one."""
+    only lived between two deltas are not removed by the second one. With the presync's
+    `signatures` (its Sent's), a large changed file goes as its changed blocks only."""
     delta = next((d for d, whole in DELTA_OF.items() if whole == into), None)
     if delta is None:
         raise InvalidInput(f"no delta applies over {into!r}", field="into")
@@ -241,23 +261,31 @@ async def push_delta(
     _check_limit(limit_bps)
     now = await asyncio.to_thread(manifest, base / dirname)
     plan = plan_delta(since, now)
-    index = DeltaIndex(
-        dirname=dirname,
-        remove=plan.remove,
-        dirs=plan.dirs,
-        entries=len(plan.send),
-        deleted=plan.deleted,
-    )
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch) as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "index").mkdir()
+        patches = await asyncio.to_thread(
+            _patches, base / dirname, dirname, plan.send, now, signatures or {},
+            tmp / "index" / PATCHES,
+        )  # fmt: skip
+        index = DeltaIndex(
+            dirname=dirname,
+            remove=plan.remove,
+            dirs=plan.dirs,
+            entries=len(plan.send),
+            deleted=plan.deleted,
+            patches=patches,
+        )
         (tmp / "index" / DELTA_INDEX).write_text(index.model_dump_json())
-        names = [dirname if p == "." else f"{dirname}/{p}" for p in plan.send]
+        patched = {p.path for p in patches}
+        whole = [p for p in plan.send if p not in patched]
+        names = [dirname if p == "." else f"{dirname}/{p}" for p in whole]
         (tmp / "names").write_bytes(b"".join(os.fsencode(n) + b"\0" for n in names))
         tar_path = tmp / "delta.tar"
         argv = ["tar", *TAR_FLAGS, "--no-recursion", "-cf", str(tar_path)]
-        argv += ["-C", str(tmp / "index"), DELTA_INDEX, "-C", str(base)]
+        argv += ["-C", str(tmp / "index"), DELTA_INDEX, *([PATCHES] if patches else [])]
+        argv += ["-C", str(base)]
         argv += ["--null", "--verbatim-files-from", "-T", str(tmp / "names")]
         await arun(argv, timeout=IO_TIMEOUT_S)
         digest = tar_path.stat().st_size, await asyncio.to_thread(_sha256, tar_path)
@@ -272,7 +300,38 @@ async def push_delta(
             compress=compress,
             on_progress=on_progress,
         )
-    return replace(sent, entries=len(plan.send), deleted=plan.deleted)
+    return replace(sent, entries=len(plan.send), deleted=plan.deleted, patched=len(patches))
+
+
+def _patches(
+    root: Path,
+    dirname: str,
+    send: Sequence[str],
+    now: Mapping[str, Entry],
+    signatures: Signatures,
+    out: Path,
+) -> tuple[blocks.Patch, ...]:
+    """The changed large files the receiver has signatures of, as patches (their blocks
+    into `out`, in order); the rest of `send` goes whole."""
+    found = []
+    with out.open("wb") as data:
+        for rel in send:
+            entry = now[rel]
+            signature = signatures.get(f"{dirname}/{rel}")
+            if signature is None or entry.kind != "f" or entry.nlink != 1:
+                continue
+            if entry.size < blocks.PATCH_MIN_BYTES:
+                continue
+            mark = data.tell()
+            patch = blocks.diff(
+                root / rel, signature, entry.mode, entry.uid, entry.gid, entry.mtime_ns, rel, data
+            )
+            if patch is None:
+                data.seek(mark)
+                data.truncate()
+                continue
+            found.append(patch)
+    return tuple(found)
 
 
 @transient

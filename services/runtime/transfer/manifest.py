@@ -33,6 +33,8 @@ from services.runtime import tarcheck
 from services.runtime.proc import arun
 from services.runtime.tarcheck import TAR_FLAGS as TAR_FLAGS  # the client's and server's too
 from services.runtime.tarcheck import Checked, Policy
+from services.runtime.transfer import blocks
+from services.runtime.transfer.blocks import PATCHES, Patch
 from services.runtime.transfer.codec import IO_TIMEOUT_S, MAX_TRANSFER_BYTES, _sha256
 
 UPPER = Policy(
@@ -129,6 +131,7 @@ class DeltaIndex(BaseModel):
     dirs: tuple[str, ...] = ()
     entries: int = Field(ge=0)
     deleted: int = Field(ge=0)
+    patches: tuple[Patch, ...] = ()  # files sent as their changed blocks (blocks.py)
 
     @field_validator("remove")
     @classmethod
@@ -145,6 +148,14 @@ class DeltaIndex(BaseModel):
             if p != "." and not _safe_rel(p):
                 raise ValueError(f"unsafe path {p!r}")
         return paths
+
+    @field_validator("patches")
+    @classmethod
+    def _patched_inside(cls, patches: tuple[Patch, ...]) -> tuple[Patch, ...]:
+        for patch in patches:
+            if not _safe_rel(patch.path):
+                raise ValueError(f"unsafe path {patch.path!r}")
+        return patches
 
 
 def _check_dirname(dirname: str) -> None:
@@ -316,6 +327,24 @@ def _prepare_delta(root: Path, index: CheckedDelta) -> None:
                     raise
 
 
+def _apply_patches(root: Path, index: DeltaIndex, tar_path: Path) -> None:
+    """After the tar's entries are unpacked: each patched file gets its changed blocks."""
+    if not index.patches:
+        return
+    with tarfile.open(tar_path, "r:") as tar:
+        member = tar.getmember(PATCHES)
+        data = tar.extractfile(member) if member.isfile() else None
+        if data is None:
+            raise InvalidInput(f"the delta's {PATCHES} is not a file")
+        for patch in index.patches:
+            path = _inside(root, patch.path)
+            if path is None:
+                raise RuntimeFailure(f"the patched {patch.path} is not in the copy")
+            blocks.apply(path, patch, data, MAX_TRANSFER_BYTES)
+        if data.read(1):
+            raise InvalidInput(f"the delta's {PATCHES} holds more than its patches")
+
+
 def _read_index(tar_path: Path) -> CheckedDelta:
     """The delta's index, once its whole tar passed tarcheck as an upper dir's, holding
     nothing but the index and members under the one dir it names."""
@@ -332,7 +361,7 @@ def _read_index(tar_path: Path) -> CheckedDelta:
             index = DeltaIndex.model_validate_json(data.read())
     except (tarfile.TarError, ValidationError) as exc:
         raise InvalidInput(f"malformed delta: {exc}") from exc
-    strays = checked.tops - {DELTA_INDEX, index.dirname}
+    strays = checked.tops - {DELTA_INDEX, index.dirname, *([PATCHES] if index.patches else [])}
     if strays:
         raise tarcheck.UnsafeArchive(
             f"delta: members outside {index.dirname}/ ({', '.join(sorted(strays)[:3])})"

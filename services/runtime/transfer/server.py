@@ -29,6 +29,7 @@ from services.runtime.transfer.auth import (
     sign,
     verify,
 )
+from services.runtime.transfer.blocks import signatures
 from services.runtime.transfer.codec import IDENTITY, IO_TIMEOUT_S, _encode
 from services.runtime.transfer.manifest import (
     FILES,
@@ -37,6 +38,7 @@ from services.runtime.transfer.manifest import (
     VOLUMES,
     DeltaIndex,
     Member,
+    _apply_patches,
     _prepare_delta,
     _read_index,
     pack,
@@ -44,6 +46,7 @@ from services.runtime.transfer.manifest import (
 )
 from services.runtime.transfer.wire import (
     DELTA_OF,
+    LIVE,
     _check,
     _check_limit,
     _header,
@@ -178,6 +181,7 @@ class TransferServer:
                 f"migration {migration_id} is not prepared on this host (or was discarded)"
             ) from None
         what = f"{header['size']} bytes, {header.get('encoding', IDENTITY)}"
+        reply: dict[str, object] = {"ok": True}
         with tempfile.TemporaryDirectory(dir=incoming) as tmp:
             tar_path = await _receive_payload(reader, header, Path(tmp))
             async with self._lock(migration_id):
@@ -185,6 +189,7 @@ class TransferServer:
                     over = incoming / DELTA_OF[name]
                     index = await self._apply_delta(tar_path, over, migration_id)
                     what += f", {index.entries} entries, {index.deleted} deleted"
+                    what += f", {len(index.patches)} patched" if index.patches else ""
                 else:
                     final = incoming / name
                     partial = incoming / f".{name}.partial"
@@ -192,7 +197,9 @@ class TransferServer:
                     await unpack(tar_path, partial, policy=POLICIES.get(name, UPPER))
                     shutil.rmtree(final, ignore_errors=True)
                     partial.rename(final)
-        writer.write(json.dumps({"ok": True}).encode() + b"\n")
+                    if name in LIVE:  # what its deltas may send as changed blocks only
+                        reply["signatures"] = await asyncio.to_thread(signatures, final)
+        writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
         log.info("received %s for %s (%s)", name, migration_id, what)
 
@@ -207,9 +214,10 @@ class TransferServer:
                 "a delta has nothing to apply to"
             )
         await asyncio.to_thread(_prepare_delta, root, index)
-        if index.entries:
+        if index.entries > len(index.patches):
             argv = ["tar", *TAR_FLAGS, "-xpf", str(tar_path), "-C", str(presync), index.dirname]
             await arun(argv, timeout=IO_TIMEOUT_S)
+        await asyncio.to_thread(_apply_patches, root, index, tar_path)
         return index
 
     async def _send(
