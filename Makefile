@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:/usr/local/sbin:$(PATH)
 
-.PHONY: setup test test-middle lint typecheck workloads schemas demo demo-minecraft chaos chaos-cell bench clean
+.PHONY: setup test test-middle lint typecheck workloads schemas demo demo-minecraft chaos chaos-cell bench bench-db clean
 
 ## setup: install everything (apt packages, CRIU from source, venv, pycriu, nats-server). Idempotent.
 setup:
@@ -56,6 +56,11 @@ schemas:
 ## (quick: make bench BENCH_ARGS="--sizes 64 --samples 1 --no-minecraft").
 bench: workloads
 	$(PY) -m deploy.bench.run --json bench/results.json --table bench/results-table.txt $(BENCH_ARGS)
+
+## bench-db: MariaDB with its data on a volume moved under sysbench, alternating whole-file
+## and changed-block deltas after the freeze (~5 min); bench/database.json and -table.txt.
+bench-db: workloads
+	$(PY) -m deploy.bench.database --json bench/database.json --table bench/database-table.txt $(BENCH_ARGS)
 
 ## workloads: the small static programs the tests run inside containers.
 workloads: build/memapp build/dirtyapp build/holdapp

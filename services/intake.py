@@ -109,6 +109,7 @@ def _options(request: MigrationRequest) -> MigrationOptions:
         # Pre-copy plans its rounds for the budget, or for QEMU's default without one.
         downtime_budget_ms=request.downtime_budget_ms or GUIDE_MS,
         compress=request.compress,
+        block_deltas=request.block_deltas,
         bandwidth_limit_bps=max(round(limit * 2**20), 1) if limit else None,
         inject_fault=request.inject_fault,
     )

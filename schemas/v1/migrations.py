@@ -76,6 +76,11 @@ class MigrationRequest(Message):
         description="cap on Ferry's own file and image transfers, in MiB/s",
     )
     compress: bool = Field(default=False, description="compress file and image transfers")
+    block_deltas: bool = Field(
+        default=True,
+        description="after the freeze, send a large changed file's changed blocks only"
+        " (false: whole, as the bench's baseline)",
+    )
     dry_run: bool = Field(
         default=False, description="only run the pre-flight checks; change nothing"
     )

@@ -37,6 +37,7 @@ class MigrationOptions(Part):
 
     downtime_budget_ms: int = Field(default=300, ge=10, le=600_000)
     compress: bool = False
+    block_deltas: bool = True
     bandwidth_limit_bps: int | None = Field(default=None, gt=0)
     inject_fault: FaultPoint | None = Field(
         default=None, description="test only; honoured on hosts run with FERRY_ALLOW_FAULTS=1"

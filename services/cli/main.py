@@ -173,6 +173,10 @@ def build_parser() -> Parser:
     )
     migrate.add_argument("--compress", action="store_true", help="compress file transfers")
     migrate.add_argument(
+        "--whole-files", action="store_true",
+        help="after the freeze, send each changed file whole, not its changed blocks",
+    )  # fmt: skip
+    migrate.add_argument(
         "--inject-fault",
         metavar="FAULT",
         help="test only (lab started with --allow-faults): make a real fault happen, e.g. "

@@ -164,6 +164,7 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
         "destination": args.to,
         "strategy": args.strategy,
         "compress": args.compress,
+        "block_deltas": not args.whole_files,
     }
     if args.downtime_budget is not None:  # given, it is a limit (schemas/v1/migrations.py)
         payload["downtime_budget_ms"] = args.downtime_budget

@@ -36,6 +36,7 @@ class TransferOptions:
     limit_bps: int | None = None
     compress: bool = False
     on_progress: transfer.Progress | None = None
+    block_deltas: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,10 @@ class FileSync:
             entries=sent.entries + vsent.entries,
         )
 
-    def signatures(self, migration_id: str) -> dict[str, list[str]]:
+    def signatures(self, migration_id: str, options: TransferOptions) -> dict[str, list[str]]:
         """What the destination said it holds of the pre-synced large files (none: whole)."""
+        if not options.block_deltas:
+            return {}
         path = self.paths(migration_id).presync_signatures
         try:
             loaded = json.loads(path.read_text())
@@ -156,7 +159,8 @@ class FileSync:
                 files = transfer.push_delta(
                     link, migration_id, cpaths.root, "upper", since, scratch,
                     limit_bps=options.limit_bps, compress=options.compress,
-                    on_progress=options.on_progress, signatures=self.signatures(migration_id),
+                    on_progress=options.on_progress,
+                    signatures=self.signatures(migration_id, options),
                 )  # fmt: skip
             else:
                 files = _first(
@@ -196,7 +200,7 @@ class FileSync:
             started = time.monotonic()
             if since is not None:
                 sent = []
-                signatures = self.signatures(migration_id)
+                signatures = self.signatures(migration_id, options)
                 for volume in volumes:
                     delta = transfer.push_delta(
                         link, migration_id, base, volume, since[volume], scratch,

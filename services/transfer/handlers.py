@@ -20,6 +20,7 @@ def _options(run: StepRun, progress: Progress, what: str) -> TransferOptions:
         limit_bps=run.options.bandwidth_limit_bps,
         compress=run.options.compress,
         on_progress=on_progress,
+        block_deltas=run.options.block_deltas,
     )
 
 
