@@ -32,7 +32,9 @@ Signatures = Mapping[str, Sequence[str]]
 
 
 def _hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    # sha256, cut to 128 bits: the CPU's SHA extensions make it ~1 GB/s here, four times
+    # blake2b's, and this runs inside the freeze (machine facts F32).
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _blocks(f: IO[bytes]) -> Iterator[bytes]:
