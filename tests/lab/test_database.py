@@ -39,11 +39,18 @@ def _holders(lab: str, hosts: tuple[str, ...] = ("h1", "h2")) -> list[str]:
     return [h for h in hosts if (root / h / "volumes" / VOLUME / "volume.json").is_file()]
 
 
+def _volumes(lab: str) -> list[tuple[str, str, list[str]]]:
+    """Which volumes `ferry volume ls` shows, where, used by whom (sizes change: it runs)."""
+    return [
+        (v["name"], v["host"], v["used_by"]) for v in ferry(lab, "volume", "ls", "--json").json()
+    ]
+
+
 def _refused_and_unchanged(lab: str, *argv: str) -> str:
-    before = ferry(lab, "volume", "ls", "--json").json()
+    before = _volumes(lab), _holders(lab)
     done = ferry(lab, *argv)
     assert done.code == 2, (argv, done.code, done.stderr)
-    assert ferry(lab, "volume", "ls", "--json").json() == before
+    assert (_volumes(lab), _holders(lab)) == before
     return done.stderr
 
 
@@ -94,10 +101,7 @@ def test_mariadb_moves_there_and_back_under_sysbench_and_loses_no_acknowledged_r
         assert records[-1]["state"] == "completed", records[-1].get("error")
         assert load.running(), "both moves happen while the clients work"
         assert _holders(lab2) == [destination], "the volume is on exactly one host"
-        listed = ferry(lab2, "volume", "ls", "--json").json()
-        assert [(v["name"], v["host"], v["used_by"]) for v in listed] == [
-            (VOLUME, destination, [NAME])
-        ]
+        assert _volumes(lab2) == [(VOLUME, destination, [NAME])]
     result = clients.finish(load, timeout=LOAD_S + 60)
 
     # Any error but a deadlock or lock wait (which it retries by design) stops sysbench.

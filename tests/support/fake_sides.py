@@ -20,6 +20,7 @@ from schemas.v2.results import (
 from services.errors import RuntimeFailure
 from services.faults import NO_FAULTS, FaultPlan
 from services.runtime.destination_side import Opened
+from services.runtime.filesync import BundleSent
 from services.runtime.transfer import Link, Sent
 
 
@@ -98,12 +99,12 @@ class FakeFileSync:
 
     async def push_bundle(
         self, name: str, migration_id: str, link: Link, options: Any, damage: Any
-    ) -> list[Sent]:
+    ) -> BundleSent:
         self.journal.note(self.host, f"push bundle to {link.address}", name)
-        return [
+        return BundleSent(
             Sent(bytes=2000, sha256="b" * 64, seconds=0.01),
             Sent(bytes=30, sha256="c" * 64, seconds=0.01, entries=1),
-        ]
+        )
 
 
 @dataclass
@@ -163,5 +164,9 @@ class FakeSourceCleanup:
     async def pages_served(self, migration_id: str, timeout: float) -> tuple[int, int]:
         return 0, 10
 
-    async def clean_source(self, name: str, migration_id: str) -> None:
+    def local_volumes(self, name: str) -> list[str]:
+        return []
+
+    async def clean_source(self, name: str, migration_id: str, volumes: list[str]) -> list[str]:
         self.journal.note(self.host, "clean source", name)
+        return []
