@@ -84,9 +84,12 @@ class Sweeps:
         return WAITING_FOR_TOPOLOGY.search(self._since()) is not None
 
 
-def within_sweeps(lab: str, host: str, sweeps: int, done: Callable[[], bool]) -> int:
-    """Wait until `done()`, at most `sweeps` of `host`'s collector; how many it took."""
-    counter = Sweeps(lab, host)
+def within_sweeps(
+    lab: str, host: str, sweeps: int, done: Callable[[], bool], since: Sweeps | None = None
+) -> int:
+    """Wait until `done()`, at most `sweeps` of `host`'s collector; how many it took,
+    counted from now or from `since` (a counter started earlier)."""
+    counter = since or Sweeps(lab, host)
     deadline = time.monotonic() + WALL_LIMIT_S
     while True:
         if done():
@@ -204,8 +207,10 @@ def test_the_collector_destroys_only_on_positive_evidence(lab: str, rootfs: Path
     # (b) A true orphan: the placement names h2 on two sweeps and h2 runs it -> h1's copy goes.
     run(lab, "h1", "b", rootfs)
     delete_placement(lab, "b")
+    # Counted from before h2's placement exists: starting the container there takes sweeps.
+    named_h2 = Sweeps(lab, "h1")
     ip_b2 = run(lab, "h2", "b", rootfs)
-    took = within_sweeps(lab, "h1", 8, lambda: "b" not in runc_names(lab, "h1"))
+    took = within_sweeps(lab, "h1", 8, lambda: "b" not in runc_names(lab, "h1"), named_h2)
     assert took >= 2, "removed before two sweeps confirmed it"
     assert query(ip_b2)["token"] and runc_status(lab, "h2", "b") == "running"
 
