@@ -13,7 +13,6 @@ from nats.aio.client import Client as NATS
 from schemas import subjects
 from schemas.v1.containers import (
     ListVolumes,
-    Placement,
     RemoveVolume,
     VolumeList,
     VolumeMount,
@@ -29,6 +28,7 @@ from services.cli.context import (
 )
 from services.cli.image_commands import live_hosts
 from services.errors import Conflict, FerryError, NotFound, Unavailable
+from workflows.volumes import users_of
 
 LIST_TIMEOUT_S = 10.0
 REMOVE_TIMEOUT_S = 120.0
@@ -69,10 +69,6 @@ async def fleet_volumes(nc: NATS) -> FleetVolumes:
     return FleetVolumes(held=held, unknown=sorted(set(known) - set(held)))
 
 
-def users_of(placements: list[Placement], name: str) -> list[Placement]:
-    return [p for p in placements if any(m.name == name for m in p.spec.volumes)]
-
-
 async def check_volumes_for_run(
     nc: NATS, container: str, host: str, mounts: tuple[VolumeMount, ...]
 ) -> None:
@@ -85,12 +81,12 @@ async def check_volumes_for_run(
     placements = await (await operator_placements(nc.jetstream())).all()
     fleet = await fleet_volumes(nc)
     for mount in mounts:
-        for user in users_of(placements, mount.name):
-            if user.name != container:
-                raise Conflict(
-                    f"volume {mount.name!r} is in use by container {user.name} on {user.host}",
-                    field="--volume",
-                )
+        users = users_of(placements, mount.name, besides=container)
+        if users:
+            raise Conflict(
+                f"volume {mount.name!r} is in use by container {users[0].name} on {users[0].host}",
+                field="--volume",
+            )
         elsewhere = [h for h in fleet.holders(mount.name) if h != host]
         if elsewhere:
             raise Conflict(

@@ -39,6 +39,7 @@ from services.runtime import bundle, container_logs, layers, ledger, netns, user
 from services.runtime.runc import Runc
 from services.runtime.volumes import HostVolumes
 from services.stores import AddressPool, LayerSource, PlacementStore
+from workflows.volumes import users_of
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +182,13 @@ class HostContainers:
     async def _refuse_used_volumes(self, cmd: CreateContainer) -> None:
         """A volume serves one container: it moves with it. (Read from the placements,
         this one's own claim aside: a store that cannot be read refuses the create.)"""
-        wanted = {m.name for m in cmd.volumes}
-        for other in await self.placements.all():
-            if other.name == cmd.name:
-                continue
-            shared = wanted & {m.name for m in other.spec.volumes}
-            if shared:
+        placed = await self.placements.all()
+        for mount in sorted(cmd.volumes, key=lambda m: m.name):
+            users = users_of(placed, mount.name, besides=cmd.name)
+            if users:
                 raise Conflict(
-                    f"volume {sorted(shared)[0]!r} is in use by container {other.name}"
-                    f" on {other.host}",
+                    f"volume {mount.name!r} is in use by container {users[0].name}"
+                    f" on {users[0].host}",
                     field="--volume",
                 )
 
@@ -401,9 +400,7 @@ class HostContainers:
         read whole, or nothing is removed), and none here mounts it."""
         if not self.volumes.exists(cmd.name):
             raise NotFound(f"no volume named {cmd.name!r} on {self.config.host}", field="NAME")
-        users = [
-            p for p in await self.placements.all() if cmd.name in {m.name for m in p.spec.volumes}
-        ]
+        users = users_of(await self.placements.all(), cmd.name)
         if users:
             raise Conflict(
                 f"volume {cmd.name!r} is in use by container {users[0].name} on {users[0].host}",

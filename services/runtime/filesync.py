@@ -147,6 +147,7 @@ class FileSync:
             await container_logs.drained(cpaths.log)
             members.append(transfer.Member(cpaths.root, container_logs.LOG_DIR))
         scratch = self.config.state_dir / "tmp"
+        signatures = self.signatures(migration_id, options)  # read once, inside the freeze
         with tracer.start_as_current_span("fs.sync", attributes=_peer(link)) as span:
             images = transfer.push(
                 link, migration_id, "bundle", members, scratch, damage,
@@ -159,8 +160,7 @@ class FileSync:
                 files = transfer.push_delta(
                     link, migration_id, cpaths.root, "upper", since, scratch,
                     limit_bps=options.limit_bps, compress=options.compress,
-                    on_progress=options.on_progress,
-                    signatures=self.signatures(migration_id, options),
+                    on_progress=options.on_progress, signatures=signatures,
                 )  # fmt: skip
             else:
                 files = _first(
@@ -170,7 +170,7 @@ class FileSync:
                         on_progress=options.on_progress,
                     )
                 )  # fmt: skip
-            volumes = self._volume_deltas(name, migration_id, link, options)
+            volumes = self._volume_deltas(name, migration_id, link, options, signatures)
             if options.limit_bps:  # one after the other, or they would share no limit
                 first, second = await images, await files
                 vsent, vseconds = await volumes
@@ -184,7 +184,12 @@ class FileSync:
         return sent
 
     async def _volume_deltas(
-        self, name: str, migration_id: str, link: transfer.Link, options: TransferOptions
+        self,
+        name: str,
+        migration_id: str,
+        link: transfer.Link,
+        options: TransferOptions,
+        signatures: transfer.Signatures,
     ) -> tuple[list[transfer.Sent], float]:
         """Each volume's changes since its pre-sync (whole, if none happened). Which volumes:
         the pre-sync's (no bus read inside the freeze), else the placement's."""
@@ -200,7 +205,6 @@ class FileSync:
             started = time.monotonic()
             if since is not None:
                 sent = []
-                signatures = self.signatures(migration_id, options)
                 for volume in volumes:
                     delta = transfer.push_delta(
                         link, migration_id, base, volume, since[volume], scratch,

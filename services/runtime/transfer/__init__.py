@@ -10,6 +10,7 @@ of Ferry uses.
 """
 
 from services.runtime.transfer.auth import Link, TlsFiles, TransferGrant
+from services.runtime.transfer.blocks import Signatures
 from services.runtime.transfer.client import (
     Sent,
     pull,
@@ -33,6 +34,7 @@ __all__ = [
     "Member",
     "Progress",
     "Sent",
+    "Signatures",
     "TlsFiles",
     "TransferGrant",
     "TransferServer",
