@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, TypeAdapter
 
 from schemas import subjects
+from schemas.v1 import fleet
 from schemas.v1.base import ErrorReply
 from schemas.v1.containers import (
     ContainerCreated,
@@ -86,6 +87,13 @@ MODELS: dict[str, type[BaseModel]] = {
     "HostRegistration": HostRegistration,
     "LinkHandover": LinkHandover,
     "LinkTaken": LinkTaken,
+    "PlaceContainer": fleet.PlaceContainer,
+    "Placed": fleet.Placed,
+    "CordonHost": fleet.CordonHost,
+    "CordonDone": fleet.CordonDone,
+    "FleetState": fleet.FleetState,
+    "HostReservations": fleet.HostReservations,
+    "ControllerLease": fleet.ControllerLease,
 }
 
 
@@ -174,6 +182,23 @@ def asyncapi() -> dict[str, Any]:
                     "role": {"enum": ["source", "transfer", "destination", "cleanup"]},
                 },
                 "messages": {"command": _message("StepCommand", "Run one saga step", "v2")},
+            },
+            "fleetPlace": {
+                "address": subjects.FLEET_PLACE,
+                "description": "Answered by the active fleet controller only (its lease).",
+                "messages": {
+                    "request": _message("PlaceContainer", "Where may this container go"),
+                    "reply": _message("Placed", "The host, why, and the room reserved there"),
+                    "rejected": _message("ErrorReply", "No host fits: host by host, why"),
+                },
+            },
+            "fleetCordon": {
+                "address": subjects.FLEET_CORDON,
+                "description": "Answered by the active fleet controller only.",
+                "messages": {
+                    "request": _message("CordonHost", "Cordon or uncordon a host"),
+                    "reply": _message("CordonDone", "Its state now"),
+                },
             },
             "containerCreate": {
                 "address": f"{p}.host.{{host}}.{subjects.CREATE_CONTAINER}",

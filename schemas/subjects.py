@@ -11,6 +11,25 @@ IPAM_BUCKET = "ferry-ipam"  # "<ip with dashes>" -> container name
 LAYERS_STORE = "ferry-layers"  # "<sha256>" -> rootfs tar
 IMAGES_BUCKET = "ferry-images"  # "<image name>" -> Image (its layers, lowest first)
 
+FLEET_BUCKET = "ferry-fleet"  # "state" -> FleetState, "reservations.<host>" -> HostReservations
+FLEET_STATE_KEY = "state"
+CONTROLLER_LEASE = "fleet.controller"  # in LEASES_BUCKET -> ControllerLease
+
+
+def reservations_key(host: str) -> str:
+    return f"reservations.{host}"
+
+
+# Fleet controller requests, answered by the active instance only.
+FLEET_PLACE = f"{PREFIX}.fleet.place"  # PlaceContainer -> Placed
+FLEET_CORDON = f"{PREFIX}.fleet.cordon"  # CordonHost -> CordonDone
+
+
+def controller_subject(instance: str, subject: str) -> str:
+    """One instance's own copy of a fleet subject (ferry.v1.fleet.c1.place): to ask it alone."""
+    return subject.replace(f"{PREFIX}.fleet.", f"{PREFIX}.fleet.{instance}.", 1)
+
+
 HEARTBEAT_TTL_S = 5.0
 HEARTBEAT_INTERVAL_S = 1.0
 

@@ -153,6 +153,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         missing=missing,
         zone=config.zone,
         region=config.region,
+        cloud=config.cloud,
         labels=config.labels,
         capacity=config.capacity,
         versions=await host_versions(),

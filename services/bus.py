@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from pydantic import BaseModel, ValidationError
 
 from schemas import subjects
@@ -254,14 +254,16 @@ async def serve(
     *,
     queue: str = "",
     on_error: Callable[[str, FerryError], None] | None = None,
+    span: str | None = None,
 ) -> Any:
-    """Answer requests on `subject`: parse, call the handler, reply with its result or error."""
+    """Answer requests on `subject`: parse, call the handler, reply with its result or error.
+    With `span`, the handler runs in a span of that name, a child of the asker's trace."""
 
     async def ignoring_asker(request: RequestT, reply_to: str | None) -> BaseModel:
         return await handler(request)
 
     return await serve_asked(
-        nc, subject, request_model, ignoring_asker, queue=queue, on_error=on_error
+        nc, subject, request_model, ignoring_asker, queue=queue, on_error=on_error, span=span
     )
 
 
@@ -273,11 +275,20 @@ async def serve_asked(
     *,
     queue: str = "",
     on_error: Callable[[str, FerryError], None] | None = None,
+    span: str | None = None,
 ) -> Any:
     """As `serve`, the handler also given the request's reply subject: on a bus with
     identities, whose own inbox the answer goes to (services/identities.py)."""
 
     async def respond(msg: Msg) -> None:
+        if span is None:
+            await answer(msg)
+            return
+        asker = propagate.extract(dict(msg.headers or {}))
+        with trace.get_tracer("ferry").start_as_current_span(span, context=asker):
+            await answer(msg)
+
+    async def answer(msg: Msg) -> None:
         try:
             try:
                 parsed = request_model.model_validate_json(msg.data)

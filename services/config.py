@@ -7,6 +7,7 @@ variables; a real host has /etc/ferry/agent.toml (deploy/systemd/agent.toml.exam
     host = "h1"                  # FERRY_HOST; the name on the bus: [a-z][a-z0-9-]*
     zone = "az1"                 # FERRY_ZONE (default "")
     region = "eu-west"           # FERRY_REGION (default "")
+    cloud = "onprem"             # FERRY_CLOUD (default "")
     address = "10.0.0.11"        # FERRY_HOST_ADDRESS; where other hosts reach this one
     state_dir = "/var/lib/ferry" # FERRY_STATE_DIR (runc state, layers, logs, markers)
     cgroup_parent = "/ferry"     # FERRY_CGROUP_PARENT; containers' cgroups go under it
@@ -86,6 +87,7 @@ class HostConfig(BaseSettings):
     address: IPStr
     zone: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
     region: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
+    cloud: str = Field(default="", pattern=r"^[A-Za-z0-9._-]{0,63}$")
     labels: dict[LabelName, str] = Field(default_factory=dict)
     capacity: Capacity = Field(default_factory=Capacity)
     nats_servers: tuple[str, ...] = Field(min_length=1)

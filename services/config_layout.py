@@ -29,6 +29,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("address", "address", "FERRY_HOST_ADDRESS"),
     Setting("zone", "zone", "FERRY_ZONE"),
     Setting("region", "region", "FERRY_REGION"),
+    Setting("cloud", "cloud", "FERRY_CLOUD"),
     Setting("labels", "labels", "FERRY_LABELS"),  # env: "disk=ssd,gpu=a100"
     Setting("capacity.memory_mib", "capacity.memory_mib", "FERRY_CAPACITY_MEMORY_MIB"),
     Setting("capacity.cpus", "capacity.cpus", "FERRY_CAPACITY_CPUS"),

@@ -10,6 +10,9 @@ Three kinds of identity (pure: no I/O; `services/cli/identity_commands.py` write
   answer requests on its own host subjects; read the rest of the topology. No stream or
   consumer admin, no consumer on the command stream (it could read other hosts'
   commands), no direct reads of it.
+- `controller-<name>` — one fleet controller instance: read the fleet's state, write the
+  fleet bucket and its own lease key only, answer the fleet's requests; no saga, no
+  placements, no commands.
 - `requester-<name>` — another system: publish migration requests and cancels on its own
   subject, follow events and read migration records; nothing else.
 
@@ -30,7 +33,7 @@ from schemas import subjects
 from schemas.v1.hosts import WORKER_ROLES
 from services.errors import InvalidInput
 
-Kind = Literal["operator", "host", "requester"]
+Kind = Literal["operator", "host", "controller", "requester"]
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 OPERATOR = "operator"
 
@@ -70,6 +73,12 @@ def host(name: str) -> Identity:
     if not NAME.match(name):
         raise InvalidInput(f"{name!r} is not a host name (a-z, 0-9, -)", field="host")
     return Identity("host", name)
+
+
+def controller(name: str) -> Identity:
+    if not NAME.match(name):
+        raise InvalidInput(f"{name!r} is not a controller name (a-z, 0-9, -)", field="controller")
+    return Identity("controller", name)
 
 
 def requester(name: str) -> Identity:
@@ -130,6 +139,7 @@ HOST_BUCKETS_READ = (
     subjects.MIGRATIONS_BUCKET,
     subjects.IMAGES_BUCKET,
     subjects.LEASES_BUCKET,
+    subjects.FLEET_BUCKET,
 )
 # Buckets every host writes any key of: the saga's shared state. (Placements are written
 # under the author's name: each host writes only its own, `<host>.<container>`.)
@@ -145,6 +155,8 @@ def permissions(identity: Identity) -> Permissions:
         return Permissions(publish_allow=(">",), subscribe_allow=(">",), allow_responses=True)
     if identity.kind == "host":
         return _host(identity)
+    if identity.kind == "controller":
+        return _controller(identity)
     return _requester(identity)
 
 
@@ -180,6 +192,7 @@ def _host(identity: Identity) -> Permissions:
         f"$KV.{subjects.REGISTRY_BUCKET}.{h}",
         # Requests to other hosts (does it run X, a page server, a pre-flight check).
         subjects.host_request("*", ">"),
+        subjects.FLEET_PLACE,  # intake: where a move without a destination goes
     )
     subscribe = (
         f"{identity.inbox}.>",
@@ -189,11 +202,46 @@ def _host(identity: Identity) -> Permissions:
     )
     return Permissions(
         publish_allow=publish,
-        publish_deny=ADMIN_DENY,
+        # The controller's lease is the controller's: a host never writes it.
+        publish_deny=(*ADMIN_DENY, CONTROLLER_LEASE_SUBJECT),
         subscribe_allow=subscribe,
         subscribe_deny=(f"{subjects.PREFIX}.cmd.>",),
         allow_responses=True,
         notes={"why": "the four workers and the agent of one host"},
+    )
+
+
+CONTROLLER_LEASE_SUBJECT = f"$KV.{subjects.LEASES_BUCKET}.{subjects.CONTROLLER_LEASE}"
+CONTROLLER_READS = (
+    subjects.HOSTS_BUCKET,
+    subjects.REGISTRY_BUCKET,
+    subjects.PLACEMENT_BUCKET,
+    subjects.MIGRATIONS_BUCKET,
+    subjects.LEASES_BUCKET,
+    subjects.FLEET_BUCKET,
+)
+
+
+def _controller(identity: Identity) -> Permissions:
+    reads: list[str] = []
+    for b in CONTROLLER_READS:
+        reads += _reads(kv_stream(b))
+    publish = (
+        "$JS.API.INFO",
+        "$JS.API.STREAM.NAMES",
+        *reads,
+        f"$JS.API.STREAM.INFO.{SPANS}",
+        f"{subjects.PREFIX}.spans.>",
+        f"$KV.{subjects.FLEET_BUCKET}.>",
+        CONTROLLER_LEASE_SUBJECT,
+    )
+    return Permissions(
+        publish_allow=publish,
+        publish_deny=ADMIN_DENY,
+        subscribe_allow=(f"{identity.inbox}.>", f"{subjects.PREFIX}.fleet.>"),
+        subscribe_deny=(f"{subjects.PREFIX}.cmd.>",),
+        allow_responses=True,
+        notes={"why": "one fleet controller instance: cordons, reservations, placements"},
     )
 
 
@@ -255,4 +303,6 @@ def parse_user(user: str) -> Identity:
         return host(name)
     if kind == "requester":
         return requester(name)
+    if kind == "controller":
+        return controller(name)
     raise InvalidInput(f"{user!r} is not a Ferry identity", field="user")

@@ -15,10 +15,12 @@ import uuid
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from pydantic import ValidationError
 
 from schemas import subjects
+from schemas.v1.containers import Placement
+from schemas.v1.fleet import PlaceContainer, PlacementChoice
 from schemas.v1.hosts import HostRegistration
 from schemas.v1.migrations import (
     CancelAccepted,
@@ -36,6 +38,7 @@ from schemas.v2.forecast import FreezeForecast
 from schemas.v2.migrations import MigrationOptions, MigrationRecord
 from services import bus, preflight, tracing
 from services.errors import Conflict, FerryError, InvalidInput, NotFound, Unavailable
+from services.fleet_state import FleetClient
 from services.forecasting import FreezeInputs, NothingKnown
 from services.kvstores import KvHostDirectory, KvMigrationStore, KvPlacementStore
 from services.saga.publish import publish_decision
@@ -128,6 +131,7 @@ class Intake:
         *,
         host: str | None = None,
         freeze_inputs: FreezeInputs | None = None,
+        fleet: FleetClient | None = None,
     ) -> None:
         # The host this intake runs on: only a container's holder may lock it, so a request
         # for a container held elsewhere goes on to its holder. None: take every request.
@@ -138,6 +142,9 @@ class Intake:
         self.migrations = migrations
         self.hosts = hosts
         self.freeze_inputs = freeze_inputs or NothingKnown()
+        # The fleet controller, asked where each move goes (or whether the named host
+        # fits) and for room there. None: a deployment without one (tests of the saga).
+        self.fleet = fleet
 
     async def accept(
         self, data: bytes, requested_by: str = subjects.ANONYMOUS
@@ -162,19 +169,14 @@ class Intake:
                 f"{request.container} runs on {placement.host}, not {request.source}",
                 field="source",
             )
-        destination = await self.hosts.registered(request.destination)
-        if destination is None:
-            known = ", ".join(await self.hosts.known_hosts()) or "none"
-            raise NotFound(
-                f"unknown host {request.destination!r} (known: {known})", field="destination"
-            )
-        if request.destination == placement.host:
+        if request.destination is not None:
+            await self._named_destination(request.destination, placement.host, request)
+        elif self.fleet is None:
             raise InvalidInput(
-                f"{request.container} already runs on {placement.host}", field="destination"
+                "no fleet controller serves this intake: name the destination", field="destination"
             )
-        for host in (placement.host, request.destination):
-            if not await self.hosts.alive(host):
-                raise Unavailable(f"host {host} is down (no heartbeat)", field="destination")
+        if not await self.hosts.alive(placement.host):
+            raise Unavailable(f"host {placement.host} is down (no heartbeat)", field="source")
         if placement.state != "running":
             moving = f" (migration {placement.migration_id})" if placement.migration_id else ""
             raise Conflict(
@@ -182,25 +184,30 @@ class Intake:
                 field="container",
             )
         source = await self.hosts.registered(placement.host)
-        preflight.refuse_incompatible(placement.host, source, request.destination, destination)
-        source_features = _features(placement.host, source)
-        destination_features = _features(request.destination, destination)
         if self.host is not None and placement.host != self.host and not request.dry_run:
-            # Only the holder forecasts the freeze: it knows the container's memory and its
-            # own earlier moves. What any intake can check, it checks before passing it on.
-            try:
-                choose(request.strategy, GUIDE_MS, source_features, destination_features)
-            except StrategyUnavailable as exc:
-                raise InvalidInput(str(exc), field="strategy") from exc
+            # Only the holder asks for a destination and forecasts the freeze: it knows the
+            # container's memory and its own earlier moves. What any intake can check, it
+            # checks before passing it on.
+            if request.destination is not None:
+                destination = await self.hosts.registered(request.destination)
+                preflight.refuse_incompatible(
+                    placement.host, source, request.destination, destination
+                )
+                try:
+                    choose(
+                        request.strategy,
+                        GUIDE_MS,
+                        _features(placement.host, source),
+                        _features(request.destination, destination),
+                    )
+                except StrategyUnavailable as exc:
+                    raise InvalidInput(str(exc), field="strategy") from exc
             if forwarded:
                 raise Conflict(
                     f"{request.container} moved to {placement.host} meanwhile; try again",
                     field="container",
                 )
             return await self._forward(placement.host, request, requested_by)
-        strategy, predicted = await self._choose(request, source_features, destination_features)
-        if request.dry_run:
-            return await self.dry_run(request, placement.host, strategy, predicted)
 
         migration_id = uuid.uuid4().hex[:16]
         # The root span's ids are reserved here; the worker that ends the saga records it.
@@ -212,25 +219,35 @@ class Intake:
                 "ferry.migration_id": migration_id,
                 "ferry.container": request.container,
                 "ferry.source": placement.host,
-                "ferry.destination": request.destination,
-                "ferry.strategy": strategy.chosen,
-                "ferry.strategy_reason": strategy.reason,
-                "ferry.forecast_ms": predicted.predicted_ms,
-                "ferry.forecast": predicted.line(),
-                "ferry.forecast_missing": list(predicted.missing),
                 "ferry.host": os.environ.get("FERRY_HOST", ""),
                 "ferry.requested_by": requested_by,
             },
-        ):
+        ) as span:
+            choice = await self._place(request, placement, migration_id)
+            to = choice.host if choice is not None else request.destination
+            assert to is not None
+            destination = await self.hosts.registered(to)
+            preflight.refuse_incompatible(placement.host, source, to, destination)
+            strategy, predicted = await self._choose(
+                request, to, _features(placement.host, source), _features(to, destination)
+            )
+            span.set_attributes(
+                {
+                    "ferry.destination": to,
+                    "ferry.strategy": strategy.chosen,
+                    "ferry.strategy_reason": strategy.reason,
+                    "ferry.forecast_ms": predicted.predicted_ms,
+                    "ferry.forecast": predicted.line(),
+                    "ferry.forecast_missing": list(predicted.missing),
+                }
+            )
+            if request.dry_run:
+                return await self.dry_run(request, placement.host, to, strategy, predicted, choice)
             # The placement is the container's lock: once it says "migrating", a second
             # request is refused, and no other host may start it.
             await self.placements.update(
                 placement.model_copy(
-                    update={
-                        "state": "migrating",
-                        "migration_id": migration_id,
-                        "destination": request.destination,
-                    }
+                    update={"state": "migrating", "migration_id": migration_id, "destination": to}
                 ),
                 revision,
             )
@@ -240,7 +257,7 @@ class Intake:
             id=migration_id,
             container=request.container,
             source=placement.host,
-            destination=request.destination,
+            destination=to,
             strategy=strategy,
             trace_id=trace_id,
             traceparent=traceparent,
@@ -250,14 +267,64 @@ class Intake:
             options=_options(request),
             requested_by=requested_by,
             forecast=predicted,
+            placement=choice,
         )
         decision = begin(definition, record, now)
         await self.migrations.create(decision.record)
         await publish_decision(self.js, decision, host=self.host)
         return MigrationAccepted(id=migration_id)
 
+    async def _named_destination(
+        self, destination: str, source: str, request: MigrationRequest
+    ) -> None:
+        """What can be said of a destination the asker named before any controller is asked."""
+        if await self.hosts.registered(destination) is None:
+            known = ", ".join(await self.hosts.known_hosts()) or "none"
+            raise NotFound(f"unknown host {destination!r} (known: {known})", field="destination")
+        if destination == source:
+            raise InvalidInput(f"{request.container} already runs on {source}", field="destination")
+        if not await self.hosts.alive(destination):
+            raise Unavailable(f"host {destination} is down (no heartbeat)", field="destination")
+
+    async def _place(
+        self, request: MigrationRequest, placement: Placement, migration_id: str
+    ) -> PlacementChoice | None:
+        """Where the fleet's scheduler puts it (judging only the named host, if one was),
+        its room reserved and its decision checked against the controller's lease."""
+        if self.fleet is None:
+            return None
+        spec = placement.spec
+        choice = await self.fleet.place(
+            PlaceContainer(
+                container=request.container,
+                purpose="move",
+                memory_mib=spec.memory_mib,
+                cpus=spec.cpus,
+                constraints=spec.constraints,
+                source=placement.host,
+                host=request.destination,
+                migration_id=migration_id,
+                reserve=not request.dry_run,
+            )
+        )
+        if not request.dry_run:
+            await self.fleet.check(choice.ticket, host=choice.host, container=request.container)
+        span = trace.get_current_span()
+        span.set_attributes(
+            {
+                "ferry.placement.host": choice.host,
+                "ferry.placement.reasons": list(choice.reasons),
+                "ferry.placement.term": choice.ticket.term,
+            }
+        )
+        return choice
+
     async def _choose(
-        self, request: MigrationRequest, source: HostFeatures, destination: HostFeatures
+        self,
+        request: MigrationRequest,
+        to: str,
+        source: HostFeatures,
+        destination: HostFeatures,
     ) -> tuple[StrategyChoice, FreezeForecast]:
         """The strategy and its freeze forecast; over an explicit budget, refused — or, for
         a dry run, reported as a failed check."""
@@ -270,7 +337,7 @@ class Intake:
                 strategy,
                 memory_bytes=inputs.memory_bytes,
                 memory_basis=inputs.memory_basis,
-                destination=request.destination,
+                destination=to,
                 history=inputs.history,
                 budget_ms=request.downtime_budget_ms,
                 missing=inputs.missing,
@@ -304,8 +371,10 @@ class Intake:
         self,
         request: MigrationRequest,
         source: str,
+        to: str,
         strategy: StrategyChoice,
         predicted: FreezeForecast,
+        choice: PlacementChoice | None = None,
     ) -> DryRunReport:
         """Pre-flight only: ask both hosts whether they can play their part."""
         on_source = await _host_check(
@@ -313,7 +382,7 @@ class Intake:
         )
         on_destination = await _host_check(
             self.nc,
-            request.destination,
+            to,
             HostCheck(
                 container=request.container,
                 side="destination",
@@ -321,19 +390,29 @@ class Intake:
             ),
         )
         chosen = CheckResult(
-            host=f"{source}->{request.destination}",
+            host=f"{source}->{to}",
             check=f"strategy {strategy.chosen}",
             ok=True,
             detail=strategy.reason,
         )
         freeze = CheckResult(
-            host=f"{source}->{request.destination}",
+            host=f"{source}->{to}",
             check="freeze forecast",
             ok=predicted.fits,
             detail=predicted.line()
             + (f"; assumed: {'; '.join(predicted.missing)}" if predicted.missing else ""),
         )
-        checks = (*on_source.checks, *on_destination.checks, chosen, freeze)
+        placed: tuple[CheckResult, ...] = ()
+        if choice is not None:
+            placed = (
+                CheckResult(
+                    host=to,
+                    check="placement",
+                    ok=True,
+                    detail="; ".join(choice.reasons) or "the host named was judged and fits",
+                ),
+            )
+        checks = (*on_source.checks, *on_destination.checks, *placed, chosen, freeze)
         return DryRunReport(ok=all(c.ok for c in checks), checks=checks)
 
     async def cancel(self, data: bytes, requested_by: str = subjects.ANONYMOUS) -> CancelAccepted:

@@ -169,17 +169,24 @@ class Leases(Generic[P]):
         return int(ack.seq)
 
     async def acquire(
-        self, key: str, payload: P, *, take_over: Callable[[P], bool] | None = None
+        self,
+        key: str,
+        payload: P,
+        *,
+        take_over: Callable[[P], bool] | None = None,
+        take_expired: bool = False,
     ) -> int:
-        """Take the lease (its revision), if nobody holds it. An expired lease is not taken:
-        whoever judges expiry (a watchdog) acts on it, and must not find it held again.
-        `take_over` may allow taking a held lease from a holder known to be gone."""
+        """Take the lease (its revision), if nobody holds it. An expired lease is not taken
+        unless `take_expired` (a successor that is itself the judge of expiry, such as a
+        standby controller): otherwise whoever judges expiry (a watchdog) acts on it, and
+        must not find it held again. `take_over` may allow taking a held lease from a
+        holder known to be gone."""
         found = await self.read(key)
         if found.state == "unavailable":
             if found.reason.startswith("no bucket"):
                 raise TopologyMissing(found.reason, missing=(self.bucket,))
             raise Unavailable(found.reason)
-        if found.state == "expired":
+        if found.state == "expired" and not take_expired:
             raise Conflict(f"lease {key} expired: its holder was given up")
         taken_over = (
             take_over is not None and found.payload is not None and take_over(found.payload)
@@ -207,11 +214,19 @@ class Leases(Generic[P]):
         *,
         take_over: Callable[[P], bool] | None = None,
         renew_for_s: float | None = None,
+        take_expired: bool = False,
     ) -> Held[P]:
         """`async with leases.hold(key, payload) as held:` — acquired on entry, renewed while
         the body runs (at most `renew_for_s`: a holder stuck past its own deadline must not
         keep the lease forever), released on exit."""
-        return Held(self, key, payload, take_over=take_over, renew_for_s=renew_for_s)
+        return Held(
+            self,
+            key,
+            payload,
+            take_over=take_over,
+            renew_for_s=renew_for_s,
+            take_expired=take_expired,
+        )
 
 
 class Held(Generic[P]):
@@ -225,6 +240,7 @@ class Held(Generic[P]):
         *,
         take_over: Callable[[P], bool] | None,
         renew_for_s: float | None,
+        take_expired: bool = False,
     ) -> None:
         self.leases = leases
         self.key = key
@@ -234,6 +250,8 @@ class Held(Generic[P]):
         self.lost_reason = ""
         self._take_over = take_over
         self._renew_for_s = renew_for_s
+        self._take_expired = take_expired
+        self._writing = asyncio.Lock()  # a renewal now and the background one never overlap
         self._renewing: asyncio.Task[None] | None = None
         self._attempted: list[P] = [payload]  # the payloads of our latest writes
 
@@ -241,8 +259,19 @@ class Held(Generic[P]):
         """The payload the next renewal carries (progress is not worth a write of its own)."""
         self.payload = payload
 
+    async def renew_now(self, payload: P) -> int:
+        """Write `payload` now (it says something readers must see at once); LeaseLost if the
+        lease is no longer ours."""
+        async with self._writing:
+            self.payload = payload
+            self._attempted = [*self._attempted[-1:], payload]
+            self.revision = await self.leases.renew(self.key, payload, self.revision)
+            return self.revision
+
     async def __aenter__(self) -> Held[P]:
-        self.revision = await self.leases.acquire(self.key, self.payload, take_over=self._take_over)
+        self.revision = await self.leases.acquire(
+            self.key, self.payload, take_over=self._take_over, take_expired=self._take_expired
+        )
         self._renewing = asyncio.create_task(self._renew())
         return self
 
@@ -296,9 +325,10 @@ class Held(Generic[P]):
             if self._renew_for_s is not None and now - began > self._renew_for_s:
                 log.warning("lease %s: past its holder's deadline, no longer renewed", self.key)
                 return
-            self._attempted = [*self._attempted[-1:], self.payload]
             try:
-                self.revision = await self.leases.renew(self.key, self.payload, self.revision)
+                async with self._writing:
+                    self._attempted = [*self._attempted[-1:], self.payload]
+                    self.revision = await self.leases.renew(self.key, self.payload, self.revision)
                 last_ok = time.monotonic()
             except LeaseLost as exc:
                 if await self._adopt_own_write():

@@ -38,6 +38,7 @@ BUCKETS: dict[str, tuple[int, float]] = {
     subjects.IPAM_BUCKET: (1, 0),
     subjects.MIGRATIONS_BUCKET: (10, 0),
     subjects.IMAGES_BUCKET: (5, 0),
+    subjects.FLEET_BUCKET: (5, 0),
 }
 
 STREAMS = (

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from schemas.v1.base import HOST_PATTERN, NAME_PATTERN, Message, Part
+from schemas.v1.constraints import Constraints, PlacementTicket
 from schemas.v1.types import IPv4Str, MacStr, MigrationId
 
 ContainerNameStr = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
@@ -133,6 +134,7 @@ class ProcessUser(Part):
 
 _VERSION_2 = ("user", "workdir", "hostname", "cpus", "capabilities", "shm_mib", "labels")
 _VERSION_3 = ("volumes", "restart")
+_VERSION_4 = ("constraints",)
 # What a host that comes back (a reboot) does with a container placed on it: start it again
 # from its files ("always"; "on-failure" too, as a reboot is not the container's own exit),
 # or leave it stopped ("no").
@@ -196,10 +198,10 @@ class ContainerSpec(Part):
     `spec_version`, so a host that does not know it refuses the spec instead of ignoring it.
     Version 2: the process's user, working directory, host name, CPU and /dev/shm sizes,
     labels and capabilities (version 1 ran every container as root with three of them).
-    Version 3: volumes and the restart policy.
+    Version 3: volumes and the restart policy. Version 4: where it may run (constraints).
     """
 
-    spec_version: Literal[1, 2, 3] = 1
+    spec_version: Literal[1, 2, 3, 4] = 1
     layers: LayerStack
     image: ImageNameStr | None = Field(
         default=None, description="the image the layers came from, if any (informational)"
@@ -218,10 +220,11 @@ class ContainerSpec(Part):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
     volumes: Volumes = ()
     restart: RestartPolicy = "no"
+    constraints: Constraints = Field(default_factory=Constraints)
 
     @model_validator(mode="after")
     def _version_holds_its_fields(self) -> Self:
-        for version, fields in ((2, _VERSION_2), (3, _VERSION_3)):
+        for version, fields in ((2, _VERSION_2), (3, _VERSION_3), (4, _VERSION_4)):
             if self.spec_version >= version:
                 continue
             defaults = {
@@ -261,12 +264,21 @@ class CreateContainer(_Layered):
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
     volumes: Volumes = ()
     restart: RestartPolicy = "no"
+    constraints: Constraints = Field(default_factory=Constraints)
+    placed: PlacementTicket | None = Field(
+        default=None,
+        description="the fleet controller's decision to put it here; the host checks its term",
+    )
 
     def spec(self, user: ProcessUser | None) -> ContainerSpec:
         """The container this request asks for, with its user as the host resolved it
-        (version 3 only when it needs it, so a host of the release before still reads it)."""
+        (a version only when it needs it, so a host of the release before still reads it)."""
         return ContainerSpec(
-            spec_version=3 if self.volumes or self.restart != "no" else 2,
+            spec_version=4
+            if self.constraints != Constraints()
+            else 3
+            if self.volumes or self.restart != "no"
+            else 2,
             layers=self.layers,
             image=self.image,
             args=self.args,
@@ -281,6 +293,7 @@ class CreateContainer(_Layered):
             labels=self.labels,
             volumes=self.volumes,
             restart=self.restart,
+            constraints=self.constraints,
         )
 
 

@@ -22,6 +22,25 @@ class WorkerStatus(Part):
     restarts: int = Field(default=0, ge=0)
 
 
+class ContainerUsage(Part):
+    """One container's use of its host, from its cgroup."""
+
+    name: str
+    memory_bytes: int = Field(ge=0, description="memory.current")
+    cpu_usec: int = Field(ge=0, description="cpu.stat usage_usec")
+    cpu_percent: float | None = Field(
+        default=None, description="over the last interval; 100 = one CPU"
+    )
+
+
+class HostUsage(Part):
+    """What the host's containers use now (measured; the scheduler counts declared sizes)."""
+
+    memory_bytes: int = Field(ge=0)
+    cpu_percent: float = Field(ge=0)
+    containers: tuple[ContainerUsage, ...] = ()
+
+
 class HostHeartbeat(Message):
     """Published by a host's agent every second; the key expires when the agent stops."""
 
@@ -30,6 +49,7 @@ class HostHeartbeat(Message):
     agent_pid: int
     workers: tuple[WorkerStatus, ...] = ()
     sent_at: float
+    usage: HostUsage | None = Field(default=None, description="absent: not measured")
 
 
 class WorkerHeartbeat(Message):
@@ -62,6 +82,18 @@ class HostCapacity(Part):
     cpus: float | None = Field(default=None, gt=0)
 
 
+class CpuFacts(Part):
+    """The CPU a host's processes start on: a process restored on a CPU without the features
+    it started with dies with SIGILL, so a destination is checked against its source's."""
+
+    model: str = ""
+    flags: tuple[str, ...] = Field(default=(), description="/proc/cpuinfo flags, sorted")
+    criu_image: str | None = Field(
+        default=None, description="base64 of `criu cpuinfo dump`'s cpuinfo.img"
+    )
+    missing: str = Field(default="", description="why the image is absent")
+
+
 class HostRegistration(Message):
     """A host that joined the fleet; kept after it goes down, so "down" differs from "unknown"."""
 
@@ -74,6 +106,7 @@ class HostRegistration(Message):
     missing: dict[str, str] = Field(default_factory=dict, description="features it lacks, and why")
     zone: str = Field(default="", description="the failure domain it is in; empty: not said")
     region: str = Field(default="", description="the region it is in; empty: not said")
+    cloud: str = Field(default="", description="the cloud or site it is in; empty: not said")
     labels: dict[str, str] = Field(default_factory=dict, description="its operator's labels")
     capacity: HostCapacity = Field(default_factory=HostCapacity, description="declared capacity")
     declared_dead: DeadDeclaration | None = Field(
@@ -82,3 +115,4 @@ class HostRegistration(Message):
     versions: HostVersions | None = Field(
         default=None, description="what it runs; absent: an agent older than announcements"
     )
+    cpu: CpuFacts | None = Field(default=None, description="absent: an agent older than this")

@@ -52,7 +52,10 @@ class MigrationRequest(Message):
     """Move a running container to another host. Published on ferry.v1.migrations.request."""
 
     container: ContainerNameStr
-    destination: HostNameStr
+    destination: HostNameStr | None = Field(
+        default=None,
+        description="the host to move it to; absent: the fleet controller's scheduler chooses",
+    )
     source: HostNameStr | None = Field(
         default=None, description="if given, the host the container must be on now"
     )

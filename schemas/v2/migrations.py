@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 from schemas import subjects
 from schemas.v1.base import Part
 from schemas.v1.containers import ContainerNameStr, HostNameStr
+from schemas.v1.fleet import PlacementChoice
 from schemas.v1.migrations import (
     FaultPoint,
     MigrationState,
@@ -80,6 +81,9 @@ class MigrationRecord(Message):
         default=None, description="the freeze forecast at intake, beside the measured one"
     )
     error: str | None = None
+    placement: PlacementChoice | None = Field(
+        default=None, description="how the fleet controller chose the destination, and why"
+    )
 
     @model_validator(mode="after")
     def _strategy_is_chosen(self) -> MigrationRecord:

@@ -14,10 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from schemas import subjects
 from schemas.v1.base import NAME_PATTERN
+from schemas.v1.constraints import Constraints
 from schemas.v1.containers import (
     MAX_LOG_LINES,
     USER_PATTERN,
@@ -32,6 +34,7 @@ from schemas.v1.containers import (
     RemoveContainer,
     VolumeMount,
 )
+from schemas.v1.fleet import PlaceContainer, PlacementChoice
 from services import bus
 from services.cli.context import (
     BusContext,
@@ -51,6 +54,7 @@ from services.cli.image_commands import (
 )
 from services.cli.volume_commands import check_volumes_for_run
 from services.errors import Conflict, FerryError, InvalidInput, NotFound
+from services.fleet_state import ask_placement
 from workflows.container_process import (
     OptionError,
     RunOptions,
@@ -112,6 +116,60 @@ def _volumes(entries: list[str]) -> tuple[VolumeMount, ...]:
     return tuple(mounts)
 
 
+# The scheduler's and the controller's fields, as the options that set them.
+_CONSTRAINT_FLAGS = {
+    "zone": "--zone", "host_labels": "--host-label", "anti_affinity": "--anti-affinity",
+    "pinned_host": "--pin", "constraints.zone": "--zone", "constraints.host_labels": "--host-label",
+    "constraints.pinned_host": "--pin", "host": "--host",
+}  # fmt: skip
+
+
+def _constraints(args: argparse.Namespace, host: str | None) -> Constraints:
+    """The constraints the options ask for; `host`: where --pin pins it (once known)."""
+    anti = None
+    if args.anti_affinity:
+        group, _, scope = args.anti_affinity.partition(":")
+        if scope not in ("", "host", "zone"):
+            raise InvalidInput(
+                f"{args.anti_affinity!r}: the scope is host or zone, not {scope!r}",
+                field="--anti-affinity",
+            )
+        anti = {"group": group, "scope": scope or "host"}
+    try:
+        return Constraints.model_validate(
+            {
+                "zone": args.zone,
+                "host_labels": _pairs(args.host_label, "--host-label"),
+                "anti_affinity": anti,
+                "pinned_host": host if args.pin else None,
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = str(first["loc"][0]) if first["loc"] else ""
+        raise InvalidInput(
+            f"{first['msg']}: {first.get('input')!r}", field=_CONSTRAINT_FLAGS.get(where, where)
+        ) from None
+
+
+async def _placed(nc: NATS, args: argparse.Namespace, constraints: Constraints) -> PlacementChoice:
+    """Where the fleet controller puts it (judging only --host if given), room reserved."""
+    question = PlaceContainer(
+        container=args.name,
+        purpose="create",
+        memory_mib=args.memory,
+        cpus=args.cpus,
+        constraints=constraints,
+        host=args.host,
+    )
+    try:
+        return await ask_placement(nc, question)
+    except FerryError as exc:
+        if exc.field in _CONSTRAINT_FLAGS:
+            exc.field = _CONSTRAINT_FLAGS[exc.field]
+        raise
+
+
 def _validate_run(args: argparse.Namespace) -> RunOptions:
     """Everything about the request that needs no bus (--host is checked against it; the
     image's config is merged once it is read, and the result validated again as a whole)."""
@@ -159,6 +217,7 @@ def _validate_run(args: argparse.Namespace) -> RunOptions:
         raise InvalidInput(exc.reason, field=exc.field) from None
     if args.image is None and not command:
         raise InvalidInput("no command given (put it after `--`)", field="CMD")
+    _constraints(args, args.host or "h")
     # Every option's shape, checked now as the request will be (a command stands in for
     # the image's, which only the bus knows): bad input fails before anything is asked.
     _request(args, replace(options, command=options.command or ("cmd",)), None, ("0" * 64,), None)
@@ -167,7 +226,7 @@ def _validate_run(args: argparse.Namespace) -> RunOptions:
 
 def _request(
     args: argparse.Namespace, options: RunOptions, config: ImageConfig | None,
-    stack: tuple[str, ...], from_image: str | None,
+    stack: tuple[str, ...], from_image: str | None, choice: PlacementChoice | None = None,
 ) -> CreateContainer:  # fmt: skip
     """The request: the image's run config merged with the options, validated whole."""
     try:
@@ -191,6 +250,8 @@ def _request(
             labels=process.labels,
             volumes=_volumes(args.volume),
             restart=args.restart,
+            constraints=_constraints(args, choice.host if choice else None),
+            placed=choice.ticket if choice else None,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -209,7 +270,8 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
     options = _validate_run(args)
     context = current_context(args)
     async with connected(context) as nc:
-        await check_host(nc, args.host)
+        if args.host is not None:
+            await check_host(nc, args.host)
         placements = await operator_placements(nc.jetstream())
         existing = await placements.get(args.name)
         if existing is not None:
@@ -217,25 +279,29 @@ async def _run(args: argparse.Namespace) -> ContainerCreated:
                 f"a container named {args.name!r} already exists on {existing[0].host}",
                 field="--name",
             )
-        await check_volumes_for_run(nc, args.name, args.host, _volumes(args.volume))
         config = None
+        stack: tuple[str, ...] = ()
+        from_image: str | None = None
         if args.image is not None:
             image = await find_image(await image_store(nc), args.image, "--image")
             await layer_sizes(nc, image.layers)  # a broken image fails here, not on the host
             stack, from_image, config = image.layers, image.name, image.config
-            request = _request(args, options, config, stack, from_image)
-        else:  # a one-layer image without a name
-            digest = (await upload_layer(nc, Path(args.rootfs), "--rootfs"))[0]
-            request = _request(args, options, None, (digest,), None)
+        choice = await _placed(nc, args, _constraints(args, args.host))
+        host = choice.host
+        await check_volumes_for_run(nc, args.name, host, _volumes(args.volume))
+        if args.image is None:  # a one-layer image without a name
+            stack = ((await upload_layer(nc, Path(args.rootfs), "--rootfs"))[0],)
+        request = _request(args, options, config, stack, from_image, choice)
         what = f"image {request.image}" if request.image else f"layer {request.layers[0][:12]}"
-        say(f"starting {args.name} on {args.host} from {what}")
+        why = "" if choice.named_by_operator else f" (scheduler: {'; '.join(choice.reasons)})"
+        say(f"starting {args.name} on {host} from {what}{why}")
         return await bus.request(
             nc,
-            subjects.host_request(args.host, subjects.CREATE_CONTAINER),
+            subjects.host_request(host, subjects.CREATE_CONTAINER),
             request,
             ContainerCreated,
             timeout=CREATE_TIMEOUT_S,
-            what=f"create {args.name} on {args.host}",
+            what=f"create {args.name} on {host}",
         )
 
 

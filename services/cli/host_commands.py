@@ -12,10 +12,13 @@ import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import subjects
+from schemas.v1.containers import Placement
+from schemas.v1.fleet import FleetState, HostReservations
 from schemas.v1.hosts import (
     WORKER_ROLES,
     DeadDeclaration,
@@ -25,9 +28,18 @@ from schemas.v1.hosts import (
 )
 from services import bus, topology
 from services.cli import plugins
-from services.cli.context import BusContext, connected, context_or_none, current_context, say
+from services.cli.context import (
+    BusContext,
+    connected,
+    context_or_none,
+    current_context,
+    operator_placements,
+    say,
+)
 from services.errors import InvalidInput, Unavailable
+from services.fleet_state import FleetStore
 from services.kvstores import KvHostDirectory
+from workflows import reservations
 
 HEALTH_TIMEOUT_S = 2.0
 
@@ -73,6 +85,7 @@ async def host_rows(nc: NATS) -> list[dict[str, Any]]:
         )
     except BucketNotFoundError:  # a bus no host has joined yet
         return []
+    fleet = await _fleet_facts(js)
     rows = []
     for host in sorted(await directory.known_hosts(), key=natural):
         registration = await directory.registered(host)
@@ -90,8 +103,85 @@ async def host_rows(nc: NATS) -> list[dict[str, Any]]:
             row["declared_dead"] = registration.declared_dead.model_dump(mode="json")
         if registration and registration.versions:  # an older agent announces none
             row["versions"] = registration.versions.model_dump(mode="json")
+        if registration is not None and fleet is not None:
+            row.update(fleet.row(registration, beat))
         rows.append(row)
     return rows
+
+
+class FleetFacts:
+    """What the fleet knows of each host: cordons, claims, reservations, moves."""
+
+    def __init__(
+        self, state: FleetState, placements: list[Placement], ledgers: dict[str, HostReservations]
+    ) -> None:
+        self.state = state
+        self.placements = placements
+        self.ledgers = ledgers
+
+    def row(self, registration: HostRegistration, beat: HostHeartbeat | None) -> dict[str, Any]:
+        host = registration.host
+        claims = reservations.claims(self.placements, self.ledgers.values())
+        used = [c for c in claims if c.host == host and c.kind != "reserved"]
+        placed = {c.container for c in used}
+        reserved = [
+            c
+            for c in claims
+            if c.host == host and c.kind == "reserved" and c.container not in placed
+        ]
+        cordon = self.state.cordoned.get(host)
+        usage = beat.usage if beat is not None else None
+        return {
+            "zone": registration.zone,
+            "region": registration.region,
+            "cloud": registration.cloud,
+            "labels": dict(registration.labels),
+            "capacity": registration.capacity.model_dump(mode="json"),
+            "used": {
+                "memory_mib": sum(c.memory_mib for c in used),
+                "cpus": round(sum(c.cpus for c in used), 3),
+                "containers": sorted(placed),
+            },
+            "reserved": {
+                "memory_mib": sum(c.memory_mib for c in reserved),
+                "cpus": round(sum(c.cpus for c in reserved), 3),
+                "containers": sorted(c.container for c in reserved),
+            },
+            "load": None
+            if usage is None
+            else {"memory_bytes": usage.memory_bytes, "cpu_percent": usage.cpu_percent},
+            "cordoned": None if cordon is None else cordon.model_dump(mode="json"),
+            "migrations_in": sorted(
+                p.name for p in self.placements if p.state == "migrating" and p.destination == host
+            ),
+            "migrations_out": sorted(
+                p.name for p in self.placements if p.state == "migrating" and p.host == host
+            ),
+        }
+
+
+async def _fleet_facts(js: JetStreamContext) -> FleetFacts | None:
+    """None on a bus without the fleet bucket (bootstrapped by an older release)."""
+    try:
+        store = FleetStore(await bus.bucket(js, subjects.FLEET_BUCKET))
+        placements = await (await operator_placements(js)).all()
+    except BucketNotFoundError:
+        return None
+    state, _ = await store.state()
+    hosts = {p.host for p in placements} | {p.destination for p in placements if p.destination}
+    for key in await _ledger_keys(store):
+        hosts.add(key)
+    ledgers = {h: (await store.ledger(h))[0] for h in hosts}
+    return FleetFacts(state, placements, ledgers)
+
+
+async def _ledger_keys(store: FleetStore) -> list[str]:
+    prefix = subjects.reservations_key("")
+    try:
+        keys = await store.kv.keys()
+    except Exception:  # no keys at all (nats-py raises) or none readable: none known
+        return []
+    return [k.removeprefix(prefix) for k in keys if k.startswith(prefix)]
 
 
 async def _from_bus(context: BusContext) -> tuple[list[dict[str, Any]], Unavailable | None]:
@@ -120,20 +210,38 @@ def hosts(args: argparse.Namespace) -> int:
             say("no host has joined this bus yet")
         return 0
     print(
-        f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} {'WIRE':<6} {'CRIU':<8} {'RUNC':<10} STATE DIR"
+        f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} {'ZONE':<6} {'MEMORY MiB USED+RES/CAP':<24}"
+        f" {'CPUS':<11} {'LOAD':<11} {'IN/OUT':<7} {'CRIU':<8} {'RUNC':<10} STATE DIR"
     )
     for row in rows:
         v = row.get("versions") or {}
-        wire = f"{v['wire_min']}..{v['wire']}" if v else "-"
-        what = f"{row['name']:<6} {row['address']:<15} {row['health']:<7} {wire:<6}"
+        what = f"{row['name']:<6} {row['address']:<15} {row['health']:<7}"
         print(
-            f"{what} {v.get('criu', '-'):<8} {v.get('runc', '-'):<10} {row.get('state_dir', '-')}"
+            f"{what} {_fleet_columns(row)} {v.get('criu', '-'):<8} {v.get('runc', '-'):<10}"
+            f" {row.get('state_dir', '-')}"
         )
+        if cordon := row.get("cordoned"):
+            print(f"       ! cordoned by {cordon['by']}: {cordon['reason'] or 'no reason given'}")
         if dead := row.get("declared_dead"):
             print(f"       ! declared dead by an operator: {dead['reason']}")
         for alert in row.get("alerts", []):
             print(f"       ! {alert}")
     return 0
+
+
+def _fleet_columns(row: dict[str, Any]) -> str:
+    if "used" not in row:
+        return f"{'-':<6} {'-':<24} {'-':<11} {'-':<11} {'-':<7}"
+    cap = row["capacity"]
+    used, res = row["used"], row["reserved"]
+    memory = f"{used['memory_mib']}+{res['memory_mib']}/{cap.get('memory_mib') or '?'}"
+    cpus = f"{used['cpus'] + res['cpus']:g}/{cap.get('cpus') or '?'}"
+    load = row.get("load")
+    shown = (
+        "-" if load is None else f"{load['memory_bytes'] / 2**20:.0f}M {load['cpu_percent']:.0f}%"
+    )
+    moves = f"{len(row['migrations_in'])}/{len(row['migrations_out'])}"
+    return f"{row['zone'] or '-':<6} {memory:<24} {cpus:<11} {shown:<11} {moves:<7}"
 
 
 def add_subcommands(hosts_parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """`ferry identities`: the bus users of a fleet, with least privilege.
 
-    ferry identities --out DIR --host h1 --host h2 --requester ci \
+    ferry identities --out DIR --host h1 --host h2 --controller c1 --requester ci \
         --nats 10.9.0.2 --nats 10.9.0.3 --nats 10.9.0.4
 
 writes one credentials file per identity (`operator`, `host-h1`, …, `requester-ci`; mode
@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     cmd.add_argument("--out", type=Path, required=True, help="directory (made 0700)")
     cmd.add_argument("--host", action="append", default=[], help="a host's name (repeat)")
     cmd.add_argument(
+        "--controller", action="append", default=[], help="a fleet controller's name (repeat)"
+    )
+    cmd.add_argument(
         "--requester", action="append", default=[], help="another system's name (repeat)"
     )
     cmd.add_argument(
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     wanted = [
         identities.operator(),
         *(identities.host(h) for h in args.host),
+        *(identities.controller(c) for c in args.controller),
         *(identities.requester(r) for r in args.requester),
     ]
     written = write_identities(args.out, wanted, args.nats or None)

@@ -16,6 +16,7 @@ from services.cli import (
     bootstrap_commands,
     cert_commands,
     container_commands,
+    fleet_commands,
     host_commands,
     identity_commands,
     image_commands,
@@ -56,8 +57,21 @@ def build_parser() -> Parser:
     run = c_sub.add_parser(
         "run", help="start CMD on a host, on a root filesystem directory or an image"
     )
-    run.add_argument("--host", required=True)
+    run.add_argument("--host", help="the host (default: where the fleet's scheduler says, and why)")
     run.add_argument("--name", required=True)
+    run.add_argument("--zone", help="constraint: run only in this zone")
+    run.add_argument(
+        "--host-label", action="append", default=[], metavar="KEY=VALUE",
+        help="constraint: run only on hosts with this label (repeat: all of them)",
+    )  # fmt: skip
+    run.add_argument(
+        "--anti-affinity", metavar="GROUP[:host|:zone]",
+        help="constraint: never two containers of GROUP on one host (default) or in one zone",
+    )  # fmt: skip
+    run.add_argument(
+        "--pin", action="store_true",
+        help="constraint: stay on the host it starts on (never moved by the scheduler)",
+    )  # fmt: skip
     root = run.add_mutually_exclusive_group(required=True)
     root.add_argument("--rootfs", help="directory holding the root filesystem (one layer)")
     root.add_argument(
@@ -150,7 +164,10 @@ def build_parser() -> Parser:
 
     migrate = sub.add_parser("migrate", help="move a running container to another host")
     migrate.add_argument("name", metavar="NAME")
-    migrate.add_argument("--to", required=True, metavar="HOST")
+    migrate.add_argument(
+        "--to", metavar="HOST",
+        help="the destination (default: where the fleet's scheduler says; the record says why)",
+    )  # fmt: skip
     migrate.add_argument(
         "--strategy",
         choices=["stop-and-copy", "post-copy", "pre-copy", "auto"],
@@ -233,6 +250,7 @@ def build_parser() -> Parser:
 
     recover_commands.register(sub)  # `ferry recover`
     agent_commands.register(sub)  # `ferry agent`, what systemd runs on each host
+    fleet_commands.register(sub)  # `ferry cordon|uncordon`, `ferry controller`
 
     listing = sub.add_parser("containers", help="every container and its state")
     listing.add_argument("--json", action="store_true")

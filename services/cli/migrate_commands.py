@@ -161,11 +161,12 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
     payload = {
         "schema_version": 1,
         "container": args.name,
-        "destination": args.to,
         "strategy": args.strategy,
         "compress": args.compress,
         "block_deltas": not args.whole_files,
     }
+    if args.to is not None:  # absent: the fleet's scheduler chooses
+        payload["destination"] = args.to
     if args.downtime_budget is not None:  # given, it is a limit (schemas/v1/migrations.py)
         payload["downtime_budget_ms"] = args.downtime_budget
     if args.bandwidth_limit is not None:
@@ -182,9 +183,9 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
             migration_id = MigrationAccepted.model_validate_json(reply).id
         except ValidationError as exc:
             raise RuntimeFailure(f"unreadable answer from intake: {reply[:200]!r}") from exc
-        say(f"migration {migration_id} accepted")
         store = KvMigrationStore(await bus.bucket(nc.jetstream(), subjects.MIGRATIONS_BUCKET))
         found = await store.get(migration_id)
+        say(f"migration {migration_id} accepted" + (_where(found[0]) if found else ""))
         if found:
             after_commit = DEFINITIONS[found[0].chosen].after_commit_s
             budget = found[0].deadline - time.time() + after_commit + 30
@@ -195,6 +196,16 @@ async def _migrate(args: argparse.Namespace) -> MigrationRecord:
     if found is None:
         raise RuntimeFailure(f"migration {migration_id} has no record")
     return found[0]
+
+
+def _where(record: MigrationRecord) -> str:
+    """The destination, and why the scheduler chose it when nobody named it."""
+    choice = record.placement
+    if choice is None or choice.named_by_operator:
+        return f": to {record.destination}"
+    return (
+        f": to {record.destination}, chosen by the fleet's scheduler ({'; '.join(choice.reasons)})"
+    )
 
 
 class DryRunDone(Exception):

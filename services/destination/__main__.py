@@ -8,6 +8,7 @@ from schemas.v1.migrations import HostCheck, StartPageServer
 from services import bus
 from services.destination.boot import restart_after_boot
 from services.destination.handlers import Destination
+from services.fleet_state import tickets
 from services.kvstores import KvMigrationStore
 from services.link_handover import LinkTaker
 from services.runtime.destination_side import DestinationSide
@@ -23,6 +24,7 @@ async def register(ctx: WorkerContext) -> None:
         placements=ctx.placements,
         state_dir=ctx.config.state_dir,
         peers=ctx.directory,
+        tickets=await tickets(ctx.js),
     )
     host, log_error = ctx.host_subject, ctx.log_error
     # Separate subscriptions: a listing is answered while a long pull is still fetching.

@@ -22,6 +22,7 @@ from schemas.v2.results import OpenNetworkResult
 from services import faults
 from services import preflight as dry_run
 from services.errors import RuntimeFailure
+from services.fleet_state import Tickets
 from services.runtime import ledger
 from services.runtime.containers import HostContainers
 from services.runtime.destination_side import DestinationSide
@@ -47,6 +48,7 @@ class Destination:
     placements: PlacementStore
     state_dir: Path  # where this host keeps its migrations (and their transfer keys)
     peers: PeerDirectory  # where the migration's source is: its page servers admit only it
+    tickets: Tickets | None = None  # the fleet controller's decisions are checked here
 
     def steps(self) -> dict[str, StepHandler]:
         return {
@@ -64,7 +66,12 @@ class Destination:
     # -- requests ----------------------------------------------------------------------------
 
     async def create_container(self, cmd: CreateContainer) -> ContainerCreated:
-        """A new container arrives on this host: fetch its layers, give it an address, start it."""
+        """A new container arrives on this host: fetch its layers, give it an address, start it
+        — only as the active fleet controller decided, with the room it reserved here."""
+        if self.tickets is not None:
+            await self.tickets.check(
+                cmd.placed, host=self.side.config.host, container=cmd.name, field="placed"
+            )
         return await self.containers.create(cmd)
 
     async def list_layers(self, cmd: ListLayers) -> LayerList:

@@ -14,6 +14,7 @@ from schemas.v1.migrations import ForwardedRequest, HostCheck, PageServerStarted
 from schemas.v2.ledger import LedgerReport, ReadLedger
 from services import bus
 from services.errors import FerryError, RuntimeFailure
+from services.fleet_state import FleetClient, tickets
 from services.forecasting import HolderInputs
 from services.intake import Intake
 from services.kvstores import KvMigrationStore
@@ -99,6 +100,7 @@ async def register(ctx: WorkerContext) -> None:
         ctx.directory,
         host=ctx.config.host,
         freeze_inputs=HolderInputs(ctx.config.host, ctx.containers.runc, host_ledger),
+        fleet=FleetClient(ctx.nc, await tickets(ctx.js)),
     )
     await bus.serve(
         ctx.nc,

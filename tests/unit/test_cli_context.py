@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from pydantic import ValidationError
 
 from deploy.lab import commands, contexts
@@ -356,6 +356,8 @@ class FakeBus:
         return self
 
     async def key_value(self, name: str) -> FakeKV:
+        if name not in self.buckets:  # a bus bootstrapped before the bucket existed
+            raise BucketNotFoundError
         return FakeKV(self.buckets[name])
 
 

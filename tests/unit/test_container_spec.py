@@ -83,7 +83,7 @@ def test_the_spec_wins_over_flat_fields_beside_it() -> None:
 
 
 def test_a_spec_of_an_unknown_version_is_refused() -> None:
-    data = {**FLAT, "spec": {"spec_version": 4, "layers": [DIGEST], "args": ["/bin/app"]}}
+    data = {**FLAT, "spec": {"spec_version": 5, "layers": [DIGEST], "args": ["/bin/app"]}}
     with pytest.raises(ValidationError) as caught:
         Placement.model_validate(data)
     assert caught.value.errors()[0]["loc"] == ("spec", "spec_version")
