@@ -230,7 +230,9 @@ def _controller(identity: Identity) -> Permissions:
         "$JS.API.INFO",
         "$JS.API.STREAM.NAMES",
         *reads,
-        f"$JS.API.STREAM.INFO.{SPANS}",
+        # Whether each part of the topology exists (it waits for all of them, never
+        # creating one); stream info says nothing of any stream's messages.
+        "$JS.API.STREAM.INFO.*",
         f"{subjects.PREFIX}.spans.>",
         f"$KV.{subjects.FLEET_BUCKET}.>",
         CONTROLLER_LEASE_SUBJECT,

@@ -10,6 +10,10 @@ FERRY_LAB (default `ferry`) names the lab. `lab up` writes the lab's bus context
 context named after the lab, which is what `FERRY_LAB=<lab> ferry …` selects, and the
 default context when the user has not chosen one — and `lab down` removes it; see
 deploy/lab/contexts.py for where and when.
+
+`lab up --zones a,a,b,b --sizes 1024:2,512:1` gives each host a zone and a declared
+capacity (its agent.toml's `zone` and `[capacity]`; fewer entries than hosts are cycled),
+and `--controllers N` (default 2) is how many fleet controllers the lab runs (c1, c2, …).
 """
 
 from __future__ import annotations
@@ -21,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 from deploy.lab import lab
 from deploy.lab import layout as lab_paths
-from deploy.lab.layout import DEFAULT_LAB, LabLayout, LabSpec, validate_lab_name
+from deploy.lab.layout import (
+    DEFAULT_CONTROLLERS,
+    DEFAULT_LAB,
+    LabLayout,
+    LabSpec,
+    validate_lab_name,
+)
 from services.cli.context import BusContext, say
 from services.cli.parsing import Parser, positive_int
 
@@ -31,6 +41,17 @@ if TYPE_CHECKING:
 
 def lab_layout() -> LabLayout:
     return LabLayout(validate_lab_name(os.environ.get("FERRY_LAB", DEFAULT_LAB)))
+
+
+def whole_number(text: str) -> int:
+    """0 or more (`--controllers 0`: a lab for tests that start their own)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
 
 
 def register(sub: Subcommands) -> None:
@@ -63,6 +84,25 @@ def register(sub: Subcommands) -> None:
         help="hosts without TLS files: files and pages travel in the clear (to measure"
         " what encryption costs; NATS keeps its TLS)",
     )
+    up.add_argument(
+        "--zones",
+        metavar="Z1,Z2,…",
+        help="each host's zone, h1 first (fewer than hosts: cycled; default: no zones)",
+    )
+    up.add_argument(
+        "--sizes",
+        metavar="MIB:CPUS,…",
+        help="each host's declared capacity, e.g. 2048:2,1024:1 (memory MiB:CPUs; fewer than"
+        " hosts: cycled; default: none declared)",
+    )
+    up.add_argument(
+        "--controllers",
+        type=whole_number,
+        default=DEFAULT_CONTROLLERS,
+        metavar="N",
+        help=f"fleet controllers c1..cN, one active at a time (default {DEFAULT_CONTROLLERS};"
+        " 0: none, so nothing can be started)",
+    )
     up.set_defaults(run=lab_up)
     down = lab_sub.add_parser("down", help="stop and remove everything the lab made")
     down.set_defaults(run=lab_down)
@@ -80,6 +120,10 @@ def lab_up(args: argparse.Namespace) -> int:
         segments=args.segments,
         subnet=args.subnet,
         select_default=not chosen,
+        # getattr: a caller's Namespace may predate these options.
+        zones=getattr(args, "zones", None),
+        sizes=getattr(args, "sizes", None),
+        controllers=getattr(args, "controllers", DEFAULT_CONTROLLERS),
     )
     where = (
         f"{spec.segments} segments joined by a router, containers on {spec.subnet}"
@@ -87,6 +131,8 @@ def lab_up(args: argparse.Namespace) -> int:
         else str(spec.subnet)
     )
     say(f"lab {layout.lab} is up: {', '.join(spec.hosts)} on {where}")
+    if spec.controllers:
+        say(f"lab {layout.lab}: fleet controllers {', '.join(spec.controllers)}")
     return 0
 
 

@@ -5,6 +5,11 @@ is already there, so running it again is a no-op and a half-built lab heals. `do
 finds everything by the lab's name prefix, not by its records, so it also clears a lab
 whose creator was killed halfway. `up` also writes the lab's bus context for `ferry`, and
 `down` removes it (deploy/lab/contexts.py says where and when).
+
+Every lab runs fleet controllers (c1, c2 by default) in the root namespace, as on machines
+of their own on the management network: `ferry container run` and every migration ask the
+active one, so `up` waits until one holds the controller lease, and `down` stops them
+before NATS goes.
 """
 
 from __future__ import annotations
@@ -13,35 +18,47 @@ import asyncio
 import contextlib
 import fcntl
 import ipaddress
+import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from nats.aio.client import Client as NATS
+
 from deploy.lab import contexts, kernel, natscluster
 from deploy.lab import segments as segments_net
 from deploy.lab.layout import (
     CONTAINER_POOL,
+    DEFAULT_CONTROLLERS,
     HOST_ETC_MOUNT,
     HOST_STATE_MOUNT,
     LABS_ROOT,
     LABS_RUN,
+    MAX_CONTROLLERS,
     MAX_HOSTS,
     NATS_CLIENT_PORT,
+    HostSize,
     LabLayout,
     LabSpec,
     candidate_subnets,
+    controller_names_for,
     host_names,
+    parse_sizes,
+    parse_zones,
     read_spec,
 )
 from schemas import subjects
+from schemas.v1.fleet import ControllerLease
 from schemas.v1.hosts import WORKER_ROLES, HostHeartbeat
 from services import bus, certificates, identities, topology
-from services.errors import Conflict, InvalidInput, RuntimeFailure, Unavailable
+from services.errors import Conflict, FerryError, InvalidInput, RuntimeFailure, Unavailable
 from services.identity_files import creds_path, write_identities
+from services.leases import Leases
 from services.runtime.proc import run
 
 Say = Callable[[str], None]
@@ -53,8 +70,13 @@ HOST_CONFIG_VARS = frozenset(
         "FERRY_NATS_CREDS", "FERRY_NATS_CA", "FERRY_DC_SUBNET", "FERRY_DC_GATEWAY",
         "FERRY_TLS_CA", "FERRY_TLS_CERT", "FERRY_TLS_KEY",
         "FERRY_IP_POOL", "FERRY_STATE_DIR", "FERRY_BRIDGE", "FERRY_CGROUP_PARENT",
+        "FERRY_ZONE", "FERRY_CAPACITY_MEMORY_MIB", "FERRY_CAPACITY_CPUS",
     }
 )  # fmt: skip
+# What a controller's controller.toml says (its name; the bus is in HOST_CONFIG_VARS).
+# FERRY_CONTROLLER_SWEEP_S and FERRY_CONTROLLER_POLL_S pass: tests' knobs.
+CONTROLLER_CONFIG_VARS = frozenset({"FERRY_CONTROLLER_NAME"})
+CONTROLLER_STOP_GRACE_S = 5.0
 LAB_REQUESTER = "lab"  # the identity tests use as "another system"
 
 
@@ -74,6 +96,10 @@ def plan(
     segments: int = 1,
     subnet: ipaddress.IPv4Network | None = None,
     plain_transfers: bool = False,
+    *,
+    zones: tuple[str, ...] = (),
+    sizes: tuple[HostSize, ...] = (),
+    controllers: int = DEFAULT_CONTROLLERS,
 ) -> LabSpec:
     """Pick a subnet no route uses yet and a free NATS port, for a new lab."""
     taken = set(kernel.routed_networks())
@@ -96,6 +122,9 @@ def plan(
         plain_transfers=plain_transfers,
         segment_subnets=tuple(extra[1:]),
         core_subnet=extra[0] if extra else None,
+        zones=zones,
+        sizes=sizes,
+        controllers=controller_names_for(controllers),
     )
 
 
@@ -120,8 +149,12 @@ def up(
     segments: int = 1,
     subnet: str | None = None,
     select_default: bool = True,
+    zones: str | None = None,
+    sizes: str | None = None,
+    controllers: int = DEFAULT_CONTROLLERS,
 ) -> LabSpec:
-    """`select_default`: may the lab become `ferry`'s default context (see contexts.py)."""
+    """`select_default`: may the lab become `ferry`'s default context (see contexts.py).
+    `zones`, `sizes`: `--zones a,b` and `--sizes 2048:2,1024:1`, cycled over the hosts."""
     wanted = parse_subnet(subnet) if subnet else None
     if not 1 <= count <= MAX_HOSTS:
         raise InvalidInput(f"must be between 1 and {MAX_HOSTS}, not {count}", field="--hosts")
@@ -130,6 +163,12 @@ def up(
             f"must be between 1 and the number of hosts ({count}), not {segments}",
             field="--segments",
         )
+    if not 0 <= controllers <= MAX_CONTROLLERS:
+        raise InvalidInput(
+            f"must be between 0 and {MAX_CONTROLLERS}, not {controllers}", field="--controllers"
+        )
+    host_zones = parse_zones(zones, count)
+    host_sizes = parse_sizes(sizes, count)
     with locked(layout):
         spec = read_spec(layout)
         if spec is not None and len(spec.hosts) != count:
@@ -163,8 +202,30 @@ def up(
                 f"lab {layout.lab!r} is up on {spec.subnet}; run `ferry lab down` first",
                 field="--subnet",
             )
+        if spec is not None and spec.zones != host_zones:
+            raise Conflict(
+                f"lab {layout.lab!r} is up with zones {_shown(spec.zones)};"
+                " run `ferry lab down` first to change them",
+                field="--zones",
+            )
+        if spec is not None and spec.sizes != host_sizes:
+            shown = _shown(tuple(f"{s.memory_mib}:{s.cpus:g}" for s in spec.sizes))
+            raise Conflict(
+                f"lab {layout.lab!r} is up with sizes {shown};"
+                " run `ferry lab down` first to change them",
+                field="--sizes",
+            )
+        if spec is not None and len(spec.controllers) != controllers:
+            raise Conflict(
+                f"lab {layout.lab!r} is up with {len(spec.controllers)} controller(s);"
+                " run `ferry lab down` first to change it",
+                field="--controllers",
+            )
         if spec is None:
-            spec = plan(layout, count, allow_faults, segments, wanted, plain_transfers)
+            spec = plan(
+                layout, count, allow_faults, segments, wanted, plain_transfers,
+                zones=host_zones, sizes=host_sizes, controllers=controllers,
+            )  # fmt: skip
             layout.root.mkdir(parents=True, exist_ok=True)
             layout.lab_file.write_text(spec.to_json())
             say(
@@ -181,6 +242,8 @@ def up(
         _ensure_mgmt_bridge(layout, spec)
         natscluster.ensure_cluster(layout, spec, say)
         asyncio.run(_ensure_topology(layout, spec, say))
+        for name in controller_names(spec):
+            ensure_controller(layout, spec, name, say)
         HOST_STATE_MOUNT.mkdir(parents=True, exist_ok=True)
         for host in spec.hosts:
             if spec.segmented:
@@ -206,12 +269,17 @@ def _ensure_bridge(layout: LabLayout, spec: LabSpec) -> None:
     run(["ip", "link", "set", layout.bridge, "up"])
 
 
+def _shown(values: tuple[str, ...]) -> str:
+    return ",".join(values) if values else "(none)"
+
+
 def _write_identities(layout: LabLayout, spec: LabSpec) -> None:
     """What an operator does first: every identity's credentials and the servers' auth
-    config (`ferry identities`); each host then gets only its own credentials."""
+    config (`ferry identities`); each host and controller then gets only its own."""
     wanted = [
         identities.operator(),
         *(identities.host(h) for h in spec.hosts),
+        *(identities.controller(c) for c in spec.controllers),
         identities.requester(LAB_REQUESTER),
     ]
     write_identities(layout.operator_dir, wanted, [spec.nats_address(n) for n in spec.nats_nodes])
@@ -386,7 +454,9 @@ def host_config(layout: LabLayout, spec: LabSpec, host: str) -> str:
             f'address = "{spec.mgmt_address(host)}"',
             f'state_dir = "{HOST_STATE_MOUNT}"',
             f'cgroup_parent = "{layout.cgroup_parent(host)}"',
+            *([f'zone = "{spec.zone_of(host)}"'] if spec.zone_of(host) else []),
             "",
+            *_capacity_table(spec.size_of(host)),
             "[bus]",
             f"servers = [{servers}]",
             f'creds = "{creds}"',
@@ -411,6 +481,14 @@ def host_config(layout: LabLayout, spec: LabSpec, host: str) -> str:
             "",
         ]
     )
+
+
+def _capacity_table(size: HostSize | None) -> list[str]:
+    """agent.toml's [capacity], as `--sizes` declared it (nothing when it did not)."""
+    if size is None:
+        return []
+    cpus = int(size.cpus) if size.cpus.is_integer() else size.cpus
+    return ["[capacity]", f"memory_mib = {size.memory_mib}", f"cpus = {cpus}", ""]
 
 
 def host_env(layout: LabLayout, spec: LabSpec) -> dict[str, str]:
@@ -448,19 +526,158 @@ def ensure_agent(layout: LabLayout, spec: LabSpec, host: str, say: Say) -> None:
     say(f"{host}: agent started (pid {proc.pid}) at {spec.mgmt_address(host)}")
 
 
-async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHeartbeat | None]:
-    """Each host's latest heartbeat if the host and all four of its workers are alive."""
-    health: dict[str, HostHeartbeat | None] = {h: None for h in spec.hosts}
+def controller_names(spec: LabSpec) -> tuple[str, ...]:
+    """The fleet controller instances the lab runs: c1, c2, … (none in an older lab)."""
+    return spec.controllers
+
+
+def _controller_argv(layout: LabLayout, name: str) -> list[str]:
+    """What ferry-controller.service runs (deploy/systemd/), with the lab's paths."""
+    ferry = Path(sys.executable).parent / "ferry"
+    return [str(ferry), "controller", "--config", str(layout.controller_config(name))]
+
+
+def _is_controller(pid: int, config: Path) -> bool:
+    """Is `pid` a `ferry controller --config <config>` (not a pid reused since)?"""
     try:
-        nc = await bus.connect(
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    want = str(config).encode()
+    return b"controller" in argv and any(
+        a == b"--config" and b == want for a, b in itertools.pairwise(argv)
+    )
+
+
+def controller_pid(layout: LabLayout, name: str) -> int | None:
+    """The pid of the lab's controller `name` if it runs (stopped with SIGSTOP counts)."""
+    try:
+        pid = int(layout.controller_pid_file(name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not kernel.alive(pid) or not _is_controller(pid, layout.controller_config(name)):
+        return None
+    return pid
+
+
+def controller_config(layout: LabLayout, spec: LabSpec, name: str) -> str:
+    """The controller's controller.toml, as an operator writes it (deploy/systemd/)."""
+    here = layout.controller_dir(name)
+    servers = ", ".join(f'"{url}"' for url in spec.nats_urls)
+    return "\n".join(
+        [
+            f"# fleet controller {name} of lab {layout.lab}, written by `ferry lab up`",
+            f'name = "{name}"',
+            "",
+            "[bus]",
+            f"servers = [{servers}]",
+            f'creds = "{creds_path(here, identities.controller(name))}"',
+            f'ca = "{here / certificates.CA_CERT}"',
+            "",
+        ]
+    )
+
+
+def _give_controller_creds(layout: LabLayout, name: str) -> None:
+    """The controller's own credentials and the fleet CA, as an operator would copy them."""
+    here = layout.controller_dir(name)
+    here.mkdir(parents=True, exist_ok=True)
+    here.chmod(0o700)
+    own = creds_path(layout.operator_dir, identities.controller(name))
+    for source, mode in ((own, 0o600), (layout.ca_file, 0o644)):
+        shutil.copyfile(source, here / source.name)
+        (here / source.name).chmod(mode)
+
+
+def controller_env(layout: LabLayout) -> dict[str, str]:
+    """The caller's environment minus what the controller's file says (its bus, its name);
+    test knobs such as FERRY_CONTROLLER_SWEEP_S pass."""
+    inherited = {k: v for k, v in _inherited_env().items() if k not in CONTROLLER_CONFIG_VARS}
+    return {**inherited, "FERRY_LAB": layout.lab, "PYTHONUNBUFFERED": "1"}
+
+
+def ensure_controller(layout: LabLayout, spec: LabSpec, name: str, say: Say) -> None:
+    """Start the lab's fleet controller `name` unless it runs (no wait for it to lead)."""
+    if controller_pid(layout, name) is not None:
+        return
+    _give_controller_creds(layout, name)
+    layout.controller_config(name).write_text(controller_config(layout, spec, name))
+    with layout.controller_log(name).open("ab") as logfile:
+        proc = subprocess.Popen(
+            # From the root namespace, which reaches the lab's NATS as the operator does.
+            _controller_argv(layout, name),
+            stdin=subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=logfile,
+            env=controller_env(layout),
+            start_new_session=True,
+            cwd="/",
+        )
+    layout.controller_pid_file(name).write_text(f"{proc.pid}\n")
+    say(f"controller {name}: started (pid {proc.pid}), log {layout.controller_log(name)}")
+
+
+def _controller_pids(layout: LabLayout) -> set[int]:
+    """Every running controller of the lab, found by its config path (lab.json or not)."""
+    configs = (
+        [d / "controller.toml" for d in layout.controllers_dir.iterdir() if d.is_dir()]
+        if layout.controllers_dir.is_dir()
+        else []
+    )
+    found = kernel.pids_with_cmdline(str(layout.controllers_dir))
+    return {pid for pid in found if any(_is_controller(pid, c) for c in configs)}
+
+
+def stop_controllers(layout: LabLayout, say: Say) -> None:
+    """SIGTERM every controller of the lab (SIGCONT first: one may be SIGSTOPped), SIGKILL
+    what is left after a grace. The active one gives its lease up: NATS must still run."""
+    pids = _controller_pids(layout)
+    if not pids:
+        return
+    say(f"stopping {len(pids)} fleet controller(s)")
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    kernel.terminate(pids, grace=CONTROLLER_STOP_GRACE_S)
+
+
+async def _operator_nats(spec: LabSpec, timeout: float) -> NATS | None:
+    layout = LabLayout(spec.lab)
+    try:
+        return await bus.connect(
             spec.nats_urls,
             name="ferry-cli",
-            creds=operator_creds(LabLayout(spec.lab)),
-            ca=LabLayout(spec.lab).ca_file,
+            creds=operator_creds(layout),
+            ca=layout.ca_file,
             connect_timeout=timeout,
             give_up_after=3 * timeout,
         )
     except Unavailable:
+        return None
+
+
+async def active_controller(spec: LabSpec, timeout: float = 2.0) -> ControllerLease | None:
+    """The lease of the active fleet controller, if one holds it and has written its term."""
+    nc = await _operator_nats(spec, timeout)
+    if nc is None:
+        return None
+    try:
+        leases = await Leases.open(nc.jetstream(), ControllerLease)
+        found = await leases.read(subjects.CONTROLLER_LEASE)
+    except FerryError:  # no bucket yet, or the bus did not answer
+        return None
+    finally:
+        await bus.close(nc)
+    if found.state == "held" and found.payload is not None and found.payload.term > 0:
+        return found.payload
+    return None
+
+
+async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHeartbeat | None]:
+    """Each host's latest heartbeat if the host and all four of its workers are alive."""
+    health: dict[str, HostHeartbeat | None] = {h: None for h in spec.hosts}
+    nc = await _operator_nats(spec, timeout)
+    if nc is None:
         return health
     try:
         kv = await bus.bucket(nc.jetstream(), subjects.HOSTS_BUCKET)
@@ -479,21 +696,38 @@ async def host_health(spec: LabSpec, timeout: float = 2.0) -> dict[str, HostHear
 
 
 async def wait_ready(spec: LabSpec, say: Say, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until every host and its workers beat, and (if the lab runs controllers) one fleet
+    controller is active: without one, nothing can be started or moved."""
     deadline = time.monotonic() + timeout
     reported: set[str] = set()
+    leader = None if controller_names(spec) else "none"
     while True:
-        health = await host_health(spec)
-        for host, beat in health.items():
-            if beat is not None and host not in reported:
-                say(f"{host}: ready (workers: {', '.join(WORKER_ROLES)})")
-                reported.add(host)
-        if len(reported) == len(spec.hosts):
+        if len(reported) < len(spec.hosts):
+            health = await host_health(spec)
+            for host, beat in health.items():
+                if beat is not None and host not in reported:
+                    say(f"{host}: ready (workers: {', '.join(WORKER_ROLES)})")
+                    reported.add(host)
+        if leader is None:
+            lease = await active_controller(spec)
+            if lease is not None:
+                leader = lease.instance
+                say(f"controller {leader}: active (term {lease.term}, pid {lease.holder.pid})")
+        if len(reported) == len(spec.hosts) and leader is not None:
             return
         if time.monotonic() > deadline:
             missing = sorted(set(spec.hosts) - reported)
+            if missing:
+                raise RuntimeFailure(
+                    f"hosts {', '.join(missing)} not ready after {timeout:.0f}s;"
+                    f" see their logs under {LABS_ROOT}/<lab>/hosts/<host>/log/"
+                )
+            layout = LabLayout(spec.lab)
+            logs = ", ".join(str(layout.controller_log(c)) for c in controller_names(spec))
             raise RuntimeFailure(
-                f"hosts {', '.join(missing)} not ready after {timeout:.0f}s;"
-                f" see their logs under {LABS_ROOT}/<lab>/hosts/<host>/log/"
+                f"no fleet controller active after {timeout:.0f}s"
+                f" (lease {subjects.CONTROLLER_LEASE} in {subjects.LEASES_BUCKET});"
+                f" see their logs: {logs}"
             )
         await asyncio.sleep(0.2)
 
@@ -501,6 +735,7 @@ async def wait_ready(spec: LabSpec, say: Say, timeout: float = READY_TIMEOUT_S) 
 def down(layout: LabLayout, say: Say) -> None:
     """Remove every trace of the lab; finds things by name, so it works without lab.json."""
     with locked(layout):
+        stop_controllers(layout, say)  # while NATS runs: the active one gives its lease up
         host_namespaces = [n for n in kernel.netns_names() if n.startswith(f"{layout.lab}-")]
         inodes = {
             ino

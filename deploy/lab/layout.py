@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ NATS_NODES = 3  # a JetStream cluster that survives the loss of any one node
 NATS_CLIENT_PORT = 4222  # as in deploy/nats/nats.conf
 NATS_CLUSTER_PORT = 6222
 NATS_MONITOR_PORT = 8222
+DEFAULT_CONTROLLERS = 2  # fleet controller instances c1, c2: one active, one standing by
+MAX_CONTROLLERS = 9
+ZONE = re.compile(r"^[A-Za-z0-9._-]{1,63}$")  # what agent.toml's `zone` accepts (non-empty)
 
 
 def validate_lab_name(name: str) -> str:
@@ -168,6 +172,95 @@ class LabLayout:
         """The host's /etc/ferry (bound there in its mount namespace): config, credentials."""
         return self.state_dir(host) / "etc"
 
+    # The fleet controllers run in the root namespace (as on a machine of their own that
+    # reaches the management network), each with a directory like a machine's /etc/ferry.
+    @property
+    def controllers_dir(self) -> Path:
+        return self.root / "controllers"
+
+    def controller_dir(self, name: str) -> Path:
+        """Controller `name`'s config, credentials, CA, pid file and log."""
+        return self.controllers_dir / name
+
+    def controller_config(self, name: str) -> Path:
+        return self.controller_dir(name) / "controller.toml"
+
+    def controller_log(self, name: str) -> Path:
+        return self.controller_dir(name) / "controller.log"
+
+    def controller_pid_file(self, name: str) -> Path:
+        return self.controller_dir(name) / "controller.pid"
+
+
+@dataclass(frozen=True)
+class HostSize:
+    """What a lab host declares it may give containers (agent.toml's [capacity])."""
+
+    memory_mib: int
+    cpus: float
+
+    def to_json(self) -> dict[str, int | float]:
+        return {"memory_mib": self.memory_mib, "cpus": self.cpus}
+
+    @classmethod
+    def from_json(cls, data: dict[str, int | float]) -> HostSize:
+        return cls(memory_mib=int(data["memory_mib"]), cpus=float(data["cpus"]))
+
+
+def _entries(text: str, count: int, option: str) -> list[str]:
+    """`text`'s comma-separated entries, cycled over `count` hosts."""
+    entries = [e.strip() for e in text.split(",")]
+    for i, entry in enumerate(entries, 1):
+        if not entry:
+            raise InvalidInput(f"entry {i} of {text!r} is empty", field=option)
+    if len(entries) > count:
+        raise InvalidInput(
+            f"{len(entries)} entries ({text!r}) for {count} host(s); give at most one per host",
+            field=option,
+        )
+    return [entries[i % len(entries)] for i in range(count)]
+
+
+def parse_zones(text: str | None, count: int) -> tuple[str, ...]:
+    """`--zones a,a,b,b`: one zone per host in order, cycled if fewer; none: no zones."""
+    if text is None:
+        return ()
+    zones = _entries(text, count, "--zones")
+    for zone in zones:
+        if not ZONE.match(zone):
+            raise InvalidInput(
+                f"zone {zone!r} must be 1-63 letters, digits, '.', '_' or '-'", field="--zones"
+            )
+    return tuple(zones)
+
+
+def parse_size(entry: str) -> HostSize:
+    """One `MEMORY_MIB:CPUS` entry of `--sizes`, e.g. `2048:2` or `512:0.5`."""
+    memory, sep, cpus = entry.partition(":")
+    why = f"size {entry!r} must be MEMORY_MIB:CPUS, e.g. 2048:2"
+    if not sep:
+        raise InvalidInput(why, field="--sizes")
+    try:
+        memory_mib, cpu_count = int(memory), float(cpus)
+    except ValueError:
+        raise InvalidInput(why, field="--sizes") from None
+    if memory_mib < 1:
+        raise InvalidInput(f"size {entry!r}: memory must be at least 1 MiB", field="--sizes")
+    if not math.isfinite(cpu_count) or cpu_count <= 0:
+        raise InvalidInput(f"size {entry!r}: CPUs must be more than 0", field="--sizes")
+    return HostSize(memory_mib, cpu_count)
+
+
+def parse_sizes(text: str | None, count: int) -> tuple[HostSize, ...]:
+    """`--sizes 2048:2,1024:1`: each host's MEMORY_MIB:CPUS, cycled; none: not declared."""
+    if text is None:
+        return ()
+    return tuple(parse_size(entry) for entry in _entries(text, count, "--sizes"))
+
+
+def controller_names_for(count: int) -> tuple[str, ...]:
+    return tuple(f"c{i}" for i in range(1, count + 1))
+
 
 @dataclass(frozen=True)
 class LabSpec:
@@ -186,6 +279,19 @@ class LabSpec:
     # addresses on `subnet`, carried between hosts by a VXLAN overlay.
     segment_subnets: tuple[ipaddress.IPv4Network, ...] = ()
     core_subnet: ipaddress.IPv4Network | None = None
+    # Per host, in the order of `hosts` (empty: none declared, as in labs made before).
+    zones: tuple[str, ...] = ()
+    sizes: tuple[HostSize, ...] = ()
+    # The fleet controller instances the lab runs (a lab.json without them: none).
+    controllers: tuple[str, ...] = ()
+
+    def zone_of(self, host: str) -> str:
+        """The host's zone; "" when the lab declared none."""
+        return self.zones[self.hosts.index(host)] if self.zones else ""
+
+    def size_of(self, host: str) -> HostSize | None:
+        """The host's declared capacity; None when the lab declared none."""
+        return self.sizes[self.hosts.index(host)] if self.sizes else None
 
     @property
     def segments(self) -> int:
@@ -284,6 +390,9 @@ class LabSpec:
                 "plain_transfers": self.plain_transfers,
                 "segment_subnets": [str(s) for s in self.segment_subnets],
                 "core_subnet": str(self.core_subnet) if self.core_subnet else None,
+                "zones": list(self.zones),
+                "sizes": [size.to_json() for size in self.sizes],
+                "controllers": list(self.controllers),
             },
             indent=2,
         )
@@ -305,6 +414,9 @@ class LabSpec:
             core_subnet=ipaddress.IPv4Network(data["core_subnet"])
             if data.get("core_subnet")
             else None,
+            zones=tuple(data.get("zones") or ()),
+            sizes=tuple(HostSize.from_json(s) for s in data.get("sizes") or ()),
+            controllers=tuple(data.get("controllers") or ()),
         )
 
 

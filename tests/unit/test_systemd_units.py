@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 
 from services import certificates, identities
+from services.controller.config import ControllerConfig
 from services.identity_files import write_identities
 
 REPO = Path(__file__).parents[2]
 UNITS_DIR = REPO / "deploy" / "systemd"
 NATS_CONF = REPO / "deploy" / "nats" / "nats.conf"
+CONTROLLER_EXAMPLE = UNITS_DIR / "controller.toml.example"
 INSTALL_BIN = Path("/opt/ferry/venv/bin")  # deploy/systemd/README.md installs the venv here
 VENV_BIN = Path(sys.executable).parent
 UNITS = sorted(UNITS_DIR.glob("*.service"))
@@ -101,8 +103,12 @@ def verify(root: Path, *names: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_both_units_are_shipped() -> None:
-    assert {u.name for u in UNITS} == {"ferry-agent.service", "ferry-nats.service"}
+def test_every_unit_is_shipped() -> None:
+    assert {u.name for u in UNITS} == {
+        "ferry-agent.service",
+        "ferry-nats.service",
+        "ferry-controller.service",
+    }
 
 
 def test_every_shipped_unit_verifies_without_a_warning(root: Path) -> None:
@@ -117,6 +123,11 @@ def test_the_check_would_catch_a_typo_or_a_missing_program(root: Path) -> None:
     (root / "opt/ferry/venv/bin/nats-server").unlink()
     done = verify(root, "ferry-nats.service")
     assert done.returncode != 0 and "nats-server" in done.stderr
+    controller = root / "etc/systemd/system/ferry-controller.service"
+    controller.write_text(
+        controller.read_text().replace("ProtectSystem=strict", "ProtectSystem=strikt")
+    )
+    assert "protect system" in verify(root, "ferry-controller.service").stderr.lower()
 
 
 def test_stopping_the_agent_signals_only_the_agent() -> None:
@@ -183,3 +194,48 @@ def test_the_shipped_nats_conf_is_valid_and_its_lame_duck_fits_the_stop_timeout(
     nats = directives(UNITS_DIR / "ferry-nats.service")
     timeout_s = int(nats["Service.TimeoutStopSec"][0].removesuffix("s"))
     assert seconds["lame_duck_grace_period"] + seconds["lame_duck_duration"] < timeout_s
+
+
+def test_the_controller_runs_its_config_and_is_not_restarted_after_a_bad_one() -> None:
+    controller = directives(UNITS_DIR / "ferry-controller.service")
+    assert controller["Service.ExecStart"] == [
+        f"{INSTALL_BIN}/ferry controller --config /etc/ferry/controller.toml"
+    ]
+    assert controller["Service.Restart"] == ["on-failure"]
+    assert controller["Service.RestartPreventExitStatus"] == ["2"]  # a bad config: InvalidInput
+    assert controller["Unit.StartLimitIntervalSec"] == ["0"]  # never gives up retrying
+    assert controller["Service.KillSignal"] == ["SIGTERM"]  # the active one gives its lease up
+
+
+def test_the_controller_runs_unprivileged_and_locked_down() -> None:
+    """A plain client of the bus: none of the agent's reasons to be root applies."""
+    controller = directives(UNITS_DIR / "ferry-controller.service")
+    assert controller["Service.User"] == ["ferry-controller"]
+    assert controller["Service.Group"] == ["ferry-controller"]
+    wanted = {
+        "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+        "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "RestrictNamespaces": "yes",
+        "RestrictSUIDSGID": "yes", "MemoryDenyWriteExecute": "yes", "LockPersonality": "yes",
+        "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+        "PrivateUsers": "yes",
+    }  # fmt: skip
+    assert {k: controller.get(f"Service.{k}") for k in wanted} == {
+        k: [v] for k, v in wanted.items()
+    }
+    assert controller["Service.SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert "AF_NETLINK" not in controller["Service.RestrictAddressFamilies"][0]
+    assert "Service.ReadWritePaths" not in controller  # it writes no file
+
+
+def test_the_controller_example_is_what_ferry_controller_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("FERRY_"):
+            monkeypatch.delenv(name)
+    config = ControllerConfig.load(CONTROLLER_EXAMPLE)
+    assert config.name == "c1"
+    # Its identity is the one `ferry identities --controller c1` writes.
+    assert config.bus.creds == Path("/etc/ferry") / f"{identities.controller('c1').user}.creds"
+    assert config.bus.ca == Path("/etc/ferry/ca.pem") and len(config.bus.servers) == 3
