@@ -36,7 +36,9 @@ from services.config import HostConfig
 from services.config_layout import CONFIG_ENV
 from services.errors import FerryError, InvalidInput, Unavailable, described
 from services.runtime import firewall, kdat
+from services.runtime.cpuinfo import cpu_facts
 from services.runtime.features import host_features
+from services.runtime.usage import UsageMeter
 from services.runtime.versions import host_versions
 from services.worker import setup_logging
 from services.worker_clock import worker_env
@@ -157,10 +159,12 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
         labels=config.labels,
         capacity=config.capacity,
         versions=await host_versions(),
+        cpu=await cpu_facts(),  # a destination checks its CPU against this (SIGILL)
     )
     registration = await _keep_declaration(registry, registration)
     await registry.put(config.host, registration.to_bytes())
     checked_at = time.monotonic()
+    meter = UsageMeter.for_parent(config.cgroup_parent)
     while not stopping.is_set():
         beat = HostHeartbeat(
             host=config.host,
@@ -168,6 +172,7 @@ async def heartbeat(config: HostConfig, workers: list[Supervised], stopping: asy
             agent_pid=os.getpid(),
             workers=tuple(w.status() for w in workers),
             sent_at=time.time(),
+            usage=meter.sample(),
         )
         try:
             await kv.put(config.host, beat.to_bytes())

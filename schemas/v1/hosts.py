@@ -26,8 +26,8 @@ class ContainerUsage(Part):
     """One container's use of its host, from its cgroup."""
 
     name: str
-    memory_bytes: int = Field(ge=0, description="memory.current")
-    cpu_usec: int = Field(ge=0, description="cpu.stat usage_usec")
+    memory_bytes: int = Field(ge=0, description="memory.current (cgroup v1: memory.usage_in_bytes)")
+    cpu_usec: int = Field(ge=0, description="cpu.stat usage_usec (cgroup v1: cpuacct.usage / 1000)")
     cpu_percent: float | None = Field(
         default=None, description="over the last interval; 100 = one CPU"
     )

@@ -3,10 +3,12 @@ of a move — prepare, restore, verify, commit, open, drain, and undoing them. N
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from schemas.v1.containers import (
     ContainerCreated,
@@ -17,14 +19,16 @@ from schemas.v1.containers import (
     Placement,
     PullLayers,
 )
+from schemas.v1.hosts import HostRegistration
 from schemas.v1.migrations import HostCheck, HostCheckReply, PageServerStarted, StartPageServer
 from schemas.v2.results import OpenNetworkResult
 from services import faults
 from services import preflight as dry_run
-from services.errors import RuntimeFailure
+from services.errors import FerryError, RuntimeFailure
 from services.fleet_state import Tickets
-from services.runtime import ledger
+from services.runtime import cpuinfo, ledger
 from services.runtime.containers import HostContainers
+from services.runtime.criu import Check
 from services.runtime.destination_side import DestinationSide
 from services.runtime.lazy_pages import DaemonView
 from services.runtime.paths import MigrationPaths
@@ -38,6 +42,14 @@ DRAIN_STALLED_AFTER_S = float(os.environ.get("FERRY_DRAIN_STALLED_AFTER_S", "60"
 DRAIN_REPORT_EVERY_S = 2.0
 PAGE_SIZE = 4096
 
+log = logging.getLogger("ferry.destination")
+
+
+class SourceHosts(PeerDirectory, Protocol):
+    """Where a move's source is, and what it registered (the CPU it runs on among it)."""
+
+    async def registered(self, host: str) -> HostRegistration | None: ...
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -47,7 +59,7 @@ class Destination:
     containers: HostContainers
     placements: PlacementStore
     state_dir: Path  # where this host keeps its migrations (and their transfer keys)
-    peers: PeerDirectory  # where the migration's source is: its page servers admit only it
+    peers: SourceHosts  # where the migration's source is (its page servers admit only it)
     tickets: Tickets | None = None  # the fleet controller's decisions are checked here
 
     def steps(self) -> dict[str, StepHandler]:
@@ -85,7 +97,24 @@ class Destination:
     async def check(self, cmd: HostCheck) -> HostCheckReply:
         """Dry run of the destination's part."""
         checks = await self.side.check(cmd.container, cmd.needed_bytes)
+        checks.append(await self._cpu_check(cmd.container))
         return dry_run.reply(self.side.config.host, checks)
+
+    async def _cpu_check(self, container: str) -> Check:
+        """This CPU has every feature the container's host started it with (a dry run is
+        before the move: its placement names the source). Not checked is no failure: a
+        move would go on too."""
+        try:
+            found = await self.placements.get(container)
+            if found is None:
+                return (cpuinfo.CHECK, True, f"not checked: no placement of {container}")
+            source = found[0].host
+            verdict, detail = await cpuinfo.judge_source(
+                source, await self.peers.registered(source), container
+            )
+        except FerryError as exc:
+            return (cpuinfo.CHECK, True, f"not checked: {exc.reason}")
+        return (cpuinfo.CHECK, verdict is not False, detail)
 
     async def start_page_server(self, cmd: StartPageServer) -> PageServerStarted:
         """A page server for one pre-copy round (asked for by the source between rounds)."""
@@ -98,6 +127,7 @@ class Destination:
         """Layers present, network namespace built with its link down, page server listening,
         and the key the source's transfers must carry (services/transfer_keys.py)."""
         placement = await placement_of(run, self.placements)
+        await self._refuse_lacking_cpu(run)
         migration_root = MigrationPaths.of(self.state_dir, run.migration_id).root
         auth.issue(migration_root, run.migration_id, source=run.source)
         result = await self.side.prepare(
@@ -127,6 +157,17 @@ class Destination:
         else:
             await progress(f"page server listening on {result.page_server}", None, None)
         return StepOutcome(result)
+
+    async def _refuse_lacking_cpu(self, run: StepRun) -> None:
+        """Restored here without a CPU feature it started with, the container would die
+        with SIGILL: refused for good, before anything is prepared. A check that could not
+        run is said in the log and the move goes on (CRIU's restore would not look)."""
+        registration = await self.peers.registered(run.source)
+        verdict, detail = await cpuinfo.judge_source(run.source, registration, run.container)
+        if verdict is False:
+            raise RuntimeFailure(f"refusing {run.container}: {detail}", retryable=False)
+        if verdict is None:
+            log.warning("%s: CPU features %s", run.migration_id, detail)
 
     async def restore(self, run: StepRun, progress: Progress) -> StepOutcome:
         """Restore behind a held network: it runs, but no client can reach it yet."""
