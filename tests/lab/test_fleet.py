@@ -157,7 +157,7 @@ def test_twelve_containers_at_once_land_where_their_rules_allow(fleet_lab: str, 
         (("--host-label", "disk=ssd"), "--host-label"),
         (("--host", "h1", "--zone", "b"), "--host"),
         (("--anti-affinity", "web:rack"), "--anti-affinity"),
-        (("--host", "h1", "--pin", "--zone", "b"), "--host"),
+        (("--host", "h1", "--pin", "--zone", "b"), "constraints"),  # they contradict
     ],
 )
 def test_bad_constraints_exit_2_naming_the_field(
