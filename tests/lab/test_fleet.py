@@ -185,6 +185,11 @@ def test_a_move_without_to_goes_where_the_rules_say(fleet_lab: str, image: str) 
     assert not record["placement"]["named_by_operator"]
     after = where(fleet_lab)
     assert after["zb1"] == "h4"
+    # The trace holds the controller's decision, with every host's verdict.
+    spans = ferry(fleet_lab, "trace", record["id"], "--json", check=True).json()
+    placed = [s for s in spans if s["name"] == "fleet.place"]
+    assert placed and placed[0]["attributes"]["ferry.placement.host"] == "h4", spans
+    assert any("h3" in line for line in placed[0]["attributes"]["ferry.placement.considered"])
     # A named destination is judged by the same rules: the other db is in zone b.
     db_in_a = next(n for n in ("db1", "db2") if ZONES[after[n]] == "a")
     refused = ferry(fleet_lab, "migrate", db_in_a, "--to", "h4", timeout=120)
@@ -280,10 +285,9 @@ def test_a_controller_stopped_past_its_lease_gets_nothing_done(fleet_lab: str, i
     layout = LabLayout(fleet_lab)
     before = where(fleet_lab)
     old = _active(fleet_lab)
-    layers = tuple(
-        next(i for i in ferry(fleet_lab, "image", "ls", "--json", check=True).json()
-             if i["name"] == "app")["layers"]
-    )  # fmt: skip
+    app = next(i for i in ferry(fleet_lab, "image", "ls", "--json", check=True).json()
+               if i["name"] == "app")  # fmt: skip
+    layers = tuple(layer["digest"] for layer in app["layers"])
     ticket = asyncio.run(_place_ghost(fleet_lab, old["instance"])).choice.ticket
     assert ticket.term == old["term"]
     os.kill(old["pid"], signal.SIGSTOP)
