@@ -211,14 +211,15 @@ def hosts(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'HOST':<6} {'ADDRESS':<15} {'HEALTH':<7} {'ZONE':<6} {'MEMORY MiB USED+RES/CAP':<24}"
-        f" {'CPUS':<11} {'LOAD':<11} {'IN/OUT':<7} {'CRIU':<8} {'RUNC':<10} STATE DIR"
+        f" {'CPUS':<11} {'LOAD':<11} {'IN/OUT':<7} {'WIRE':<6} {'CRIU':<8} {'RUNC':<10} STATE DIR"
     )
     for row in rows:
         v = row.get("versions") or {}
+        wire = f"{v['wire_min']}..{v['wire']}" if v else "-"
         what = f"{row['name']:<6} {row['address']:<15} {row['health']:<7}"
         print(
-            f"{what} {_fleet_columns(row)} {v.get('criu', '-'):<8} {v.get('runc', '-'):<10}"
-            f" {row.get('state_dir', '-')}"
+            f"{what} {_fleet_columns(row)} {wire:<6} {v.get('criu', '-'):<8}"
+            f" {v.get('runc', '-'):<10} {row.get('state_dir', '-')}"
         )
         if cordon := row.get("cordoned"):
             print(f"       ! cordoned by {cordon['by']}: {cordon['reason'] or 'no reason given'}")
