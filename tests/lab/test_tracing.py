@@ -18,6 +18,7 @@ from tests.support.otlp import Receiver
 from tests.support.workload import wait_until_serving
 
 pytestmark = pytest.mark.lab
+CONTROLLERS = {"c1", "c2"}  # the lab's fleet controllers: their spans name them as host
 
 BUFFER_MIB = 16
 STEPS = [
@@ -101,7 +102,11 @@ def test_one_trace_links_every_step_on_every_host(traced_lab: str, app: str) -> 
         assert span["parent_id"] == root["span_id"], f"step {name} is not under the root"
         assert span["host"] == expected_hosts[name]
         assert span["attributes"]["ferry.migration_id"] == record["id"]
-    assert {s["host"] for s in spans} == {"h1", "h2"}
+    # The hosts' spans, and the fleet controller's decision where it goes (c1 or c2).
+    placed = [s for s in spans if s["name"] == "fleet.place"]
+    assert len(placed) == 1 and placed[0]["host"] in CONTROLLERS, placed
+    assert placed[0]["attributes"]["ferry.placement.host"] == record["destination"]
+    assert {s["host"] for s in spans} - CONTROLLERS == {"h1", "h2"}
 
     dump = next(s for s in spans if s["name"] == "criu.dump")
     assert dump["parent_id"] == steps["dump"]["span_id"] and dump["host"] == "h1"
@@ -174,5 +179,5 @@ def test_an_otlp_receiver_gets_the_spans_and_metrics(traced_lab: str, receiver: 
         time.sleep(0.5)
     assert wanted <= got, f"missing traces {wanted - got}"
     assert "migration traced" in names and "criu.dump" in names
-    assert hosts == {"h1", "h2"}
+    assert hosts - CONTROLLERS == {"h1", "h2"}
     assert {"ferry.migrations", "ferry.migration.freeze", "ferry.migration.bytes"} <= metrics
