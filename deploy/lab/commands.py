@@ -33,7 +33,7 @@ from deploy.lab.layout import (
     validate_lab_name,
 )
 from services.cli.context import BusContext, say
-from services.cli.parsing import Parser, positive_int
+from services.cli.parsing import Parser, int_at_least, positive_int
 
 if TYPE_CHECKING:
     from services.cli.parsing import Subcommands
@@ -43,15 +43,8 @@ def lab_layout() -> LabLayout:
     return LabLayout(validate_lab_name(os.environ.get("FERRY_LAB", DEFAULT_LAB)))
 
 
-def whole_number(text: str) -> int:
-    """0 or more (`--controllers 0`: a lab for tests that start their own)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+# 0 or more (`--controllers 0`: a lab for tests that start their own).
+whole_number = int_at_least(0)
 
 
 def register(sub: Subcommands) -> None:

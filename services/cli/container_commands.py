@@ -217,7 +217,7 @@ def _validate_run(args: argparse.Namespace) -> RunOptions:
         raise InvalidInput(exc.reason, field=exc.field) from None
     if args.image is None and not command:
         raise InvalidInput("no command given (put it after `--`)", field="CMD")
-    _constraints(args, args.host or "h")
+    _constraints(args, args.host or "h")  # any valid host stands in for the one --pin gets
     # Every option's shape, checked now as the request will be (a command stands in for
     # the image's, which only the bus knows): bad input fails before anything is asked.
     _request(args, replace(options, command=options.command or ("cmd",)), None, ("0" * 64,), None)

@@ -117,11 +117,11 @@ class FleetFacts:
     ) -> None:
         self.state = state
         self.placements = placements
-        self.ledgers = ledgers
+        self.claims = reservations.claims(placements, ledgers.values())
 
     def row(self, registration: HostRegistration, beat: HostHeartbeat | None) -> dict[str, Any]:
         host = registration.host
-        claims = reservations.claims(self.placements, self.ledgers.values())
+        claims = self.claims
         used = [c for c in claims if c.host == host and c.kind != "reserved"]
         placed = {c.container for c in used}
         reserved = [
