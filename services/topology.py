@@ -232,7 +232,8 @@ async def create_topology_when_ready(
         try:
             created += await create_topology(js, hosts=hosts, replicas=replicas)
             return created
-        except (NatsTimeout, TimeoutError, APIError) as exc:
+        except (NatsTimeout, TimeoutError, APIError, Unavailable) as exc:
+            # Unavailable: missing_parts got no answer at all, which is also "not ready yet".
             if isinstance(exc, APIError) and exc.err_code not in NOT_READY_CODES:
                 raise
             if asyncio.get_running_loop().time() > deadline:

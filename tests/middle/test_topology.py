@@ -145,3 +145,28 @@ async def test_a_worker_waits_for_the_bootstrap_then_serves_its_ledger(
     finally:
         worker.terminate()
         worker.wait(timeout=10)
+
+
+async def test_bootstrap_waits_for_a_bus_that_does_not_answer_yet(
+    nats_server: NatsServer,
+) -> None:
+    """A cluster that just started answers nothing until it has a leader: the bootstrap
+    waits and says so, and creates everything once the bus answers (CI saw it give up)."""
+    nc = await bus.connect(nats_server.url, name="test")
+    said: list[str] = []
+    try:
+        nats_server.stop()
+
+        async def answer_later() -> None:
+            await asyncio.sleep(3.0)
+            await asyncio.to_thread(nats_server.restart)
+
+        comes_back = asyncio.create_task(answer_later())
+        created = await topology.create_topology_when_ready(
+            nc.jetstream(), wait_s=60.0, say=said.append
+        )
+        await comes_back
+        assert len(created) == len(topology.every_part())
+        assert any("waiting for JetStream" in line for line in said), said
+    finally:
+        await bus.close(nc)
