@@ -21,6 +21,7 @@ __all__ = ["CRIU", "STATUS_FD"]  # re-exported: callers name the binary as criu.
 PAGE_SERVER_READY_S = 10.0
 STATUS_FILE_FD = 9  # the fd a background CRIU writes its status to (a file)
 STATUS_POLL_S = 0.005  # a few ms on the freeze's path at most
+PID_GRACE_S = 5.0  # for the shell to write the pid of a process that is ready already
 
 
 async def check() -> None:
@@ -90,7 +91,14 @@ async def wait_ready(images: Path, tag: str, timeout_s: float) -> int:
             said = "exited before it was ready" if rc_file.exists() else "did not get ready in time"
             raise RuntimeFailure(f"{tag} {said}", log_tail=tail(images / f"{tag}.log"))
         await asyncio.sleep(STATUS_POLL_S)
-    return int(pid_file.read_text())
+    # The shell writes the pid after it started the process, which can be ready first
+    # (a loaded host): the file may not be there yet, or be there and still empty.
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pid_file.read_text())
+        if loop.time() > deadline + PID_GRACE_S:
+            raise RuntimeFailure(f"{tag} is ready but its pid was never written to {pid_file}")
+        await asyncio.sleep(STATUS_POLL_S)
 
 
 def _ready(status_file: Path) -> bool:
