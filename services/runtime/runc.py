@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,11 @@ from pathlib import Path
 from services.errors import RuntimeFailure
 from services.runtime import cmdlines
 from services.runtime.proc import arun, host_env
+
+log = logging.getLogger("ferry.runc")
+
+PAUSE_ATTEMPTS = 4
+PAUSE_RETRY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,21 @@ class Runc:
         await arun(self._argv("kill", *every, name, signal), check=False)
 
     async def pause(self, name: str) -> None:
-        """Freeze the container's processes in their freezer cgroup; `resume` thaws them."""
-        await arun(self._argv("pause", name))
+        """Freeze the container's processes in their freezer cgroup; `resume` thaws them.
+
+        The v1 freezer can stay FREEZING while a task is busy in the kernel (a fork, a
+        page fault under memory pressure); runc then thaws the cgroup and says "unable to
+        freeze". On a loaded host that is a matter of chance, so try again a few times
+        before a whole move rolls back for it (docs/machine-facts.md F34)."""
+        for attempt in range(1, PAUSE_ATTEMPTS + 1):
+            try:
+                await arun(self._argv("pause", name))
+                return
+            except RuntimeFailure as exc:
+                if "unable to freeze" not in exc.reason or attempt == PAUSE_ATTEMPTS:
+                    raise
+                log.warning("runc pause %s: unable to freeze (attempt %d); again", name, attempt)
+                await asyncio.sleep(PAUSE_RETRY_S)
 
     async def resume(self, name: str) -> None:
         """Thaw the container's freezer cgroup."""
